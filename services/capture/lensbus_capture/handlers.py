@@ -1,0 +1,58 @@
+"""The per-frame work of capture: resize to the output size and encode as JPEG."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from lensbus.images import encode_jpeg
+from lensbus.schemas import FrameEnvelope
+
+
+@dataclass(frozen=True)
+class Encoded:
+    jpeg: bytes
+    width: int
+    height: int
+    encode_s: float
+
+
+def output_size(w: int, h: int, want_w: int | None, want_h: int | None) -> tuple[int, int]:
+    """The size to publish: as configured, keeping the aspect ratio when one side is set."""
+    if want_w and want_h:
+        return want_w, want_h
+    if want_w:
+        return want_w, max(1, round(h * want_w / w))
+    if want_h:
+        return max(1, round(w * want_h / h)), want_h
+    return w, h
+
+
+def encode_frame(
+    image: np.ndarray, want_w: int | None, want_h: int | None, quality: int
+) -> Encoded:
+    """Resize (area interpolation when shrinking) and JPEG-encode one BGR frame."""
+    h, w = image.shape[:2]
+    ow, oh = output_size(w, h, want_w, want_h)
+    if (ow, oh) != (w, h):
+        shrink = ow * oh < w * h
+        image = cv2.resize(
+            image, (ow, oh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        )
+    t0 = time.perf_counter()
+    jpeg = encode_jpeg(image, quality)
+    return Encoded(jpeg=jpeg, width=ow, height=oh, encode_s=time.perf_counter() - t0)
+
+
+def envelope(camera: str, seq: int, capture_ns: int, enc: Encoded) -> FrameEnvelope:
+    return FrameEnvelope(
+        camera=camera,
+        seq=seq,
+        capture_ns=capture_ns,
+        width=enc.width,
+        height=enc.height,
+        data=enc.jpeg,
+    )

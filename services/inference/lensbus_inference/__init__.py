@@ -1,0 +1,1 @@
+"""lensbus inference service: model import and inference backends."""

@@ -1,0 +1,179 @@
+"""Inference lifecycle: load the model, subscribe in the queue group, serve the mailbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.msg import Msg
+
+from lensbus import metrics as shared_metrics
+from lensbus.codec import encode
+from lensbus.logs import RateLimit, log_limited
+from lensbus.modelpkg import PackageError, open_package
+from lensbus.runtime import Runtime
+from lensbus.schemas import ModelRef, Result
+from lensbus_inference import metrics
+from lensbus_inference.config import InferenceSettings
+from lensbus_inference.handlers import Mailbox, Pending, Rejected, process
+from lensbus_inference.model import LoadedModel, ModelLoadError, load_model
+
+log = logging.getLogger(__name__)
+
+EXIT_MODEL = 4  # the model could not be loaded at start
+
+
+def model_ref(model: LoadedModel) -> ModelRef:
+    m = model.manifest
+    return ModelRef(name=m.name, version=m.version, framework=m.framework, device=model.device)
+
+
+def load(settings: InferenceSettings) -> LoadedModel:
+    """Open, verify, load and warm up the configured package (blocking)."""
+    if settings.model is None:
+        raise ModelLoadError(
+            "no model: set LENSBUS_INFERENCE_MODEL to a model package (folder or .tar.gz)"
+        )
+    package = open_package(settings.model)
+    model = load_model(package, settings.device, settings.threads, settings.mask_png)
+    model.warmup()
+    return model
+
+
+class Worker:
+    """Takes the newest frame per camera from the mailbox and runs it off the event loop."""
+
+    def __init__(self, settings: InferenceSettings, rt: Runtime, model: LoadedModel) -> None:
+        self.s = settings
+        self.rt = rt
+        self.model = model
+        self.mailbox = Mailbox()
+        self.ready = asyncio.Event()
+        self.received = 0
+        self.processed = 0
+        self.stale = 0
+        self.rejected = 0
+        self._limit = RateLimit(60.0)
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "received": self.received,
+            "processed": self.processed,
+            "dropped_stale": self.stale,
+            "rejected": self.rejected,
+        }
+
+    async def on_frame(self, msg: Msg) -> None:
+        """NATS callback: only files the frame; all work happens in the worker thread."""
+        self.received += 1
+        metrics.FRAMES_RECEIVED.inc()
+        camera = self.rt.subjects.camera_of(msg.subject)
+        if self.mailbox.put(camera, Pending(msg.data, time.perf_counter())) is not None:
+            self.stale += 1
+            metrics.FRAMES_DROPPED.labels("stale").inc()
+        self.ready.set()
+
+    def _reject(self, exc: Rejected) -> None:
+        self.rejected += 1
+        shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+        log_limited(
+            log,
+            self._limit,
+            exc.reason,
+            logging.WARNING,
+            "rejected a frame (%s): %s",
+            exc.reason,
+            exc,
+        )
+
+    def _observe(self, result: Result) -> None:
+        t = result.timings
+        for stage in ("queue", "decode", "preprocess", "compute", "postprocess"):
+            metrics.STAGE_SECONDS.labels(stage).observe(getattr(t, stage))
+        metrics.LATENCY_SECONDS.observe(max(0.0, result.latency_s))
+
+    async def run(self) -> None:
+        """Serve until stopped; the frame in hand is finished and published."""
+        while not self.rt.stop.is_set():
+            taken = self.mailbox.take()
+            if taken is None:
+                self.ready.clear()
+                stop = asyncio.ensure_future(self.rt.stop.wait())
+                ready = asyncio.ensure_future(self.ready.wait())
+                await asyncio.wait({stop, ready}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                ready.cancel()
+                continue
+            _, item = taken
+            metrics.BUSY.set(1)
+            try:
+                result = await asyncio.to_thread(
+                    process,
+                    item,
+                    self.model,
+                    self.s.instance,
+                    self.s.max_frame_bytes,
+                    self.s.reduced_decode,
+                )
+            except Rejected as exc:
+                self._reject(exc)
+                continue
+            except Exception as exc:  # a model that fails on one frame must not stop the service
+                self._reject(Rejected("model_error", f"{type(exc).__name__}: {exc}"))
+                continue
+            finally:
+                metrics.BUSY.set(0)
+            self.processed += 1
+            metrics.FRAMES_PROCESSED.inc()
+            self._observe(result)
+            await self.publish(result)
+
+    async def publish(self, result: Result) -> None:
+        if not self.rt.bus.connected:
+            metrics.FRAMES_DROPPED.labels("nats_down").inc()
+            return
+        try:
+            await self.rt.nc.publish(self.rt.subjects.results(result.camera), encode(result))
+        except Exception as exc:
+            metrics.FRAMES_DROPPED.labels("publish_error").inc()
+            log_limited(
+                log, self._limit, "publish", logging.WARNING, "result not published: %s", exc
+            )
+            return
+        metrics.RESULTS_PUBLISHED.inc()
+
+
+async def run(settings: InferenceSettings) -> int:
+    try:
+        model = await asyncio.to_thread(load, settings)
+    except (ModelLoadError, PackageError) as exc:
+        log.error("cannot load model %s: %s", settings.model, exc)
+        return EXIT_MODEL
+    ref = model_ref(model)
+    metrics.MODEL_INFO.labels(ref.name, ref.version, ref.framework, ref.device).set(1)
+    log.info("serving %s:%s (%s on %s)", ref.name, ref.version, ref.framework, ref.device)
+    worker: Worker | None = None
+    try:
+        async with Runtime(settings, counters=lambda: worker.counters() if worker else {}) as rt:
+            if rt.bus.nc is None:  # stopped before NATS was reachable
+                return 0
+            worker = Worker(settings, rt, model)
+            rt.model = ref
+            subjects = settings.camera_list
+            subs = [
+                await rt.nc.subscribe(s, queue=settings.queue_group, cb=worker.on_frame)
+                for s in (
+                    [rt.subjects.frames(c) for c in subjects]
+                    if subjects
+                    else [rt.subjects.all_frames()]
+                )
+            ]
+            rt.set_state("running")
+            await worker.run()
+            # Stop taking frames; the one in hand was finished by worker.run().
+            for sub in subs:
+                await sub.unsubscribe()
+        return 0
+    finally:
+        await asyncio.to_thread(model.close)

@@ -1,0 +1,63 @@
+"""Inference settings: env ``LENSBUS_INFERENCE_*`` or a YAML/TOML file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from lensbus.settings import ServiceSettings
+from lensbus.subjects import INFERENCE_QUEUE_GROUP, validate_camera_id, validate_token
+
+_DEVICE = re.compile(r"^(cpu|gpu(:\d+)?)$")
+
+
+class InferenceSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LENSBUS_INFERENCE_", extra="forbid")
+    service: ClassVar[str] = "inference"
+
+    model: Path | None = Field(
+        default=None, description="local model package (folder or .tar.gz) to serve"
+    )
+    cameras: str = Field(default="*", description="'*' for every camera, or a comma list")
+    device: str = Field(default="cpu", description="'cpu', 'gpu' or 'gpu:N'")
+    threads: int | None = Field(default=None, gt=0, le=256, description="model threads")
+    queue_group: str = Field(default=INFERENCE_QUEUE_GROUP, description="NATS queue group")
+    reduced_decode: bool = Field(
+        default=True, description="decode JPEG at 1/2, 1/4 or 1/8 scale when the model is small"
+    )
+    mask_png: bool = Field(default=False, description="attach segmentation masks as PNG")
+    max_frame_bytes: int = Field(
+        default=16 * 1024 * 1024, gt=0, description="larger frame messages are rejected"
+    )
+    metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 picks a free port")
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: str) -> str:
+        if v.strip() != "*":
+            for cam in v.split(","):
+                validate_camera_id(cam.strip())
+        return v.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError("use 'cpu', 'gpu' or 'gpu:N'")
+        return v
+
+    @field_validator("queue_group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        return validate_token(v, "queue group")
+
+    @property
+    def camera_list(self) -> list[str] | None:
+        """The cameras to serve, or ``None`` for all."""
+        if self.cameras == "*":
+            return None
+        return [c.strip() for c in self.cameras.split(",")]

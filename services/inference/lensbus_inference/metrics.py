@@ -1,0 +1,26 @@
+"""Inference metrics (served on the service's /metrics)."""
+
+from prometheus_client import Counter, Gauge
+
+from lensbus.metrics import latency_histogram
+
+FRAMES_RECEIVED = Counter("lensbus_inference_frames_received_total", "Frame messages received")
+FRAMES_PROCESSED = Counter(
+    "lensbus_inference_frames_processed_total", "Frames run through the model"
+)
+FRAMES_DROPPED = Counter(
+    "lensbus_inference_frames_dropped_total", "Frames not processed", ["reason"]
+)
+RESULTS_PUBLISHED = Counter("lensbus_inference_results_published_total", "Results published")
+STAGE_SECONDS = latency_histogram(
+    "lensbus_inference_stage_seconds", "Seconds per frame in each stage", ("stage",)
+)
+LATENCY_SECONDS = latency_histogram(
+    "lensbus_inference_latency_seconds", "Capture to result publication (wall clock)"
+)
+MODEL_INFO = Gauge(
+    "lensbus_inference_model_info",
+    "The model in service (1) and the one it replaced (0)",
+    ["name", "version", "framework", "device"],
+)
+BUSY = Gauge("lensbus_inference_busy", "1 while a frame is in the model")

@@ -1,0 +1,160 @@
+"""NATS connection helpers: connect forever with back-off, log and count what happens.
+
+nats-py reconnects by itself once connected; the first connection is ours to retry, so a
+service started before its NATS server waits for it instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from lensbus import metrics
+from lensbus.logs import RateLimit, log_limited
+from lensbus.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+# Frames are large: a few MB of pending writes while reconnecting is plenty. Beyond it a
+# publish fails fast (and capture counts a drop) instead of queueing without bound.
+PENDING_BYTES = 8 * 1024 * 1024
+
+
+def connect_options(settings: ServiceSettings) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect`` from the shared settings (credentials, TLS)."""
+    opts: dict[str, Any] = {
+        "servers": settings.nats_servers,
+        "name": f"{settings.service}.{settings.instance}",
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 2,
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+        "drain_timeout": settings.drain_timeout_s,
+        "pending_size": PENDING_BYTES,
+    }
+    if settings.nats_user:
+        opts["user"] = settings.nats_user
+        if settings.nats_password:
+            opts["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token:
+        opts["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_creds:
+        opts["user_credentials"] = str(settings.nats_creds)
+    if settings.nats_tls_ca:
+        opts["tls"] = ssl.create_default_context(cafile=str(settings.nats_tls_ca))
+    return opts
+
+
+class Bus:
+    """One service's NATS connection, its state, and the callbacks that report on it."""
+
+    def __init__(
+        self, settings: ServiceSettings, on_change: Callable[[bool, str], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.nc: NATS | None = None
+        self._on_change = on_change
+        self._limit = RateLimit(30.0)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def _changed(self, up: bool, reason: str = "") -> None:
+        metrics.NATS_CONNECTED.set(1 if up else 0)
+        if self._on_change is not None:
+            self._on_change(up, reason)
+
+    async def _error(self, exc: Exception) -> None:
+        kind = type(exc).__name__
+        metrics.NATS_ERRORS.labels(kind).inc()
+        log_limited(log, self._limit, kind, logging.WARNING, "NATS error: %s: %s", kind, exc)
+
+    async def _disconnected(self) -> None:
+        metrics.NATS_DISCONNECTS.inc()
+        log.warning("disconnected from NATS; reconnecting")
+        self._changed(False, "disconnected from NATS")
+
+    async def _reconnected(self) -> None:
+        metrics.NATS_RECONNECTS.inc()
+        url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
+        log.info("reconnected to NATS at %s", url)
+        self._changed(True)
+
+    async def _closed(self) -> None:
+        self._changed(False, "NATS connection closed")
+
+    async def connect(self, stop: asyncio.Event | None = None) -> NATS | None:
+        """Connect, retrying until it works; returns ``None`` if ``stop`` is set first.
+
+        With reconnects allowed, nats-py keeps retrying the first connection itself
+        (reporting each failure to the error callback), so we only need to be able to
+        abandon it when the service is asked to stop.
+        """
+        self._changed(False, "connecting to NATS")
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            attempt = asyncio.ensure_future(
+                nats.connect(
+                    error_cb=self._error,
+                    disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected,
+                    closed_cb=self._closed,
+                    **connect_options(self.settings),
+                )
+            )
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not attempt.done():
+                attempt.cancel()
+                with contextlib.suppress(BaseException):
+                    await attempt
+                return None
+            exc = attempt.exception()
+            if exc is None:
+                self.nc = attempt.result()
+                log.info("connected to NATS at %s", self.settings.nats_url)
+                self._changed(True)
+                return self.nc
+            # A failure nats-py does not retry itself (e.g. bad credentials): retry here.
+            metrics.NATS_ERRORS.labels(type(exc).__name__).inc()
+            log_limited(
+                log,
+                self._limit,
+                "connect",
+                logging.WARNING,
+                "cannot connect to NATS at %s (%s); retrying",
+                self.settings.nats_url,
+                exc,
+            )
+            self._changed(False, f"cannot connect to NATS: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+        return None
+
+    async def close(self) -> None:
+        """Drain (finish what is in flight, within the drain timeout), then close."""
+        nc, self.nc = self.nc, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            if nc.is_connected:
+                await nc.drain()
+            else:
+                await nc.close()
+        except Exception as exc:  # a stop must complete even if the server is gone
+            log.warning("NATS drain failed (%s); closing", exc)
+            try:
+                await nc.close()
+            except Exception:  # noqa: S110 - already closing
+                pass

@@ -1,0 +1,2 @@
+"""The ``lensbus`` command line. Services add commands through the ``lensbus.commands``
+entry-point group: each entry point is a function ``register(subparsers)``."""

@@ -1,0 +1,177 @@
+"""Model packages: open a folder or ``.tar.gz``, check it is safe and intact, write one.
+
+A package holds ``model.json`` (:class:`~lensbus.schemas.Manifest`) and the files it
+lists, each checked against its sha256 before anything loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import ValidationError
+
+from lensbus.schemas import Manifest, ModelFile
+
+MANIFEST = "model.json"
+# A package larger than this is refused before it is unpacked (a zip bomb, a wrong file).
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+
+class PackageError(ValueError):
+    """A model package that is unsafe, incomplete, corrupt or has a bad manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified package: its manifest and the folder its files are in."""
+
+    manifest: Manifest
+    root: Path
+
+    def path(self, role: str) -> Path:
+        """The verified file for ``role`` (e.g. ``symbol``, ``params``, ``model``)."""
+        try:
+            return self.root / self.manifest.files[role].path
+        except KeyError:
+            raise PackageError(f"{self.manifest.ref}: no file with role {role!r}") from None
+
+
+def read_manifest(data: bytes | str, where: str = MANIFEST) -> Manifest:
+    try:
+        return Manifest.model_validate(json.loads(data))
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{where}: not JSON ({exc})") from None
+    except ValidationError as exc:
+        errs = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise PackageError(f"{where}: {errs}") from None
+
+
+def _check_member(member: tarfile.TarInfo) -> PurePosixPath:
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or member.name.startswith(("/", "\\")):
+        raise PackageError(f"unsafe archive member {member.name!r}: absolute path")
+    if ".." in name.parts:
+        raise PackageError(f"unsafe archive member {member.name!r}: '..' leaves the package")
+    if member.issym() or member.islnk():
+        raise PackageError(f"unsafe archive member {member.name!r}: links are not allowed")
+    if not (member.isfile() or member.isdir()):
+        raise PackageError(f"unsafe archive member {member.name!r}: not a regular file")
+    return name
+
+
+def extract_archive(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    """Unpack a ``.tar.gz`` package into ``dest`` after checking every member is safe.
+
+    Returns the package root: ``dest`` or its single top-level folder.
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            total = 0
+            for m in members:
+                _check_member(m)
+                total += m.size
+                if total > max_bytes:
+                    raise PackageError(f"{archive.name}: unpacks to more than {max_bytes} bytes")
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise PackageError(f"{archive.name}: not a readable .tar.gz ({exc})") from None
+    if (dest / MANIFEST).is_file():
+        return dest
+    subdirs = [p for p in dest.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / MANIFEST).is_file():
+        return subdirs[0]
+    raise PackageError(f"{archive.name}: no {MANIFEST} at the top of the archive")
+
+
+def verify(root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Package:
+    """Read ``model.json`` in ``root`` and check every listed file's size and sha256."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise PackageError(f"{root}: no {MANIFEST}")
+    manifest = read_manifest(manifest_path.read_bytes(), str(manifest_path))
+    resolved_root = root.resolve()
+    total = 0
+    for role, entry in manifest.files.items():
+        path = (root / entry.path).resolve()
+        if not path.is_relative_to(resolved_root):
+            raise PackageError(f"{manifest.ref}: file {entry.path!r} ({role}) leaves the package")
+        if not path.is_file():
+            raise PackageError(f"{manifest.ref}: file {entry.path!r} ({role}) is missing")
+        size = path.stat().st_size
+        total += size
+        if total > max_bytes:
+            raise PackageError(f"{manifest.ref}: files exceed the {max_bytes}-byte limit")
+        if size != entry.size:
+            raise PackageError(
+                f"{manifest.ref}: file {entry.path!r} ({role}) is {size} bytes, "
+                f"manifest says {entry.size}"
+            )
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise PackageError(
+                f"{manifest.ref}: sha256 mismatch for {entry.path!r} ({role}): "
+                f"file {digest[:12]}..., manifest {entry.sha256[:12]}..."
+            )
+    return Package(manifest=manifest, root=root)
+
+
+def open_package(
+    path: str | Path, workdir: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Package:
+    """Open and verify a package folder or ``.tar.gz``.
+
+    An archive is unpacked into ``workdir`` (a new temporary folder by default), which
+    must live as long as the returned package is used.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return verify(path, max_bytes)
+    if not path.is_file():
+        raise PackageError(f"{path}: no such model package")
+    dest = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lensbus-model-"))
+    return verify(extract_archive(path, dest, max_bytes), max_bytes)
+
+
+def file_entry(root: Path, rel: str) -> ModelFile:
+    path = root / rel
+    return ModelFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def write_package(root: Path, files: dict[str, str], **manifest: Any) -> Package:
+    """Write ``model.json`` for files already in ``root`` (role -> relative path)."""
+    entries = {role: file_entry(root, rel) for role, rel in files.items()}
+    m = Manifest(files=entries, **manifest)
+    (root / MANIFEST).write_text(m.model_dump_json(indent=2, exclude_defaults=False) + "\n")
+    return verify(root)
+
+
+def pack(root: Path, archive: Path) -> Path:
+    """Write a package folder as a ``.tar.gz`` (regular files only, relative names)."""
+    pkg = verify(root)
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(MANIFEST)
+        data = (root / MANIFEST).read_bytes()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for entry in pkg.manifest.files.values():
+            tar.add(root / entry.path, arcname=entry.path, recursive=False)
+    return archive

@@ -1,0 +1,47 @@
+"""Message schemas: pydantic models, exported as JSON Schema to ``docs/schemas/``."""
+
+from lensbus.schemas.base import SCHEMA_VERSION, CameraId, Message, Part
+from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
+from lensbus.schemas.manifest import InputSpec, Manifest, ModelFile
+from lensbus.schemas.result import (
+    Box,
+    ClassScore,
+    Detection,
+    ModelRef,
+    Result,
+    Segment,
+    Task,
+    Timings,
+)
+from lensbus.schemas.status import State, Status
+
+# Every top-level schema, by the file name its JSON Schema is exported under.
+EXPORTED: dict[str, type[Message]] = {
+    "frame": FrameEnvelope,
+    "result": Result,
+    "status": Status,
+    "manifest": Manifest,
+}
+
+__all__ = [
+    "EXPORTED",
+    "MAX_SIDE",
+    "SCHEMA_VERSION",
+    "Box",
+    "CameraId",
+    "ClassScore",
+    "Detection",
+    "FrameEnvelope",
+    "InputSpec",
+    "Manifest",
+    "Message",
+    "ModelFile",
+    "ModelRef",
+    "Part",
+    "Result",
+    "Segment",
+    "State",
+    "Status",
+    "Task",
+    "Timings",
+]

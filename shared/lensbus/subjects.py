@@ -1,0 +1,101 @@
+"""The catalogue of NATS subjects: the one place a subject string is written.
+
+Every subject starts with a configurable prefix (``lensbus`` by default) so several
+installations can share one NATS server. Camera ids, service names and instance ids
+become single subject tokens, so they are validated to a safe character set.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "lensbus"
+
+# NATS tokens may not contain '.', '*', '>' or whitespace. We are stricter on purpose:
+# these ids also appear in URLs, file names and Prometheus labels.
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_TOKEN = re.compile(TOKEN_PATTERN)
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*$")
+
+# Names of the JetStream resources lensbus owns.
+MODELS_BUCKET = "lensbus-models"
+DEPLOYMENTS_BUCKET = "lensbus-deployments"
+RESULTS_STREAM = "LENSBUS_RESULTS"
+SNAPSHOTS_BUCKET = "lensbus-snapshots"
+
+# The queue group inference instances join so that they split the frames.
+INFERENCE_QUEUE_GROUP = "inference"
+
+
+class InvalidName(ValueError):
+    """A camera id, service, instance or prefix that cannot be a NATS subject token."""
+
+
+def validate_token(value: str, what: str = "camera id") -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise InvalidName(
+            f"invalid {what} {value!r}: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-'"
+        )
+    return value
+
+
+def validate_camera_id(value: str) -> str:
+    return validate_token(value, "camera id")
+
+
+def validate_prefix(value: str) -> str:
+    if not isinstance(value, str) or not _PREFIX.match(value):
+        raise InvalidName(
+            f"invalid subject prefix {value!r}: dot-separated tokens of A-Z, a-z, 0-9, '_' and '-'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Builds every subject lensbus uses, under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+
+    def frames(self, camera: str) -> str:
+        """Frames of one camera as captured (the device stream), JPEG in a frame envelope."""
+        return f"{self.prefix}.frames.{validate_camera_id(camera)}"
+
+    def all_frames(self) -> str:
+        return f"{self.prefix}.frames.*"
+
+    def results(self, camera: str) -> str:
+        """Model results for one camera."""
+        return f"{self.prefix}.results.{validate_camera_id(camera)}"
+
+    def all_results(self) -> str:
+        return f"{self.prefix}.results.*"
+
+    def events(self, camera: str) -> str:
+        """Events raised by rules for one camera."""
+        return f"{self.prefix}.events.{validate_camera_id(camera)}"
+
+    def all_events(self) -> str:
+        return f"{self.prefix}.events.*"
+
+    def status(self, service: str, instance: str) -> str:
+        """Heartbeat of one service instance."""
+        return (
+            f"{self.prefix}.status.{validate_token(service, 'service name')}"
+            f".{validate_token(instance, 'instance id')}"
+        )
+
+    def all_status(self) -> str:
+        return f"{self.prefix}.status.>"
+
+    def deployer_api(self, verb: str) -> str:
+        """Request/reply endpoint of the deployer."""
+        return f"{self.prefix}.api.deployer.{validate_token(verb, 'API verb')}"
+
+    def camera_of(self, subject: str) -> str:
+        """The camera token of a frames/results/events subject."""
+        return subject.rsplit(".", 1)[-1]

