@@ -24,6 +24,11 @@ DEPLOYMENTS_BUCKET = "lensbus-deployments"
 RESULTS_STREAM = "LENSBUS_RESULTS"
 SNAPSHOTS_BUCKET = "lensbus-snapshots"
 
+# Verbs of the deployer's request/reply API (``<prefix>.api.deployer.<verb>``).
+DEPLOYER_VERBS = (
+    "upload_begin", "upload_chunk", "upload_commit", "list", "activate", "rollback", "status",
+)  # fmt: skip
+
 # The queue group inference instances join so that they split the frames.
 INFERENCE_QUEUE_GROUP = "inference"
 
@@ -33,7 +38,7 @@ class InvalidName(ValueError):
 
 
 def validate_token(value: str, what: str = "camera id") -> str:
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise InvalidName(
             f"invalid {what} {value!r}: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-'"
         )
@@ -45,7 +50,7 @@ def validate_camera_id(value: str) -> str:
 
 
 def validate_prefix(value: str) -> str:
-    if not isinstance(value, str) or not _PREFIX.match(value):
+    if not isinstance(value, str) or not _PREFIX.fullmatch(value):
         raise InvalidName(
             f"invalid subject prefix {value!r}: dot-separated tokens of A-Z, a-z, 0-9, '_' and '-'"
         )
@@ -94,7 +99,9 @@ class Subjects:
 
     def deployer_api(self, verb: str) -> str:
         """Request/reply endpoint of the deployer."""
-        return f"{self.prefix}.api.deployer.{validate_token(verb, 'API verb')}"
+        if verb not in DEPLOYER_VERBS:
+            raise InvalidName(f"unknown deployer verb {verb!r}; one of {DEPLOYER_VERBS}")
+        return f"{self.prefix}.api.deployer.{verb}"
 
     def camera_of(self, subject: str) -> str:
         """The camera token of a frames/results/events subject."""

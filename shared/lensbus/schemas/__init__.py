@@ -1,6 +1,27 @@
 """Message schemas: pydantic models, exported as JSON Schema to ``docs/schemas/``."""
 
 from lensbus.schemas.base import SCHEMA_VERSION, CameraId, Message, Part
+from lensbus.schemas.deploy import (
+    ActivateRequest,
+    Deployment,
+    DeploymentReply,
+    GroupStatus,
+    InstanceState,
+    ListReply,
+    ListRequest,
+    ModelInfo,
+    ModelReply,
+    ModelVersionRef,
+    Reply,
+    RollbackRequest,
+    StatusReply,
+    StatusRequest,
+    SwapReport,
+    UploadBegin,
+    UploadChunk,
+    UploadCommit,
+    UploadStarted,
+)
 from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
 from lensbus.schemas.manifest import InputSpec, Manifest, ModelFile
 from lensbus.schemas.result import (
@@ -21,9 +42,30 @@ EXPORTED: dict[str, type[Message]] = {
     "result": Result,
     "status": Status,
     "manifest": Manifest,
+    "deployment": Deployment,
+    "swap_report": SwapReport,
 }
 
 __all__ = [
+    "ActivateRequest",
+    "Deployment",
+    "DeploymentReply",
+    "GroupStatus",
+    "InstanceState",
+    "ListReply",
+    "ListRequest",
+    "ModelInfo",
+    "ModelReply",
+    "ModelVersionRef",
+    "Reply",
+    "RollbackRequest",
+    "StatusReply",
+    "StatusRequest",
+    "SwapReport",
+    "UploadBegin",
+    "UploadChunk",
+    "UploadCommit",
+    "UploadStarted",
     "EXPORTED",
     "MAX_SIDE",
     "SCHEMA_VERSION",

@@ -1,0 +1,186 @@
+"""Deployer messages: the request/reply API on ``<prefix>.api.deployer.<verb>`` and the
+records kept in the KV bucket ``lensbus-deployments``.
+
+KV keys (NATS KV allows dots): ``group.<group>`` holds the group's :class:`Deployment`;
+``report.<group>.<instance>`` holds what an inference instance last did
+(:class:`SwapReport`). Model packages live in the object store ``lensbus-models`` under
+``<name>/<version>`` (see :func:`object_name`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, Field
+
+from lensbus.schemas.base import Message, Part
+from lensbus.schemas.manifest import Framework, _check_name, _check_version
+from lensbus.schemas.result import Task
+from lensbus.subjects import TOKEN_PATTERN, validate_token
+
+ModelName = Annotated[str, AfterValidator(_check_name)]
+ModelVersion = Annotated[str, AfterValidator(_check_version)]
+Group = Annotated[
+    str, Field(pattern=TOKEN_PATTERN), AfterValidator(lambda v: validate_token(v, "group"))
+]
+
+# Largest chunk of an upload in one request (well under NATS's max_payload).
+UPLOAD_CHUNK_BYTES = 512 * 1024
+# Previous deployments kept per group for rollback.
+HISTORY_LENGTH = 20
+
+
+def object_name(name: str, version: str) -> str:
+    return f"{name}/{version}"
+
+
+def group_key(group: str) -> str:
+    return f"group.{group}"
+
+
+def report_key(group: str, instance: str) -> str:
+    return f"report.{group}.{instance}"
+
+
+class ModelVersionRef(Part):
+    name: ModelName
+    version: ModelVersion
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class ModelInfo(Part):
+    """One stored model version."""
+
+    name: ModelName
+    version: ModelVersion
+    framework: Framework
+    task: Task
+    size: int = Field(ge=0, description="bytes of the stored .tar.gz")
+    sha256: str = Field(description="sha256 of the stored .tar.gz")
+    uploaded_ns: int = Field(ge=0)
+    description: str = ""
+
+
+class Deployment(Message):
+    """The desired model of a camera group (KV ``group.<group>``)."""
+
+    kind: ClassVar[str] = "deployment"
+
+    group: Group
+    model: ModelVersionRef
+    activated_ns: int = Field(ge=0)
+    state: Literal["active", "failed", "rolled_back"] = "active"
+    reason: str = Field(default="", description="why a deployment failed or was rolled back")
+    history: list[ModelVersionRef] = Field(
+        default_factory=list, description="earlier desired models, most recent last"
+    )
+
+
+class SwapReport(Message):
+    """What an inference instance did about its group's desired model."""
+
+    kind: ClassVar[str] = "swap_report"
+
+    group: Group
+    instance: str
+    desired: ModelVersionRef
+    state: Literal["loading", "serving", "failed"]
+    reason: str = ""
+    serving: ModelVersionRef | None = Field(default=None, description="model in service now")
+    time_ns: int = Field(ge=0)
+    fetch_s: float = 0.0
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+
+
+# ---- request / reply -------------------------------------------------------------------
+
+
+class Reply(Message):
+    """Every reply: ``ok`` false with an ``error`` that says what to do, or the data."""
+
+    kind: ClassVar[str] = "reply"
+
+    ok: bool = True
+    error: str = ""
+    code: Literal["", "bad_request", "not_found", "conflict", "invalid_package", "internal"] = ""
+
+
+class UploadBegin(Message):
+    kind: ClassVar[str] = "upload_begin"
+    size: int = Field(gt=0, description="bytes of the .tar.gz that follows")
+    sha256: str = Field(description="sha256 of the whole .tar.gz")
+
+
+class UploadStarted(Reply):
+    upload_id: str = ""
+    chunk_bytes: int = UPLOAD_CHUNK_BYTES
+
+
+class UploadChunk(Message):
+    kind: ClassVar[str] = "upload_chunk"
+    upload_id: str
+    offset: int = Field(ge=0)
+    data: bytes
+
+
+class UploadCommit(Message):
+    kind: ClassVar[str] = "upload_commit"
+    upload_id: str
+
+
+class ModelReply(Reply):
+    model: ModelInfo | None = None
+    created: bool = Field(default=False, description="false when identical content existed")
+
+
+class ListRequest(Message):
+    kind: ClassVar[str] = "list_request"
+    name: str | None = None
+
+
+class ListReply(Reply):
+    models: list[ModelInfo] = Field(default_factory=list)
+
+
+class ActivateRequest(Message):
+    kind: ClassVar[str] = "activate_request"
+    group: Group
+    name: ModelName
+    version: ModelVersion | None = Field(default=None, description="latest when omitted")
+
+
+class RollbackRequest(Message):
+    kind: ClassVar[str] = "rollback_request"
+    group: Group
+
+
+class DeploymentReply(Reply):
+    deployment: Deployment | None = None
+
+
+class StatusRequest(Message):
+    kind: ClassVar[str] = "status_request"
+    group: Group | None = None
+
+
+class InstanceState(Part):
+    instance: str
+    state: str
+    serving: ModelVersionRef | None = None
+    reason: str = ""
+    seen_ns: int = 0
+
+
+class GroupStatus(Part):
+    group: Group
+    deployment: Deployment | None = None
+    instances: list[InstanceState] = Field(default_factory=list)
+    last_failure: str = ""
+
+
+class StatusReply(Reply):
+    groups: list[GroupStatus] = Field(default_factory=list)
