@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lensbus import InvalidName, Subjects, validate_camera_id
-from lensbus.subjects import DEFAULT_PREFIX, validate_prefix, validate_token
+from lensbus.subjects import DEFAULT_PREFIX, DEPLOYER_VERBS, validate_prefix, validate_token
 
 BAD_CAMERA_IDS = [
     pytest.param("cam.1", id="dot"),
@@ -36,7 +38,9 @@ def test_default_prefix_subjects() -> None:
     assert s.results("cam1") == "lensbus.results.cam1"
     assert s.events("cam1") == "lensbus.events.cam1"
     assert s.status("capture", "host-1") == "lensbus.status.capture.host-1"
-    assert s.deployer_api("deploy") == "lensbus.api.deployer.deploy"
+    assert s.deployer_api("activate") == "lensbus.api.deployer.activate"
+    for verb in DEPLOYER_VERBS:
+        assert s.deployer_api(verb) == f"lensbus.api.deployer.{verb}"
     assert s.all_frames() == "lensbus.frames.*"
     assert s.all_results() == "lensbus.results.*"
     assert s.all_events() == "lensbus.events.*"
@@ -83,7 +87,7 @@ def test_invalid_camera_id_is_refused_naming_it(camera: str) -> None:
 @pytest.mark.parametrize("value", [None, 5, b"cam1", ["cam1"]])
 def test_non_string_camera_id_is_refused(value: object) -> None:
     with pytest.raises(InvalidName, match="invalid camera id"):
-        validate_camera_id(value)  # type: ignore[arg-type]
+        validate_camera_id(value)
 
 
 def test_invalid_name_is_a_value_error() -> None:
@@ -97,8 +101,9 @@ def test_status_and_api_tokens_are_validated_naming_what() -> None:
         s.status("cap.ture", "i1")
     with pytest.raises(InvalidName, match=r"instance id 'host 1'"):
         s.status("capture", "host 1")
-    with pytest.raises(InvalidName, match=r"API verb '>'"):
-        s.deployer_api(">")
+    for verb in (">", "*", "deploy", "list.all", ""):
+        with pytest.raises(InvalidName, match=re.escape(f"unknown deployer verb {verb!r}")):
+            s.deployer_api(verb)
     with pytest.raises(InvalidName, match="'thing' 'x.y'"):
         validate_token("x.y", "'thing'")
 

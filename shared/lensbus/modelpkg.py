@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lensbus.schemas import Manifest, ModelFile
+from lensbus.schemas import SCHEMA_VERSION, Manifest, ModelFile
 
 MANIFEST = "model.json"
 # A package larger than this is refused before it is unpacked (a zip bomb, a wrong file).
@@ -53,9 +53,13 @@ class Package:
 
 def read_manifest(data: bytes | str, where: str = MANIFEST) -> Manifest:
     try:
-        return Manifest.model_validate(json.loads(data))
+        obj = json.loads(data)
     except json.JSONDecodeError as exc:
         raise PackageError(f"{where}: not JSON ({exc})") from None
+    if isinstance(obj, dict) and obj.get("v", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise PackageError(f"{where}: schema version {obj['v']} is not {SCHEMA_VERSION}")
+    try:
+        return Manifest.model_validate(obj)
     except ValidationError as exc:
         errs = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"

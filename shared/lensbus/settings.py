@@ -88,6 +88,13 @@ class ServiceSettings(BaseSettings):
         return f"LENSBUS_{cls.service.upper()}_"
 
     @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        # Every service reads LENSBUS_<SERVICE>_*: derived from ``service`` so a subclass
+        # cannot forget it (and silently read unprefixed variables).
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.model_config["env_prefix"] = cls.env_prefix()
+
+    @classmethod
     def settings_customise_sources(
         cls,
         settings_cls: type[BaseSettings],
@@ -150,7 +157,7 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
         return cls(**overrides)
     except ValidationError as exc:
         raise SettingsError(_describe(cls, exc)) from None
-    except (ValueError, OSError) as exc:  # e.g. a YAML/TOML syntax error in the file
+    except Exception as exc:  # a YAML/TOML syntax error, a file that is not a mapping
         raise SettingsError(f"invalid {cls.service} settings: {exc}") from None
     finally:
         cls._config_file = None

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from lensbus.schemas import MAX_SIDE, CameraId
 from lensbus.settings import ServiceSettings
 
 
 class CaptureSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LENSBUS_CAPTURE_", extra="forbid")
     service: ClassVar[str] = "capture"
 
     camera: CameraId = Field(default="cam1", description="camera id used in subjects")

@@ -16,6 +16,7 @@ from lensbus.runtime import Runtime
 from lensbus.schemas import ModelRef, Result
 from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
+from lensbus_inference.deployment import Follower
 from lensbus_inference.handlers import Mailbox, Pending, Rejected, process
 from lensbus_inference.model import LoadedModel, ModelLoadError, load_model
 
@@ -29,13 +30,19 @@ def model_ref(model: LoadedModel) -> ModelRef:
     return ModelRef(name=m.name, version=m.version, framework=m.framework, device=model.device)
 
 
-def load(settings: InferenceSettings) -> LoadedModel:
-    """Open, verify, load and warm up the configured package (blocking)."""
+def set_model_info(new: LoadedModel, old: LoadedModel | None = None) -> None:
+    if old is not None:
+        ref = model_ref(old)
+        metrics.MODEL_INFO.labels(ref.name, ref.version, ref.framework, ref.device).set(0)
+    ref = model_ref(new)
+    metrics.MODEL_INFO.labels(ref.name, ref.version, ref.framework, ref.device).set(1)
+
+
+def load(settings: InferenceSettings) -> LoadedModel | None:
+    """Open, verify, load and warm up the configured local package (blocking)."""
     if settings.model is None:
-        raise ModelLoadError(
-            "no model: set LENSBUS_INFERENCE_MODEL to a model package (folder or .tar.gz)"
-        )
-    package = open_package(settings.model)
+        return None
+    package = open_package(settings.model, max_bytes=settings.max_package_bytes)
     model = load_model(package, settings.device, settings.threads, settings.mask_png)
     model.warmup()
     return model
@@ -44,10 +51,12 @@ def load(settings: InferenceSettings) -> LoadedModel:
 class Worker:
     """Takes the newest frame per camera from the mailbox and runs it off the event loop."""
 
-    def __init__(self, settings: InferenceSettings, rt: Runtime, model: LoadedModel) -> None:
+    def __init__(self, settings: InferenceSettings, rt: Runtime, model: LoadedModel | None) -> None:
         self.s = settings
         self.rt = rt
         self.model = model
+        # Held while a frame is in the model: a swap takes it, so it lands between frames.
+        self.busy = asyncio.Lock()
         self.mailbox = Mailbox()
         self.ready = asyncio.Event()
         self.received = 0
@@ -129,6 +138,15 @@ class Worker:
             self._observe(result)
             await self.publish(result)
 
+    async def swap(self, new: LoadedModel) -> None:
+        """Put ``new`` in service between two frames, then free the old model."""
+        async with self.busy:
+            old, self.model = self.model, new
+            self.rt.model = model_ref(new)
+        set_model_info(new, old)
+        if old is not None:
+            await asyncio.to_thread(old.close)
+
     async def publish(self, result: Result) -> None:
         if not self.rt.bus.connected:
             metrics.FRAMES_DROPPED.labels("nats_down").inc()
@@ -150,30 +168,39 @@ async def run(settings: InferenceSettings) -> int:
     except (ModelLoadError, PackageError) as exc:
         log.error("cannot load model %s: %s", settings.model, exc)
         return EXIT_MODEL
-    ref = model_ref(model)
-    metrics.MODEL_INFO.labels(ref.name, ref.version, ref.framework, ref.device).set(1)
-    log.info("serving %s:%s (%s on %s)", ref.name, ref.version, ref.framework, ref.device)
+    if model is not None:
+        set_model_info(model)
+        ref = model_ref(model)
+        log.info("serving %s:%s (%s on %s)", ref.name, ref.version, ref.framework, ref.device)
     worker: Worker | None = None
     try:
         async with Runtime(settings, counters=lambda: worker.counters() if worker else {}) as rt:
             if rt.bus.nc is None:  # stopped before NATS was reachable
                 return 0
             worker = Worker(settings, rt, model)
-            rt.model = ref
-            subjects = settings.camera_list
+            rt.model = model_ref(model) if model else None
+            tasks = [asyncio.create_task(worker.run(), name="worker")]
+            if settings.group is not None:
+                rt.detail["group"] = settings.group
+                follower = Follower(
+                    settings, rt, lambda: worker.model if worker else None, worker.swap
+                )
+                tasks.append(asyncio.create_task(follower.run(), name="follower"))
+            cams = settings.camera_list
             subs = [
                 await rt.nc.subscribe(s, queue=settings.queue_group, cb=worker.on_frame)
                 for s in (
-                    [rt.subjects.frames(c) for c in subjects]
-                    if subjects
-                    else [rt.subjects.all_frames()]
+                    [rt.subjects.frames(c) for c in cams] if cams else [rt.subjects.all_frames()]
                 )
             ]
             rt.set_state("running")
-            await worker.run()
-            # Stop taking frames; the one in hand was finished by worker.run().
+            await rt.stop.wait()
+            # Stop taking frames, then let the worker finish the frame in hand.
             for sub in subs:
                 await sub.unsubscribe()
+            await asyncio.gather(*tasks)
         return 0
     finally:
-        await asyncio.to_thread(model.close)
+        current = worker.model if worker else model
+        if current is not None:
+            await asyncio.to_thread(current.close)

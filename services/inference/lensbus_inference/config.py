@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
 
 from lensbus.settings import ServiceSettings
 from lensbus.subjects import INFERENCE_QUEUE_GROUP, validate_camera_id, validate_token
@@ -16,11 +16,20 @@ _DEVICE = re.compile(r"^(cpu|gpu(:\d+)?)$")
 
 
 class InferenceSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LENSBUS_INFERENCE_", extra="forbid")
     service: ClassVar[str] = "inference"
 
     model: Path | None = Field(
         default=None, description="local model package (folder or .tar.gz) to serve"
+    )
+    group: str | None = Field(
+        default=None, description="camera group whose desired model (from the deployer) to serve"
+    )
+    model_cache: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "lensbus-model-cache",
+        description="where packages fetched from the model store are kept",
+    )
+    max_package_bytes: int = Field(
+        default=512 * 1024 * 1024, gt=0, description="larger model packages are refused"
     )
     cameras: str = Field(default="*", description="'*' for every camera, or a comma list")
     device: str = Field(default="cpu", description="'cpu', 'gpu' or 'gpu:N'")
@@ -49,6 +58,17 @@ class InferenceSettings(ServiceSettings):
         if not _DEVICE.match(v):
             raise ValueError("use 'cpu', 'gpu' or 'gpu:N'")
         return v
+
+    @field_validator("group")
+    @classmethod
+    def _group_token(cls, v: str | None) -> str | None:
+        return None if v is None else validate_token(v, "group")
+
+    @model_validator(mode="after")
+    def _some_model(self) -> InferenceSettings:
+        if self.model is None and self.group is None:
+            raise ValueError("set model (a local package) or group (follow the deployer), or both")
+        return self
 
     @field_validator("queue_group")
     @classmethod

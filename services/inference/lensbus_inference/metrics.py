@@ -24,3 +24,7 @@ MODEL_INFO = Gauge(
     ["name", "version", "framework", "device"],
 )
 BUSY = Gauge("lensbus_inference_busy", "1 while a frame is in the model")
+SWAPS = Counter("lensbus_inference_swaps_total", "Live model swaps", ["outcome"])
+SWAP_SECONDS = latency_histogram(
+    "lensbus_inference_swap_seconds", "Seconds per swap stage (fetch, load, warmup)", ("stage",)
+)

@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 from lensbus import __version__
-from lensbus.cli import schemas
+from lensbus.cli import deploy, schemas
 
 # Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lensbus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     schemas.register(sub)
+    deploy.register(sub)
     for ep in sorted(entry_points(group="lensbus.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)

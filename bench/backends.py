@@ -1,0 +1,255 @@
+"""Backend benchmark (run by hand, not a test): lensbus's model path vs the raw framework call.
+
+For YOLOv3-tiny 416x416 (MXNet, ONNX Runtime, OpenCV DNN) and the text-orientation classifier
+224x224 (ONNX Runtime, OpenCV DNN), on a real 1280x720 camera-sized frame (darknet's dog.jpg
+resized):
+
+* ``lensbus``: ``LoadedModel.run(frame)``: preprocess (resize, normalise, layout), the
+  backend's forward, and the decoder (thresholds, NMS, labels, boxes in frame pixels);
+* ``raw``: the framework alone on the same prepared tensor, with its own model object:
+  MXNet ``SymbolBlock`` + ``optimize_for(MKLDNN)`` (GPU: hybridize on ``mx.gpu``), forward
+  + ``asnumpy``; ``onnxruntime.InferenceSession.run``; ``cv2.dnn`` ``setInput`` +
+  ``forward``.
+
+Milliseconds per frame are the median of the timed runs after warm-up; backends run
+interleaved (one frame each in turn, the starting one rotating every round), so drifting
+load hits all alike.  Prints a markdown table with the overhead ratio (lensbus / raw), the
+lensbus stage split, and MXNet vs ORT.
+
+    python bench/backends.py                 # CPU, 100 timed runs each
+    python bench/backends.py --quick         # 30 timed runs each
+    python bench/backends.py --device gpu    # GPU paths (CUDA MXNet, onnxruntime-gpu, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# MXNet fixes its operator thread count when it is imported: set it before anything does.
+_THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
+os.environ.setdefault("MXNET_OMP_MAX_THREADS", _THREADS or str(os.cpu_count() or 1))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lensbus.modelpkg import Package, verify  # noqa: E402
+from lensbus_inference.backends import parse_device  # noqa: E402
+from lensbus_inference.model import LoadedModel, ModelLoadError, load_model  # noqa: E402
+from lensbus_inference.models import build_classifier, build_demo  # noqa: E402
+from lensbus_inference.preprocess import Preprocessor  # noqa: E402
+
+FRAME = Path("/usr/share/darknet/data/dog.jpg")
+CASES = [
+    ("yolov3-tiny 416", "mxnet", "yolov3-tiny-mxnet"),
+    ("yolov3-tiny 416", "onnx", "yolov3-tiny-onnx"),
+    ("yolov3-tiny 416", "opencv", "yolov3-tiny-opencv"),
+    ("text-orientation 224", "onnx", "text-orientation-onnx"),
+    ("text-orientation 224", "opencv", "text-orientation-opencv"),
+]
+
+
+# ------------------------------------------------------------------------------ raw framework
+
+
+def raw_mxnet(pkg: Package, x: np.ndarray, device: str) -> Callable[[], object]:
+    import mxnet as mx
+
+    kind, index = parse_device(device)
+    ctx = mx.gpu(index) if kind == "gpu" else mx.cpu()
+    net = mx.gluon.SymbolBlock.imports(
+        str(pkg.path("symbol")), ["data"], str(pkg.path("params")), ctx=ctx
+    )
+    xs = mx.nd.array(x, ctx=ctx)
+    if kind == "gpu":
+        net.hybridize(static_alloc=True, static_shape=True)
+    else:
+        net.optimize_for(xs, backend="MKLDNN", static_alloc=True, static_shape=True)
+
+    def call() -> object:
+        out = net(xs)
+        return [o.asnumpy() for o in out] if isinstance(out, list | tuple) else out.asnumpy()
+
+    return call
+
+
+def raw_onnx(pkg: Package, x: np.ndarray, device: str) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    kind, index = parse_device(device)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if _THREADS:
+        opts.intra_op_num_threads = int(_THREADS)
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if kind == "gpu":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    sess = ort.InferenceSession(str(pkg.path("model")), opts, providers=providers)
+    name = sess.get_inputs()[0].name
+    return lambda: sess.run(None, {name: x})
+
+
+def raw_opencv(pkg: Package, x: np.ndarray, device: str) -> Callable[[], object]:
+    model = pkg.path("model")
+    if model.suffix == ".weights":
+        net = cv2.dnn.readNetFromDarknet(str(pkg.path("config")), str(model))
+    else:
+        net = cv2.dnn.readNet(str(model))
+    if parse_device(device)[0] == "gpu":
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
+    names = net.getUnconnectedOutLayersNames()
+
+    def call() -> object:
+        net.setInput(x)
+        return net.forward(names)
+
+    return call
+
+
+RAW: dict[str, Callable[[Package, np.ndarray, str], Callable[[], object]]] = {
+    "mxnet": raw_mxnet,
+    "onnx": raw_onnx,
+    "opencv": raw_opencv,
+}
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Case:
+    model_name: str
+    framework: str
+    lensbus: Callable[[], Any] | None = None
+    raw: Callable[[], object] | None = None
+    error: str = ""
+    times: dict[str, list[float]] = field(default_factory=lambda: {"lensbus": [], "raw": []})
+    stages: dict[str, list[float]] = field(
+        default_factory=lambda: {"pre": [], "compute": [], "post": []}
+    )
+
+
+def prepare(key: str, pkg: Package, frame: np.ndarray, device: str, threads: int | None) -> Case:
+    m = pkg.manifest
+    case = Case(key.split("-")[0], m.framework)
+    try:
+        model: LoadedModel = load_model(pkg, device, threads)
+        model.warmup()
+        case.raw = RAW[m.framework](pkg, Preprocessor(m.input)(frame).tensor, device)
+    except (ModelLoadError, Exception) as exc:  # a missing GPU build is a row, not a crash
+        case.error = str(exc).splitlines()[0][:160]
+        return case
+    h, w = frame.shape[:2]
+
+    def run() -> Any:
+        return model.run(frame, w, h)
+
+    case.lensbus = run
+    return case
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def measure(cases: list[Case], warmup: int, runs: int) -> None:
+    live = [c for c in cases if c.lensbus and c.raw]
+    for c in live:
+        for _ in range(warmup):
+            assert c.lensbus is not None and c.raw is not None
+            c.lensbus()
+            c.raw()
+    for i in range(runs):
+        k = i % len(live)
+        for c in live[k:] + live[:k]:  # rotate who goes first
+            assert c.lensbus is not None and c.raw is not None
+            pairs = [("lensbus", c.lensbus), ("raw", c.raw)]
+            for name, fn in pairs if i % 2 else pairs[::-1]:
+                dt, out = timed(fn)
+                c.times[name].append(dt)
+                if name == "lensbus":
+                    c.stages["pre"].append(out.preprocess_s)
+                    c.stages["compute"].append(out.compute_s)
+                    c.stages["post"].append(out.postprocess_s)
+
+
+def ms(values: list[float]) -> float:
+    return statistics.median(values) * 1e3
+
+
+def report(cases: list[Case], device: str, runs: int) -> None:
+    import mxnet
+    import onnxruntime
+
+    print(
+        f"\n{platform.node()}: {os.cpu_count()} CPUs, device {device}, Python "
+        f"{platform.python_version()}, MXNet {mxnet.__version__} "
+        f"(MXNET_OMP_MAX_THREADS={os.environ.get('MXNET_OMP_MAX_THREADS')}), onnxruntime "
+        f"{onnxruntime.__version__}, OpenCV {cv2.__version__}; median of {runs} runs, "
+        f"frame 1280x720\n"
+    )
+    print("| model | framework | lensbus ms | raw ms | lensbus/raw | pre / compute / post ms |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for c in cases:
+        if c.error:
+            print(f"| {c.model_name} | {c.framework} | - | - | - | unavailable: {c.error} |")
+            continue
+        lb, raw = ms(c.times["lensbus"]), ms(c.times["raw"])
+        split = " / ".join(f"{ms(c.stages[s]):.2f}" for s in ("pre", "compute", "post"))
+        print(f"| {c.model_name} | {c.framework} | {lb:.2f} | {raw:.2f} | {lb / raw:.2f} | {split} |")
+    by = {(c.model_name, c.framework): c for c in cases if not c.error}
+    print()
+    for model_name in dict.fromkeys(c.model_name for c in cases):
+        ort_case = by.get((model_name, "onnx"))
+        if not ort_case:
+            continue
+        for other in ("mxnet", "opencv"):
+            o = by.get((model_name, other))
+            if o:
+                print(
+                    f"- {model_name}: {other} / ORT = raw {ms(o.times['raw']) / ms(ort_case.times['raw']):.2f}, "
+                    f"through lensbus {ms(o.times['lensbus']) / ms(ort_case.times['lensbus']):.2f}"
+                )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default), gpu or gpu:N")
+    parser.add_argument("--quick", action="store_true", help="30 timed runs instead of 100")
+    parser.add_argument("--runs", type=int, help="timed runs per backend (overrides --quick)")
+    parser.add_argument("--models", default=".lensbus/models", help="demo package folder")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    args = parser.parse_args()
+    runs = args.runs or (30 if args.quick else 100)
+
+    if not FRAME.is_file():
+        print(f"needs {FRAME} (Debian package darknet)", file=sys.stderr)
+        return 1
+    frame = cv2.resize(cv2.imread(str(FRAME)), (1280, 720), interpolation=cv2.INTER_AREA)
+    folders = build_demo(args.models)
+    folders["text-orientation-opencv"] = build_classifier(args.models, framework="opencv")
+    cases = [
+        prepare(key, verify(folders[key]), frame, args.device, args.threads)
+        for _, _, key in CASES
+    ]
+    for (model_name, _, _), c in zip(CASES, cases, strict=True):
+        c.model_name = model_name
+    measure(cases, warmup=5, runs=runs)
+    report(cases, args.device, runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

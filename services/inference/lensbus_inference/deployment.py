@@ -1,0 +1,218 @@
+"""Following a camera group's desired model: watch the KV key, fetch, verify, load, warm
+up in the background while the old model serves, swap between two frames, report.
+
+The desired model of group G is the :class:`~lensbus.schemas.Deployment` under
+``group.G`` in the KV bucket ``lensbus-deployments``; what this instance did about it goes
+to ``report.G.<instance>`` as a :class:`~lensbus.schemas.SwapReport`, which the deployer
+watches to roll a failed deployment back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import nats.errors
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from lensbus.codec import DecodeError, decode, encode
+from lensbus.modelpkg import PackageError, open_package
+from lensbus.runtime import Runtime
+from lensbus.schemas import Deployment, ModelVersionRef, SwapReport
+from lensbus.schemas.deploy import group_key, object_name, report_key
+from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
+from lensbus_inference import metrics
+from lensbus_inference.config import InferenceSettings
+from lensbus_inference.model import LoadedModel, ModelLoadError, load_model
+
+log = logging.getLogger(__name__)
+
+# How often the desired model is re-read even without a watch update: a watcher's consumer
+# does not survive a NATS restart, this re-check does.
+RECHECK_S = 1.0
+
+
+class SwapFailed(Exception):
+    """Fetching, verifying, loading or warming up a model failed; the old one stays."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
+
+def version_ref(model: LoadedModel | None) -> ModelVersionRef | None:
+    if model is None:
+        return None
+    return ModelVersionRef(name=model.manifest.name, version=model.manifest.version)
+
+
+class Follower:
+    """Keeps this instance on its group's desired model."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        rt: Runtime,
+        current: Callable[[], LoadedModel | None],
+        swap: Callable[[LoadedModel], Awaitable[None]],
+    ) -> None:
+        assert settings.group is not None
+        self.s = settings
+        self.group = settings.group
+        self.rt = rt
+        self._current = current
+        self._swap = swap
+        self.cache = settings.model_cache
+        self.last_revision = 0
+        # A desired model that failed is not retried until the desired model changes.
+        self.failed: tuple[str, str] | None = None
+
+    async def report(self, desired: ModelVersionRef, state: str, reason: str = "",
+                     timings: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:  # fmt: skip
+        """Write this instance's SwapReport and mirror it in the heartbeat."""
+        self.rt.detail.update({"swap_state": state, "swap_model": desired.ref,
+                               "swap_reason": reason})  # fmt: skip
+        rep = SwapReport(
+            group=self.group, instance=self.s.instance, desired=desired, state=state,
+            reason=reason, serving=version_ref(self._current()), time_ns=time.time_ns(),
+            fetch_s=timings[0], load_s=timings[1], warmup_s=timings[2],
+        )  # fmt: skip
+        try:
+            kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+            await kv.put(report_key(self.group, self.s.instance), encode(rep))
+        except Exception as exc:  # the heartbeat still carries the state
+            log.warning("swap report for %s not written: %s", desired.ref, exc)
+
+    async def fetch(self, ref: ModelVersionRef) -> Path:
+        """The package's .tar.gz in the local cache, downloaded if not there yet."""
+        dest = self.cache / ref.name / f"{ref.version}.tar.gz"
+        if dest.is_file():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store = await self.rt.nc.jetstream().object_store(MODELS_BUCKET)
+            obj = await store.get(object_name(ref.name, ref.version))
+        except (NotFoundError, nats.errors.Error) as exc:
+            raise SwapFailed("fetch", f"{ref.ref} not in the model store ({exc})") from None
+        if obj.data is None:
+            raise SwapFailed("fetch", f"{ref.ref}: empty object")
+        tmp = dest.with_suffix(".part")
+        tmp.write_bytes(obj.data)
+        tmp.replace(dest)  # only a complete download is ever seen as cached
+        return dest
+
+    def _load(self, archive: Path) -> tuple[LoadedModel, float, float]:
+        """Unpack, verify, load and warm up (runs in a worker thread)."""
+        t0 = time.perf_counter()
+        workdir = archive.with_suffix("").with_suffix(".d")
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        try:
+            package = open_package(archive, workdir, self.s.max_package_bytes)
+            model = load_model(package, self.s.device, self.s.threads, self.s.mask_png)
+        except (PackageError, ModelLoadError) as exc:
+            archive.unlink(missing_ok=True)  # a bad download must not stay cached
+            raise SwapFailed("load", str(exc)) from None
+        t1 = time.perf_counter()
+        try:
+            model.warmup()
+        except Exception as exc:
+            model.close()
+            raise SwapFailed("warmup", str(exc)) from None
+        return model, t1 - t0, time.perf_counter() - t1
+
+    async def apply(self, dep: Deployment) -> None:
+        desired = dep.model
+        serving = version_ref(self._current())
+        if serving == desired:
+            self.failed = None
+            await self.report(desired, "serving")
+            return
+        if self.failed == (desired.name, desired.version):
+            return
+        log.info("group %s wants %s (serving %s): loading", self.group, desired.ref,
+                 serving.ref if serving else "nothing")  # fmt: skip
+        await self.report(desired, "loading")
+        t0 = time.perf_counter()
+        try:
+            archive = await self.fetch(desired)
+            fetch_s = time.perf_counter() - t0
+            model, load_s, warm_s = await asyncio.to_thread(self._load, archive)
+        except SwapFailed as exc:
+            self.failed = (desired.name, desired.version)
+            metrics.SWAPS.labels("failed").inc()
+            log.error("swap to %s failed, keeping %s: %s", desired.ref,
+                      serving.ref if serving else "no model", exc)  # fmt: skip
+            await self.report(desired, "failed", str(exc))
+            return
+        metrics.SWAP_SECONDS.labels("fetch").observe(fetch_s)
+        metrics.SWAP_SECONDS.labels("load").observe(load_s)
+        metrics.SWAP_SECONDS.labels("warmup").observe(warm_s)
+        await self._swap(model)
+        self.failed = None
+        metrics.SWAPS.labels("ok").inc()
+        log.info("now serving %s (fetch %.2fs, load %.2fs, warm-up %.2fs)", desired.ref,
+                 fetch_s, load_s, warm_s)  # fmt: skip
+        await self.report(desired, "serving", timings=(fetch_s, load_s, warm_s))
+
+    async def _read(self, data: bytes, revision: int) -> None:
+        if revision == self.last_revision:  # a new watcher replays the last value
+            return
+        self.last_revision = revision
+        try:
+            dep = decode(data, Deployment)
+        except DecodeError as exc:
+            log.warning("unreadable deployment for group %s: %s", self.group, exc)
+            return
+        await self.apply(dep)
+
+    async def run(self) -> None:
+        """Follow the group's key until stopped; survives NATS and deployer restarts."""
+        key = group_key(self.group)
+        waiting_logged = False
+        while not self.rt.stop.is_set():
+            try:
+                kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+                watcher = await kv.watch(key)
+            except (BucketNotFoundError, NotFoundError, nats.errors.Error, OSError) as exc:
+                if not waiting_logged:
+                    log.info("waiting for the deployments bucket (%s)", exc)
+                    waiting_logged = True
+                await self._sleep(RECHECK_S)
+                continue
+            try:
+                await self._follow(kv, watcher)
+            except (nats.errors.Error, OSError) as exc:
+                log.debug("deployment watch interrupted: %s", exc)
+                await self._sleep(RECHECK_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+
+    async def _follow(self, kv: KeyValue, watcher: KeyValue.KeyWatcher) -> None:
+        key = group_key(self.group)
+        while not self.rt.stop.is_set():
+            try:
+                entry = await watcher.updates(timeout=RECHECK_S)
+            except nats.errors.TimeoutError:
+                try:
+                    entry = await kv.get(key)
+                except KeyNotFoundError:
+                    continue
+                if entry.revision != self.last_revision and entry.value:
+                    await self._read(entry.value, entry.revision or 0)
+                    return  # the watch missed it: start a new one
+                continue
+            if entry is None or not entry.value or entry.operation is not None:
+                continue
+            await self._read(entry.value, entry.revision or 0)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.rt.stop.wait(), seconds)

@@ -1,0 +1,136 @@
+"""The model as the service sees it: load a package, run frames, get results.
+
+::
+
+    model = load_model(open_package(path), device="cpu")
+    model.warmup()                       # ModelLoadError if outputs do not fit the decoder
+    inf = model.run(bgr, frame_w, frame_h)
+
+``run`` takes a BGR uint8 image, which may be a reduced-scale decode of a
+``frame_w x frame_h`` frame (see :attr:`LoadedModel.input_size` and
+``lensbus.images.reduction_for``); boxes come back normalized and in pixels of the full frame.
+The backend (``backends.BACKENDS``), preprocessing (``preprocess.Preprocessor``) and decoder
+(``decoders.DECODERS``) are chosen from the manifest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from lensbus.modelpkg import Package
+from lensbus.schemas import ClassScore, Detection, Manifest, Segment
+from lensbus_inference.backends import BACKENDS, Backend, ModelLoadError, short_error, where
+from lensbus_inference.decoders import DECODERS, DecodeError, Decoder
+from lensbus_inference.preprocess import Preprocessor
+
+__all__ = ["Inference", "LoadedModel", "ModelLoadError", "load_model"]
+
+# the file a load error is reported against, per framework
+_MAIN_ROLE = {"mxnet": "params", "onnx": "model", "opencv": "model"}
+
+
+@dataclass
+class Inference:
+    """What one run produced, and the seconds each stage took."""
+
+    detections: list[Detection] = field(default_factory=list)
+    classes: list[ClassScore] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    mask_png: bytes | None = None
+    preprocess_s: float = 0.0
+    compute_s: float = 0.0
+    postprocess_s: float = 0.0
+
+
+class LoadedModel:
+    """A package loaded on a device, ready to run frames.  ``run`` is serialised by a lock."""
+
+    def __init__(
+        self, package: Package, backend: Backend, preprocess: Preprocessor, decoder: Decoder
+    ) -> None:
+        self.package = package
+        self.manifest: Manifest = package.manifest
+        self.device: str = backend.device
+        self._backend = backend
+        self._preprocess = preprocess
+        self._decoder = decoder
+        self._lock = threading.Lock()
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the model input, to pick a JPEG reduced-scale decode."""
+        return self.manifest.input.width, self.manifest.input.height
+
+    def run(self, image: npt.NDArray[np.uint8], frame_w: int, frame_h: int) -> Inference:
+        with self._lock:
+            t0 = time.perf_counter()
+            prepared = self._preprocess(image)
+            t1 = time.perf_counter()
+            outputs = self._backend.forward(prepared.tensor)
+            t2 = time.perf_counter()
+            decoded = self._decoder(outputs, prepared.geometry, frame_w, frame_h)
+            t3 = time.perf_counter()
+        return Inference(
+            detections=decoded.detections,
+            classes=decoded.classes,
+            segments=decoded.segments,
+            mask_png=decoded.mask_png,
+            preprocess_s=t1 - t0,
+            compute_s=t2 - t1,
+            postprocess_s=t3 - t2,
+        )
+
+    def warmup(self, runs: int = 2) -> None:
+        """Run a blank frame ``runs`` times: allocates, tunes, and checks the outputs fit."""
+        w, h = self.input_size
+        blank = np.zeros((h, w, 3), dtype=np.uint8)
+        file = where(self.package, _MAIN_ROLE[self.manifest.framework])
+        try:
+            with self._lock:
+                outputs = self._backend.forward(self._preprocess(blank).tensor)
+                self._decoder.check(outputs)
+            for _ in range(runs):
+                self.run(blank, w, h)
+        except DecodeError as exc:
+            raise ModelLoadError(
+                f"{file}: outputs do not fit decoder {self.manifest.decoder!r}: {exc}"
+            ) from None
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{file}: warm-up run failed on a {w}x{h} input: {short_error(exc)}"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._backend.close()
+
+
+def load_model(
+    package: Package, device: str = "cpu", threads: int | None = None, mask_png: bool = False
+) -> LoadedModel:
+    """Load ``package`` on ``device`` (``cpu``, ``gpu``, ``gpu:N``); call ``warmup`` next.
+
+    ``threads`` caps the framework's intra-op threads (None: the framework's default).
+    ``mask_png``: segmentation results carry the class map as a PNG.
+    """
+    manifest = package.manifest
+    backend_cls = BACKENDS.get(manifest.framework)
+    decoder_cls = DECODERS.get(manifest.decoder)
+    file = where(package, _MAIN_ROLE.get(manifest.framework, "model"))
+    if backend_cls is None:
+        raise ModelLoadError(f"{file}: no backend for framework {manifest.framework!r}")
+    if decoder_cls is None:
+        raise ModelLoadError(f"{file}: no decoder {manifest.decoder!r}")
+    try:
+        decoder = decoder_cls(manifest, mask_png)
+    except DecodeError as exc:
+        raise ModelLoadError(f"{file}: bad decoder_options: {exc}") from None
+    backend = backend_cls(package, device, threads)
+    return LoadedModel(package, backend, Preprocessor(manifest.input), decoder)

@@ -1,0 +1,256 @@
+"""An async client of the deployer's API (``<prefix>.api.deployer.<verb>``).
+
+::
+
+    async with await DeployClient.connect("nats://127.0.0.1:4222") as dc:
+        reply = await dc.upload("models/yolov3-tiny", progress=lambda done, total: ...)
+        await dc.activate("cams", "yolov3-tiny")          # latest version
+        for group in await dc.status():
+            ...
+
+Every call raises :class:`DeployError` when the deployer refuses (``code`` from the reply:
+``bad_request``, ``not_found``, ``conflict``, ``invalid_package``, ``internal``) or cannot
+be reached (``code`` ``unreachable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from pydantic import ValidationError
+
+from lensbus.codec import DecodeError, decode, encode
+from lensbus.modelpkg import PackageError, pack, sha256_file
+from lensbus.schemas import (
+    ActivateRequest,
+    Deployment,
+    DeploymentReply,
+    GroupStatus,
+    ListReply,
+    ListRequest,
+    Message,
+    ModelInfo,
+    ModelReply,
+    Reply,
+    RollbackRequest,
+    StatusReply,
+    StatusRequest,
+    UploadBegin,
+    UploadChunk,
+    UploadCommit,
+    UploadStarted,
+)
+from lensbus.schemas.deploy import UPLOAD_CHUNK_BYTES
+from lensbus.subjects import DEFAULT_PREFIX, Subjects
+
+R = TypeVar("R", bound=Reply)
+M = TypeVar("M", bound=Message)
+
+# (bytes sent, total bytes) after each chunk; may be a coroutine function.
+Progress = Callable[[int, int], object | Awaitable[object]]
+
+UNREACHABLE = "unreachable"
+# A commit checks the whole package and puts it in the store: allow for slow disks.
+COMMIT_BYTES_PER_S = 10 * 1024 * 1024
+CHUNK_ATTEMPTS = 3
+
+
+class DeployError(Exception):
+    """The deployer refused a request (``code`` from its reply) or did not answer
+    (``code`` ``unreachable``). ``message`` says what to do."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}" if code else message)
+        self.code = code
+        self.message = message
+
+
+class DeployClient:
+    """Requests to the deployer over an open NATS connection."""
+
+    def __init__(self, nc: NATS, prefix: str = DEFAULT_PREFIX, timeout: float = 10.0) -> None:
+        self.nc = nc
+        self.subjects = Subjects(prefix)
+        self.timeout = timeout
+        self._owns_connection = False
+
+    @classmethod
+    async def connect(
+        cls, url: str, prefix: str = DEFAULT_PREFIX, timeout_s: float = 10.0, **options: object
+    ) -> DeployClient:
+        """Connect to NATS (no reconnecting: a command should fail fast) and wrap it."""
+
+        async def quiet(exc: Exception) -> None:  # failures surface as DeployError instead
+            return None
+
+        servers = [u.strip() for u in url.split(",") if u.strip()]
+        opts: dict[str, object] = {
+            "servers": servers,
+            "connect_timeout": min(timeout_s, 5.0),
+            "allow_reconnect": False,
+            "max_reconnect_attempts": 0,
+            "error_cb": quiet,
+            "name": "lensbus-deployclient",
+            **options,
+        }
+        try:
+            nc = await nats.connect(**opts)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise DeployError(
+                UNREACHABLE,
+                f"cannot reach NATS at {url} ({type(exc).__name__}{': ' if str(exc) else ''}"
+                f"{exc}): is nats-server running? Point to it with --nats-url or "
+                "LENSBUS_NATS_URL",
+            ) from None
+        client = cls(nc, prefix, timeout_s)
+        client._owns_connection = True
+        return client
+
+    async def close(self) -> None:
+        if self._owns_connection and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> DeployClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ---- the API ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request(cls: type[M], **fields: object) -> M:
+        """Build a request, turning a bad field into a :class:`DeployError`."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            errors = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise DeployError("bad_request", errors) from None
+
+    async def _call(
+        self, verb: str, request: Message, reply_cls: type[R], wait_s: float | None = None
+    ) -> R:
+        subject = self.subjects.deployer_api(verb)
+        limit = wait_s or self.timeout
+        try:
+            msg = await self.nc.request(subject, encode(request), timeout=limit)
+        except nats.errors.NoRespondersError:
+            raise DeployError(
+                UNREACHABLE,
+                f"no deployer is listening on {subject}: is lensbus-deployer running "
+                "(with the same subject prefix)?",
+            ) from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise DeployError(
+                UNREACHABLE,
+                f"no deployer answered on {subject} within {limit:g}s: "
+                "is lensbus-deployer running?",
+            ) from None
+        except nats.errors.Error as exc:
+            raise DeployError(
+                UNREACHABLE, f"NATS failed the request on {subject}: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            reply = decode(msg.data, reply_cls)
+        except DecodeError as exc:
+            raise DeployError(
+                "internal",
+                f"unreadable reply from the deployer on {subject} ({exc}): "
+                "are client and deployer the same lensbus version?",
+            ) from None
+        if not reply.ok:
+            raise DeployError(reply.code or "internal", reply.error or "refused (no reason given)")
+        return reply
+
+    async def upload(self, path: str | Path, progress: Progress | None = None) -> ModelReply:
+        """Upload a package folder (packed into a temporary .tar.gz) or a ``.tar.gz``.
+
+        ``reply.created`` is false when the same model was already stored.
+        """
+        path = Path(path)
+        if await asyncio.to_thread(path.is_dir):
+            with tempfile.TemporaryDirectory(prefix="lensbus-upload-") as tmp:
+                archive = Path(tmp) / f"{path.name}.tar.gz"
+                try:
+                    await asyncio.to_thread(pack, path, archive)
+                except PackageError as exc:
+                    raise DeployError("invalid_package", f"invalid package: {exc}") from None
+                return await self._upload_archive(archive, progress)
+        if not await asyncio.to_thread(path.is_file):
+            raise DeployError("bad_request", f"{path}: no such package folder or .tar.gz file")
+        return await self._upload_archive(path, progress)
+
+    async def _upload_archive(self, archive: Path, progress: Progress | None) -> ModelReply:
+        size = (await asyncio.to_thread(archive.stat)).st_size
+        if size == 0:
+            raise DeployError("invalid_package", f"{archive} is empty")
+        digest = await asyncio.to_thread(sha256_file, archive)
+        started = await self._call(
+            "upload_begin", UploadBegin(size=size, sha256=digest), UploadStarted
+        )
+        chunk_bytes = max(1, min(started.chunk_bytes or UPLOAD_CHUNK_BYTES, UPLOAD_CHUNK_BYTES))
+        offset = 0
+        with open(archive, "rb") as f:  # noqa: ASYNC230 - local reads of 512 KiB
+            while offset < size:
+                data = f.read(chunk_bytes)
+                if not data:
+                    raise DeployError("bad_request", f"{archive} shrank while being uploaded")
+                chunk = UploadChunk(upload_id=started.upload_id, offset=offset, data=data)
+                for attempt in range(CHUNK_ATTEMPTS):
+                    try:
+                        await self._call("upload_chunk", chunk, Reply)
+                        break
+                    except DeployError as exc:  # a lost chunk or reply: send it again
+                        if exc.code != UNREACHABLE or attempt == CHUNK_ATTEMPTS - 1:
+                            raise
+                offset += len(data)
+                if progress is not None:
+                    result = progress(offset, size)
+                    if inspect.isawaitable(result):
+                        await result
+        commit_timeout = max(self.timeout, 30.0 + 2 * size / COMMIT_BYTES_PER_S)
+        return await self._call(
+            "upload_commit", UploadCommit(upload_id=started.upload_id), ModelReply, commit_timeout
+        )
+
+    async def list(self, name: str | None = None) -> builtins.list[ModelInfo]:
+        """Every stored model version (of ``name`` only, if given)."""
+        return (await self._call("list", ListRequest(name=name), ListReply)).models
+
+    async def activate(self, group: str, name: str, version: str | None = None) -> Deployment:
+        """Make ``name:version`` (the latest uploaded version if omitted) the group's model."""
+        request = self._request(ActivateRequest, group=group, name=name, version=version)
+        reply = await self._call("activate", request, DeploymentReply)
+        assert reply.deployment is not None
+        return reply.deployment
+
+    async def rollback(self, group: str) -> Deployment:
+        """Back to the group's previous desired model."""
+        reply = await self._call(
+            "rollback", self._request(RollbackRequest, group=group), DeploymentReply
+        )
+        assert reply.deployment is not None
+        return reply.deployment
+
+    async def status(self, group: str | None = None) -> builtins.list[GroupStatus]:
+        """Desired and served models, group by group (one group if given)."""
+        request = self._request(StatusRequest, group=group)
+        return (await self._call("status", request, StatusReply)).groups

@@ -1,0 +1,189 @@
+"""Inference as a real process: real frames from capture, real YOLOv3-tiny, real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import msgpack
+import nats as nats_py
+import numpy as np
+import pytest
+
+from lensbus import Subjects, decode, encode
+from lensbus.images import encode_jpeg
+from lensbus.natsserver import NatsServer
+from lensbus.schemas import FrameEnvelope, Result
+
+pytestmark = pytest.mark.slow
+
+PHOTOS = Path("/usr/share/darknet/data")
+
+
+def photos(tmp_path: Path) -> Path:
+    """A folder with the three real photos the model tests use."""
+    if not PHOTOS.is_dir():
+        pytest.skip("Debian package darknet (real photos) is not installed")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("dog.jpg", "person.jpg", "horses.jpg"):
+        shutil.copy(PHOTOS / name, folder / name)
+    return folder
+
+
+class Recorder:
+    """Frames and results of one camera, as a plain subscriber sees them."""
+
+    def __init__(self, camera: str) -> None:
+        self.camera = camera
+        self.frames: dict[int, FrameEnvelope] = {}
+        self.results: list[Result] = []
+
+    async def start(self, url: str) -> Recorder:
+        self.nc = await nats_py.connect(url)
+        subjects = Subjects()
+
+        async def on_frame(msg: nats_py.aio.msg.Msg) -> None:
+            env = decode(msg.data, FrameEnvelope)
+            self.frames[env.seq] = env
+
+        async def on_result(msg: nats_py.aio.msg.Msg) -> None:
+            self.results.append(decode(msg.data, Result))
+
+        await self.nc.subscribe(subjects.frames(self.camera), cb=on_frame)
+        await self.nc.subscribe(subjects.results(self.camera), cb=on_result)
+        return self
+
+    async def wait_results(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.results) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(self.results) >= n, f"{len(self.results)} results, wanted {n}"
+
+    async def close(self) -> None:
+        await self.nc.flush()
+        await self.nc.close()
+
+
+async def test_capture_to_results_with_real_model(
+    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    rec = await Recorder("yard").start(nats.url)
+    inf = start_service("inference", nats.url, model=demo_models["onnx"], cameras="yard")
+    inf.wait_healthy(60)
+    cap = start_service(
+        "capture", nats.url, camera="yard", source=photos(tmp_path), fps=3, loop="true"
+    )
+    await rec.wait_results(9, 60)
+    cap.stop()
+    await asyncio.sleep(1.0)  # the last results in flight
+    await rec.close()
+    processed = inf.metric("lensbus_inference_frames_processed_total")
+    assert inf.stop() == 0
+
+    seqs = [r.seq for r in rec.results]
+    assert len(seqs) == len(set(seqs)), "one result per frame"
+    assert set(seqs) <= set(rec.frames), "every result belongs to a published frame"
+    assert len(rec.results) == processed
+    labels = {d.label for r in rec.results for d in r.detections}
+    assert {"dog", "person", "horse"} <= labels, labels
+    for r in rec.results:
+        f = rec.frames[r.seq]
+        assert (r.capture_ns, r.width, r.height) == (f.capture_ns, f.width, f.height)
+        assert r.model.name == "yolov3-tiny" and r.model.framework == "onnx"
+        assert r.task == "detection"
+        t = r.timings
+        assert t.decode > 0 and t.preprocess > 0 and t.compute > 0 and t.postprocess > 0
+        assert r.result_ns > r.capture_ns
+        for d in r.detections:
+            b = d.box
+            assert 0 <= b.xmin < b.xmax <= 1 and 0 <= b.left < b.right <= r.width
+    dog_frames = [r for r in rec.results if any(d.label == "dog" for d in r.detections)]
+    big_dog = max(
+        (d for r in dog_frames for d in r.detections if d.label == "dog"), key=lambda d: d.score
+    )
+    assert big_dog.score > 0.8
+
+
+async def test_two_instances_share_frames(
+    nats: NatsServer, start_service, demo_models: dict[str, Path]
+) -> None:
+    rec = await Recorder("shared").start(nats.url)
+    a = start_service("inference", nats.url, model=demo_models["onnx"], instance="inf-a", threads=1)
+    b = start_service("inference", nats.url, model=demo_models["onnx"], instance="inf-b", threads=1)
+    a.wait_healthy(60)
+    b.wait_healthy(60)
+    cap = start_service(
+        "capture", nats.url, camera="shared", source="test", fps=8, width=416, height=416
+    )
+    await rec.wait_results(30, 60)
+    cap.stop()
+    await asyncio.sleep(1.0)
+    await rec.close()
+    seqs = [r.seq for r in rec.results]
+    assert len(seqs) == len(set(seqs)), "a frame got more than one result"
+    by_instance = {r.instance for r in rec.results}
+    assert by_instance == {"inf-a", "inf-b"}, f"both instances work: {by_instance}"
+    assert a.stop() == 0 and b.stop() == 0
+
+
+async def test_bad_frames_are_counted_and_service_keeps_serving(
+    nats: NatsServer, start_service, demo_models: dict[str, Path]
+) -> None:
+    inf = start_service("inference", nats.url, model=demo_models["onnx"], cameras="bad")
+    inf.wait_healthy(60)
+    rec = await Recorder("bad").start(nats.url)
+    subject = Subjects().frames("bad")
+    good = encode_jpeg(np.full((120, 160, 3), 128, np.uint8))
+
+    def frame(seq: int, data: bytes, width: int = 160, height: int = 120) -> bytes:
+        return encode(
+            FrameEnvelope(
+                camera="bad",
+                seq=seq,
+                capture_ns=time.time_ns(),
+                width=width,
+                height=height,
+                data=data,
+            )
+        )
+
+    bad = {
+        "malformed": b"\x00\x01 definitely not msgpack",
+        "unknown_version": msgpack.packb({"v": 99, "camera": "bad"}),
+        "invalid": msgpack.packb({"v": 1, "camera": "bad", "seq": -1}),
+        "corrupt_image": frame(1, good[: len(good) // 3] + b"\x00" * 50),
+        "size_mismatch": frame(2, good, width=1920, height=1080),
+    }
+    nc = rec.nc
+    await nc.publish(subject, b"")  # empty payload: malformed too
+    for payload in bad.values():
+        await nc.publish(subject, payload)
+        await nc.flush()
+        await asyncio.sleep(0.3)  # one at a time, so none replaces another in the mailbox
+    await nc.publish(subject, frame(10, good))
+    await rec.wait_results(1, 20)
+    assert rec.results[0].seq == 10
+    for reason in bad:
+        assert inf.metric("lensbus_messages_rejected_total", f'reason="{reason}"') >= 1, reason
+    assert inf.metric("lensbus_messages_rejected_total", 'reason="malformed"') >= 2
+    assert inf.proc.poll() is None
+    assert inf.healthz()[0] == 200
+    await rec.close()
+    assert inf.stop() == 0
+    # Each reason is logged once, with its cause.
+    assert inf.log.count("rejected a frame (corrupt_image)") == 1
+
+
+def test_broken_model_exits_naming_the_file(
+    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_models["onnx"], broken)
+    onnx_file = next(broken.glob("*.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    inf = start_service("inference", nats.url, model=broken)
+    assert inf.proc.wait(60) == 4
+    assert onnx_file.name in inf.log and "sha256" in inf.log
