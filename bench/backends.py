@@ -34,8 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 # MXNet fixes its operator thread count when it is imported: set it before anything does.
-_THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
+def _early_threads(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+_THREADS = _early_threads(sys.argv)
 os.environ.setdefault("MXNET_OMP_MAX_THREADS", _THREADS or str(os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
 
@@ -44,7 +54,7 @@ import numpy as np  # noqa: E402
 
 from lensbus.modelpkg import Package, verify  # noqa: E402
 from lensbus_inference.backends import parse_device  # noqa: E402
-from lensbus_inference.model import LoadedModel, ModelLoadError, load_model  # noqa: E402
+from lensbus_inference.model import LoadedModel, load_model  # noqa: E402
 from lensbus_inference.models import build_classifier, build_demo  # noqa: E402
 from lensbus_inference.preprocess import Preprocessor  # noqa: E402
 
@@ -90,6 +100,7 @@ def raw_onnx(pkg: Package, x: np.ndarray, device: str) -> Callable[[], object]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _THREADS:
         opts.intra_op_num_threads = int(_THREADS)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as lensbus does
     providers: list[Any] = ["CPUExecutionProvider"]
     if kind == "gpu":
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
@@ -146,8 +157,8 @@ def prepare(key: str, pkg: Package, frame: np.ndarray, device: str, threads: int
         model: LoadedModel = load_model(pkg, device, threads)
         model.warmup()
         case.raw = RAW[m.framework](pkg, Preprocessor(m.input)(frame).tensor, device)
-    except (ModelLoadError, Exception) as exc:  # a missing GPU build is a row, not a crash
-        case.error = str(exc).splitlines()[0][:160]
+    except Exception as exc:  # ModelLoadError (no GPU build, ...): a row, not a crash
+        case.error = str(exc).splitlines()[0][:300]
         return case
     h, w = frame.shape[:2]
 
@@ -166,6 +177,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def measure(cases: list[Case], warmup: int, runs: int) -> None:
     live = [c for c in cases if c.lensbus and c.raw]
+    if not live:
+        return
     for c in live:
         for _ in range(warmup):
             assert c.lensbus is not None and c.raw is not None
@@ -208,7 +221,8 @@ def report(cases: list[Case], device: str, runs: int) -> None:
             continue
         lb, raw = ms(c.times["lensbus"]), ms(c.times["raw"])
         split = " / ".join(f"{ms(c.stages[s]):.2f}" for s in ("pre", "compute", "post"))
-        print(f"| {c.model_name} | {c.framework} | {lb:.2f} | {raw:.2f} | {lb / raw:.2f} | {split} |")
+        ratio = lb / raw
+        print(f"| {c.model_name} | {c.framework} | {lb:.2f} | {raw:.2f} | {ratio:.2f} | {split} |")
     by = {(c.model_name, c.framework): c for c in cases if not c.error}
     print()
     for model_name in dict.fromkeys(c.model_name for c in cases):
@@ -218,10 +232,9 @@ def report(cases: list[Case], device: str, runs: int) -> None:
         for other in ("mxnet", "opencv"):
             o = by.get((model_name, other))
             if o:
-                print(
-                    f"- {model_name}: {other} / ORT = raw {ms(o.times['raw']) / ms(ort_case.times['raw']):.2f}, "
-                    f"through lensbus {ms(o.times['lensbus']) / ms(ort_case.times['lensbus']):.2f}"
-                )
+                raw = ms(o.times["raw"]) / ms(ort_case.times["raw"])
+                lb = ms(o.times["lensbus"]) / ms(ort_case.times["lensbus"])
+                print(f"- {model_name}: {other} / ORT = {raw:.2f} raw, {lb:.2f} through lensbus")
 
 
 def main() -> int:
@@ -231,6 +244,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="timed runs per backend (overrides --quick)")
     parser.add_argument("--models", default=".lensbus/models", help="demo package folder")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    parser.add_argument("--only", help="comma-separated frameworks to run (default: all)")
     args = parser.parse_args()
     runs = args.runs or (30 if args.quick else 100)
 
@@ -240,12 +254,11 @@ def main() -> int:
     frame = cv2.resize(cv2.imread(str(FRAME)), (1280, 720), interpolation=cv2.INTER_AREA)
     folders = build_demo(args.models)
     folders["text-orientation-opencv"] = build_classifier(args.models, framework="opencv")
-    cases = [
-        prepare(key, verify(folders[key]), frame, args.device, args.threads)
-        for _, _, key in CASES
-    ]
-    for (model_name, _, _), c in zip(CASES, cases, strict=True):
-        c.model_name = model_name
+    chosen = [c for c in CASES if not args.only or c[1] in args.only.split(",")]
+    cases = []
+    for model_name, _, key in chosen:
+        cases.append(prepare(key, verify(folders[key]), frame, args.device, args.threads))
+        cases[-1].model_name = model_name
     measure(cases, warmup=5, runs=runs)
     report(cases, args.device, runs)
     return 0

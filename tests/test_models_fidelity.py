@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-from models_fixture import demo_packages
+from models_fixture import demo_packages, need
 from skimage import data as skdata
 
 from lensbus.images import decode_jpeg, encode_jpeg
@@ -127,6 +127,8 @@ def _assert_match(
 def test_yolo_matches_opencv(
     packages: dict[str, Package], models: dict[str, LoadedModel], key: str, image_name: str
 ) -> None:
+    need(packages, key)
+    need(packages, "yolov3-tiny-opencv")
     image = _image(image_name)
     h, w = image.shape[:2]
     ref = _opencv_reference(packages["yolov3-tiny-opencv"], image)
@@ -145,6 +147,7 @@ def test_yolo_matches_opencv(
 @pytest.mark.parametrize("key", ["yolov3-tiny-onnx", "yolov3-tiny-mxnet"])
 def test_yolo_reduced_scale_decode(models: dict[str, LoadedModel], key: str) -> None:
     """A JPEG decoded at 1/2 scale, with the full frame's size: boxes in full-frame pixels."""
+    need(models, key)
     full = _image("dog.jpg")
     h, w = full.shape[:2]
     jpeg = encode_jpeg(full, 95)
@@ -167,6 +170,8 @@ def test_yolo_reduced_scale_decode(models: dict[str, LoadedModel], key: str) -> 
 @needs_images
 def test_yolo_letterbox_maps_back_to_frame(packages: dict[str, Package], tmp_path: Path) -> None:
     """The same network fed letterboxed: the dog is where it is in the frame."""
+    need(packages, "yolov3-tiny-onnx")
+    need(packages, "yolov3-tiny-opencv")
     src = packages["yolov3-tiny-onnx"]
     m = src.manifest
     shutil.copy(src.path("model"), tmp_path / "model.onnx")
@@ -195,6 +200,7 @@ def test_yolo_letterbox_maps_back_to_frame(packages: dict[str, Package], tmp_pat
 
 
 def test_face_ssd_finds_the_astronaut(models: dict[str, LoadedModel]) -> None:
+    need(models, "face-ssd-opencv")
     image = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)  # 512x512
     inf = models["face-ssd-opencv"].run(image, 512, 512)
     assert len(inf.detections) == 1, inf.detections
@@ -213,6 +219,7 @@ def test_face_ssd_finds_the_astronaut(models: dict[str, LoadedModel]) -> None:
 
 
 def test_face_ssd_no_face_in_coffee(models: dict[str, LoadedModel]) -> None:
+    need(models, "face-ssd-opencv")
     image = cv2.cvtColor(skdata.coffee(), cv2.COLOR_RGB2BGR)
     assert models["face-ssd-opencv"].run(image, 600, 400).detections == []
 
@@ -224,8 +231,11 @@ ROTATIONS = [(None, "0"), (cv2.ROTATE_90_CLOCKWISE, "90"), (cv2.ROTATE_180, "180
 
 
 @pytest.fixture(scope="module")
-def orientation_opencv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedModel]:
+def orientation_opencv(
+    packages: dict[str, Package], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LoadedModel]:
     """The same ONNX classifier packaged for OpenCV's ONNX reader."""
+    need(packages, "text-orientation-onnx")
     folder = build_classifier(tmp_path_factory.mktemp("orientation"), framework="opencv")
     model = load_model(verify(folder))
     model.warmup()

@@ -98,13 +98,15 @@ class DeployClient:
             "servers": servers,
             "connect_timeout": min(timeout_s, 5.0),
             "allow_reconnect": False,
-            "max_reconnect_attempts": 0,
+            # nats-py retries the first connection forever with 0; 1 means "try twice".
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.2,
             "error_cb": quiet,
             "name": "lensbus-deployclient",
             **options,
         }
         try:
-            nc = await nats.connect(**opts)  # type: ignore[arg-type]
+            nc = await asyncio.wait_for(nats.connect(**opts), timeout_s + 5.0)  # type: ignore[arg-type]
         except Exception as exc:
             raise DeployError(
                 UNREACHABLE,

@@ -248,10 +248,10 @@ def _instance_state(
         serving = ModelVersionRef(name=hb.status.model.name, version=hb.status.model.version)
     elif report is not None:
         serving = report.serving
-    if hb is not None and hb.status.state == "stopping" and not fresh:
-        state = "stopped"
+    if hb is not None and hb.status.state == "stopping":
+        state, serving = "stopped", None
     elif not fresh and (hb is not None or settled):
-        state = "offline"
+        state, serving = "offline", None  # what it served last is not served now
     elif report is not None:
         state = report.state
     else:

@@ -78,9 +78,11 @@ class Backend(Protocol):
 class MXNetBackend:
     """``<prefix>-symbol.json`` + ``<prefix>-0000.params`` through Gluon's SymbolBlock.
 
-    CPU: ``optimize_for(backend='MKLDNN')`` with a static graph (3-4x faster than plain
-    hybridize), falling back to ``hybridize(static_alloc, static_shape)`` when this MXNet
-    build has no MKLDNN.  GPU: ``mx.gpu(N)``, hybridized the same way.
+    CPU: ``optimize_for(backend='MKLDNN')`` with a static graph, which fuses conv + BN + ReLU
+    (3-4x faster than plain hybridize on MobileNetV2, DESIGN.md; the same speed on
+    yolov3-tiny, whose BN darknet.py already folded and whose leaky ReLU does not fuse),
+    falling back to ``hybridize(static_alloc, static_shape)`` when this MXNet build has no
+    MKLDNN.  GPU: ``mx.gpu(N)``, hybridized.
     """
 
     framework: ClassVar[str] = "mxnet"
@@ -174,14 +176,14 @@ class MXNetBackend:
         self._mx.nd.waitall()
 
 
-def _import_mxnet(threads: int | None) -> Any:
-    """Import MXNet with its operator thread count set.
+def _mxnet_threads(threads: int | None) -> None:
+    """Set MXNet's operator thread count, which it reads once, when it is imported.
 
-    MXNet reads ``MXNET_OMP_MAX_THREADS`` once, when it is imported; later calls
-    (``MXSetNumOMPThreads``, ``OMP_NUM_THREADS``) change nothing.  Left alone on a 2-core
-    machine it keeps one core for its engine and runs operators on one thread: yolov3-tiny
-    57 ms instead of 35 ms.  So: ``threads`` if given, else every core, unless the
-    environment already says.  If MXNet was imported earlier, it keeps what it has.
+    Later calls (``MXSetNumOMPThreads``, ``OMP_NUM_THREADS``) change nothing.  Left alone on
+    a 2-core machine MXNet keeps one core for its engine and runs operators on one thread:
+    yolov3-tiny 57 ms instead of 35 ms.  So: ``threads`` if given, else every core, unless
+    the environment already says (``MXNET_OMP_MAX_THREADS``).  Once MXNet is imported it
+    keeps what it has.
     """
     wanted = str(threads) if threads else None
     if "mxnet" not in sys.modules:
@@ -196,6 +198,10 @@ def _import_mxnet(threads: int | None) -> Any:
             threads,
             threads,
         )
+
+
+def _import_mxnet(threads: int | None) -> Any:
+    _mxnet_threads(threads)
     import mxnet as mx
 
     return mx
@@ -228,6 +234,10 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3  # errors only: ORT's warnings go to stderr, not our log
+        # ORT's idle workers spin after each run by default.  Here they share the cores with
+        # JPEG decoding, NATS and, during a model swap, a second session: measured on 2
+        # cores, two spinning sessions made each 2x slower; not spinning costs ~1 ms alone.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = self._read(package, path)
         try:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
@@ -276,6 +286,7 @@ class OnnxBackend:
             return str(path)
         # Weights listed as graph inputs (mxnet's exporter does it) keep onnxruntime from
         # folding constants: ~30% slower.  Strip them, with the exporter's own helper.
+        _mxnet_threads(None)  # darknet.py imports MXNet: let it start with its threads set
         from lensbus_inference.darknet import _strip_initializer_inputs
 
         _strip_initializer_inputs(model)

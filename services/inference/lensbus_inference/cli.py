@@ -60,17 +60,18 @@ def _import_darknet(args: argparse.Namespace) -> int:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
-    from lensbus_inference.models import MissingAssetError, build_demo
+    from lensbus_inference.models import build_demo
 
+    missing: list[str] = []
     try:
-        built = build_demo(args.out)
-    except MissingAssetError as exc:
-        return _fail("build-demo", f"{exc}")
+        built = build_demo(args.out, missing)
     except OSError as exc:
         return _fail("build-demo", f"cannot write to {args.out}: {exc}")
     for key, path in built.items():
         print(f"{key}\t{path}")
-    return EXIT_OK
+    for message in missing:
+        _fail("build-demo", message)
+    return EXIT_FAILED if missing else EXIT_OK
 
 
 def register(sub: SubParsers) -> None:

