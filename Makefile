@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := -e shared -e services/capture -e services/inference
+PACKAGES := -e shared -e services/capture -e services/inference -e services/deployer
 
 .PHONY: install test test-fast lint schemas bench clean
 
@@ -25,7 +25,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check . || true
-	$(VENV)/bin/mypy shared/lensbus services/capture/lensbus_capture services/inference/lensbus_inference
+	$(VENV)/bin/mypy shared/lensbus services/*/lensbus_*
 
 schemas: install
 	$(VENV)/bin/lensbus schemas export

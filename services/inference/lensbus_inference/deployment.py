@@ -149,6 +149,8 @@ class Follower:
             metrics.SWAPS.labels("failed").inc()
             log.error("swap to %s failed, keeping %s: %s", desired.ref,
                       serving.ref if serving else "no model", exc)  # fmt: skip
+            # Kept in the heartbeat after the deployer rolls back, until a swap succeeds.
+            self.rt.detail["last_failure"] = f"{desired.ref}: {exc}"
             await self.report(desired, "failed", str(exc))
             return
         metrics.SWAP_SECONDS.labels("fetch").observe(fetch_s)
