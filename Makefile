@@ -25,7 +25,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check . || true
-	$(VENV)/bin/mypy shared/lensbus services/*/lensbus_*
+	$(VENV)/bin/mypy shared/lensbus $(filter-out %.egg-info,$(wildcard services/*/lensbus_*))
 
 schemas: install
 	$(VENV)/bin/lensbus schemas export

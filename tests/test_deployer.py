@@ -34,6 +34,7 @@ from lensbus.schemas.deploy import (
     ModelReply,
     StatusReply,
     UploadBegin,
+    UploadChunk,
     UploadStarted,
     group_key,
     object_name,
@@ -328,6 +329,62 @@ async def test_broken_packages_refused_with_reason(
         refused_at_check
     )
     assert dep.metric("lensbus_deployer_uploads_total", 'outcome="refused"') == 1
+    assert dep.stop() == 0
+
+
+async def test_full_store_refuses_with_reason_and_keeps_nothing_partial(
+    fresh_nats: NatsServer, start_service, tmp_path: Path, face_versions
+) -> None:
+    limit = 16 * MiB  # room for one ~10 MB face package, not two
+    dep = start_deployer(
+        start_service, fresh_nats, tmp_path, max_package_bytes=limit, store_max_bytes=limit
+    )
+    async with await client(fresh_nats) as dc:
+        assert (await dc.upload(face_versions("1"))).created
+        with pytest.raises(DeployError) as exc:
+            await dc.upload(face_versions("2"))
+        assert exc.value.code == "internal"
+        assert "the model store did not take face-ssd:2" in exc.value.message
+        assert "if it is full" in exc.value.message
+        assert [m.version for m in await dc.list()] == ["1"]
+    nc = await nats_py.connect(fresh_nats.url)
+    info = await nc.jetstream().stream_info(f"OBJ_{MODELS_BUCKET}")
+    await nc.close()
+    assert info.state.bytes < 11 * MiB, "the failed put left chunks behind"
+    assert dep.metric("lensbus_deployer_uploads_total", 'outcome="error"') == 1
+    assert dep.stop() == 0
+
+
+async def test_idle_upload_expires_and_its_file_goes(
+    fresh_nats: NatsServer, start_service, tmp_path: Path
+) -> None:
+    dep = start_deployer(start_service, fresh_nats, tmp_path, upload_idle_timeout_s=1)
+    subjects = Subjects()
+    nc = await nats_py.connect(fresh_nats.url)
+    data = os.urandom(300_000)
+    begin = UploadBegin(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    msg = await nc.request(subjects.deployer_api("upload_begin"), encode(begin), timeout=5)
+    started = decode(msg.data, UploadStarted)
+    assert started.ok and started.upload_id
+    chunk = UploadChunk(upload_id=started.upload_id, offset=0, data=data[:100_000])
+    msg = await nc.request(subjects.deployer_api("upload_chunk"), encode(chunk), timeout=5)
+    assert decode(msg.data, Reply).ok
+    # Out of order: refused, the upload goes on.
+    ahead = UploadChunk(upload_id=started.upload_id, offset=200_000, data=data[200_000:])
+    msg = await nc.request(subjects.deployer_api("upload_chunk"), encode(ahead), timeout=5)
+    reply = decode(msg.data, Reply)
+    assert reply.code == "bad_request" and "send the chunks in order" in reply.error
+    uploads = tmp_path / "deployer-work" / "uploads"
+    assert len(list(uploads.iterdir())) == 1
+    await asyncio.sleep(3.5)  # past the idle timeout, and a check of it
+    nxt = UploadChunk(upload_id=started.upload_id, offset=100_000, data=data[100_000:200_000])
+    msg = await nc.request(subjects.deployer_api("upload_chunk"), encode(nxt), timeout=5)
+    reply = decode(msg.data, Reply)
+    assert reply.code == "not_found" and "expired after 1 s without a chunk" in reply.error
+    await nc.close()
+    assert list(uploads.iterdir()) == []
+    assert dep.metric("lensbus_deployer_uploads_total", 'outcome="expired"') == 1
+    assert dep.metric("lensbus_deployer_uploads_in_progress") == 0
     assert dep.stop() == 0
 
 

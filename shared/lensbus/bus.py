@@ -64,6 +64,7 @@ class Bus:
         self.nc: NATS | None = None
         self._on_change = on_change
         self._limit = RateLimit(30.0)
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -80,6 +81,8 @@ class Bus:
         log_limited(log, self._limit, kind, logging.WARNING, "NATS error: %s: %s", kind, exc)
 
     async def _disconnected(self) -> None:
+        if self._closing:  # our own drain/close, not a lost connection
+            return
         metrics.NATS_DISCONNECTS.inc()
         log.warning("disconnected from NATS; reconnecting")
         self._changed(False, "disconnected from NATS")
@@ -147,6 +150,7 @@ class Bus:
         nc, self.nc = self.nc, None
         if nc is None or nc.is_closed:
             return
+        self._closing = True
         try:
             if nc.is_connected:
                 await nc.drain()

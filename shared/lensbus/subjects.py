@@ -31,6 +31,8 @@ DEPLOYER_VERBS = (
 
 # The queue group inference instances join so that they split the frames.
 INFERENCE_QUEUE_GROUP = "inference"
+# The queue group deployers answer requests in, so that several can share the load.
+DEPLOYER_QUEUE_GROUP = "deployer"
 
 
 class InvalidName(ValueError):

@@ -31,17 +31,22 @@ def output_size(w: int, h: int, want_w: int | None, want_h: int | None) -> tuple
     return w, h
 
 
+def scale_frame(image: np.ndarray, want_w: int | None, want_h: int | None) -> np.ndarray:
+    """The frame at the output size (area interpolation when shrinking), as published."""
+    h, w = image.shape[:2]
+    ow, oh = output_size(w, h, want_w, want_h)
+    if (ow, oh) == (w, h):
+        return image
+    shrink = ow * oh < w * h
+    return cv2.resize(image, (ow, oh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def encode_frame(
     image: np.ndarray, want_w: int | None, want_h: int | None, quality: int
 ) -> Encoded:
-    """Resize (area interpolation when shrinking) and JPEG-encode one BGR frame."""
-    h, w = image.shape[:2]
-    ow, oh = output_size(w, h, want_w, want_h)
-    if (ow, oh) != (w, h):
-        shrink = ow * oh < w * h
-        image = cv2.resize(
-            image, (ow, oh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        )
+    """Resize (see :func:`scale_frame`) and JPEG-encode one BGR frame."""
+    image = scale_frame(image, want_w, want_h)
+    oh, ow = image.shape[:2]
     t0 = time.perf_counter()
     jpeg = encode_jpeg(image, quality)
     return Encoded(jpeg=jpeg, width=ow, height=oh, encode_s=time.perf_counter() - t0)

@@ -14,6 +14,7 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import APIError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from lensbus import metrics as shared_metrics
@@ -42,7 +43,12 @@ from lensbus.schemas import (
     UploadStarted,
 )
 from lensbus.schemas.deploy import UPLOAD_CHUNK_BYTES, object_name
-from lensbus.subjects import DEPLOYER_VERBS, DEPLOYMENTS_BUCKET, MODELS_BUCKET
+from lensbus.subjects import (
+    DEPLOYER_QUEUE_GROUP,
+    DEPLOYER_VERBS,
+    DEPLOYMENTS_BUCKET,
+    MODELS_BUCKET,
+)
 from lensbus_deployer import handlers, metrics
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.handlers import Heartbeat, Refused
@@ -53,7 +59,6 @@ log = logging.getLogger(__name__)
 
 # Deployers share the API (all verbs but the chunks and commit of an upload, which must
 # reach the deployer holding the upload's file) in this queue group.
-QUEUE_GROUP = "deployer"
 # Verbs every deployer receives; only the owner of the upload answers.
 OWNER_VERBS = frozenset({"upload_chunk", "upload_commit"})
 # Attempts at a compare-and-set write of a group's record before giving up.
@@ -62,6 +67,15 @@ CAS_ATTEMPTS = 10
 HEARTBEAT_FORGET_NS = 3600 * 10**9
 
 Handler = Callable[[Any], Awaitable[Reply | None]]
+
+
+def jetstream_problem(exc: BaseException) -> str:
+    """What a failed JetStream call says about JetStream, for /healthz and replies."""
+    if isinstance(exc, ServiceUnavailableError | nats.errors.NoRespondersError):
+        return "JetStream does not answer: not enabled on this NATS server, or not ready yet"
+    if isinstance(exc, TimeoutError):
+        return "JetStream did not answer in time"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Deployer:
@@ -106,14 +120,14 @@ class Deployer:
         nc = self.rt.nc
         for verb in DEPLOYER_VERBS:
             subject = self.rt.subjects.deployer_api(verb)
-            queue = "" if verb in OWNER_VERBS else QUEUE_GROUP
+            queue = "" if verb in OWNER_VERBS else DEPLOYER_QUEUE_GROUP
             self._subs.append(await nc.subscribe(subject, queue=queue, cb=self._spawn(verb)))
         self._subs.append(await nc.subscribe(self.rt.subjects.all_status(), cb=self._on_status))
         self._listening_since = time.monotonic()
         log.info(
             "deployer API on %s (queue group %r); store %s, deployments %s",
             self.rt.subjects.deployer_api("list").rsplit(".", 1)[0] + ".*",
-            QUEUE_GROUP,
+            DEPLOYER_QUEUE_GROUP,
             MODELS_BUCKET,
             DEPLOYMENTS_BUCKET,
         )
@@ -179,8 +193,7 @@ class Deployer:
                 self._ensured_at_reconnects = reconnects
                 await self._update_gauges()
         except Exception as exc:  # any failure here means: not usable now, try again
-            detail = str(exc) or type(exc).__name__
-            self._set_jetstream(f"{detail} (is nats-server running with JetStream enabled?)")
+            self._set_jetstream(jetstream_problem(exc))
             return
         self._set_jetstream(None)
 
@@ -368,8 +381,9 @@ class Deployer:
         try:
             reply = await self._commit(upload)
         except Refused as exc:
-            outcome = {"invalid_package": "invalid_package", "conflict": "conflict"}
-            metrics.UPLOADS.labels(outcome.get(exc.code, "corrupt")).inc()
+            outcome = {"invalid_package": "invalid_package", "conflict": "conflict",
+                       "bad_request": "corrupt"}  # fmt: skip
+            metrics.UPLOADS.labels(outcome.get(exc.code, "error")).inc()
             log.warning("upload %s refused: %s", upload.id, exc.message)
             raise
         except Exception:
@@ -424,7 +438,15 @@ class Deployer:
                     f"(sha256 {info.sha256[:12]}..., {human_bytes(info.size)}); a version "
                     "never changes: give the new package another version in model.json",
                 )
-            info = await store.put_model(manifest, upload.path, digest, content)
+            try:
+                info = await store.put_model(manifest, upload.path, digest, content)
+            except APIError as exc:  # e.g. the store is full (its limit, or the disk's)
+                raise Refused(
+                    "internal",
+                    f"the model store did not take {manifest.ref} "
+                    f"({exc.description or type(exc).__name__}); if it is full, raise the "
+                    f"limit of the stream OBJ_{MODELS_BUCKET} or free space",
+                ) from None
         self.counts["uploads"] += 1
         log.info("stored %s: %s, sha256 %s", manifest.ref, human_bytes(info.size), digest[:12])
         with contextlib.suppress(Exception):

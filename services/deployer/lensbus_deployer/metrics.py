@@ -14,7 +14,8 @@ REQUEST_SECONDS = latency_histogram(
 )
 UPLOADS = Counter(
     "lensbus_deployer_uploads_total",
-    "Uploads by outcome (created, identical, conflict, invalid_package, corrupt, expired, error)",
+    "Uploads by outcome (created, identical, refused, conflict, invalid_package, corrupt, "
+    "expired, error)",
     ["outcome"],
 )
 UPLOAD_BYTES = Counter("lensbus_deployer_upload_bytes_total", "Bytes received in upload chunks")

@@ -95,15 +95,16 @@ class Follower:
         if dest.is_file():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".part")
         try:
             store = await self.rt.nc.jetstream().object_store(MODELS_BUCKET)
-            obj = await store.get(object_name(ref.name, ref.version))
+            # Straight into a file: nats-py assembles an in-memory object by joining bytes,
+            # which gets slow for tens of MB.
+            with open(tmp, "wb") as out:  # noqa: ASYNC230 - local file, written in chunks
+                await store.get(object_name(ref.name, ref.version), writeinto=out)
         except (NotFoundError, nats.errors.Error) as exc:
+            tmp.unlink(missing_ok=True)
             raise SwapFailed("fetch", f"{ref.ref} not in the model store ({exc})") from None
-        if obj.data is None:
-            raise SwapFailed("fetch", f"{ref.ref}: empty object")
-        tmp = dest.with_suffix(".part")
-        tmp.write_bytes(obj.data)
         tmp.replace(dest)  # only a complete download is ever seen as cached
         return dest
 

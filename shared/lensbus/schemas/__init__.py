@@ -22,6 +22,7 @@ from lensbus.schemas.deploy import (
     UploadCommit,
     UploadStarted,
 )
+from lensbus.schemas.event import Event, snapshot_name
 from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
 from lensbus.schemas.manifest import InputSpec, Manifest, ModelFile
 from lensbus.schemas.result import (
@@ -44,12 +45,14 @@ EXPORTED: dict[str, type[Message]] = {
     "manifest": Manifest,
     "deployment": Deployment,
     "swap_report": SwapReport,
+    "event": Event,
 }
 
 __all__ = [
     "ActivateRequest",
     "Deployment",
     "DeploymentReply",
+    "Event",
     "GroupStatus",
     "InstanceState",
     "ListReply",
@@ -86,4 +89,5 @@ __all__ = [
     "Status",
     "Task",
     "Timings",
+    "snapshot_name",
 ]
