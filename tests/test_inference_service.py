@@ -112,7 +112,7 @@ async def test_capture_to_results_with_real_model(
     for r in rec.results:
         f = rec.frames[r.seq]
         assert (r.capture_ns, r.width, r.height) == (f.capture_ns, f.width, f.height)
-        assert r.model.name == "yolov3-tiny" and r.model.framework == "onnx"
+        assert r.model.name == YOLO and r.model.framework == "onnx"
         assert r.task == "detection"
         t = r.timings
         assert t.decode > 0 and t.preprocess > 0 and t.compute > 0 and t.postprocess > 0

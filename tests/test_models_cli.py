@@ -44,7 +44,12 @@ def test_import_darknet_writes_packages_that_run(
     for framework in ("mxnet", "onnx"):
         folder = out / f"synth-{framework}"
         m = verify(folder).manifest
-        assert (m.ref, m.framework, m.decoder, m.labels) == ("synth:3", framework, "yolo", LABELS)
+        assert (m.ref, m.framework, m.decoder, m.labels) == (
+            f"synth-{framework}:3",
+            framework,
+            "yolo",
+            LABELS,
+        )
         assert (m.input.width, m.input.height, m.input.color) == (96, 72, "rgb")
         # random weights score low: lower the threshold so there is something to compare
         files = {role: f.path for role, f in m.files.items()}

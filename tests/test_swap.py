@@ -91,11 +91,12 @@ class Watch:
                 raise AssertionError(f"timed out waiting for {what}")
             await asyncio.sleep(0.05)
 
-    def check_every_frame_has_one_result(self, first_seq: int, last_seq: int) -> None:
+    def check_every_frame_has_one_result(self, first_seq: int, last_seq: int, inf) -> None:  # type: ignore[no-untyped-def]
         seqs = [r.seq for r in self.results if first_seq <= r.seq <= last_seq]
         assert len(seqs) == len(set(seqs)), "a frame got two results"
         missing = sorted(set(range(first_seq, last_seq + 1)) - set(seqs))
-        assert not missing, f"frames without a result: {missing}"
+        stale = inf.metric("lensbus_inference_frames_dropped_total", 'reason="stale"')
+        assert not missing, f"frames without a result: {missing} ({stale:.0f} dropped as stale)"
 
     def versions_in_order(self) -> list[str]:
         return [r.model.version for r in sorted(self.results, key=lambda r: r.seq)]
@@ -134,7 +135,7 @@ async def test_live_swap_misses_no_frame(
     dep.wait_healthy(30)
     for pkg in (v1, v2):
         await client.upload(pkg)
-    await client.activate("swapgroup", "yolov3-tiny", "swap-1")
+    await client.activate("swapgroup", YOLO, "swap-1")
     w = await watch("swapcam")
     inf = start_service(
         "inference",
@@ -144,16 +145,16 @@ async def test_live_swap_misses_no_frame(
         instance="swapper",
         model_cache=tmp_path / "cache",
     )
-    await w.until(serving_is(w, "swapper", "yolov3-tiny:swap-1"), 60, "v1 in service")
+    await w.until(serving_is(w, "swapper", f"{YOLO}:swap-1"), 60, "v1 in service")
     cap = start_service(
         "capture", nats.url, camera="swapcam", source="test", fps=5, width=640, height=480
     )
     await w.until(lambda: len(w.results) >= 10, 30, "results from v1")
     first_seq = min(r.seq for r in w.results)
 
-    await client.activate("swapgroup", "yolov3-tiny", "swap-2")
+    await client.activate("swapgroup", YOLO, "swap-2")
     activated = time.time_ns()
-    await w.until(serving_is(w, "swapper", "yolov3-tiny:swap-2"), 30, "v2 in service")
+    await w.until(serving_is(w, "swapper", f"{YOLO}:swap-2"), 30, "v2 in service")
     reported = next(st.time_ns for st in w.status if st.model and st.model.version == "swap-2")
     await w.until(
         lambda: sum(r.model.version == "swap-2" for r in w.results) >= 10, 30, "results from v2"
@@ -162,7 +163,7 @@ async def test_live_swap_misses_no_frame(
     last_seq = max(w.frames)
     await w.until(lambda: any(r.seq == last_seq for r in w.results), 10, "the last result")
 
-    w.check_every_frame_has_one_result(first_seq, last_seq)
+    w.check_every_frame_has_one_result(first_seq, last_seq, inf)
     versions = w.versions_in_order()
     flip = versions.index("swap-2")
     assert set(versions[:flip]) == {"swap-1"} and set(versions[flip:]) == {"swap-2"}, (
@@ -198,7 +199,7 @@ async def test_broken_model_keeps_old_one_and_rolls_back(
     dep.wait_healthy(30)
     await client.upload(good)
     await client.upload(bad)  # valid package: it fails only when loaded
-    await client.activate(group, "yolov3-tiny", f"good-{damage}")
+    await client.activate(group, YOLO, f"good-{damage}")
     w = await watch(camera)
     inf = start_service(
         "inference",
@@ -208,14 +209,14 @@ async def test_broken_model_keeps_old_one_and_rolls_back(
         instance=inst,
         model_cache=tmp_path / "cache",
     )
-    await w.until(serving_is(w, inst, f"yolov3-tiny:good-{damage}"), 60, "good model serving")
+    await w.until(serving_is(w, inst, f"{YOLO}:good-{damage}"), 60, "good model serving")
     cap = start_service(
         "capture", nats.url, camera=camera, source="test", fps=5, width=320, height=240
     )
     await w.until(lambda: len(w.results) >= 5, 30, "results")
     first_seq = min(r.seq for r in w.results)
 
-    await client.activate(group, "yolov3-tiny", f"bad-{damage}")
+    await client.activate(group, YOLO, f"bad-{damage}")
     await w.until(lambda: f"bad-{damage}" in w.last_failure(inst), 30, "the swap to fail")
 
     async def rolled_back() -> bool:
@@ -237,7 +238,7 @@ async def test_broken_model_keeps_old_one_and_rolls_back(
     cap.stop()
     last_seq = max(w.frames)
     await w.until(lambda: any(r.seq == last_seq for r in w.results), 10, "the last result")
-    w.check_every_frame_has_one_result(first_seq, last_seq)
+    w.check_every_frame_has_one_result(first_seq, last_seq, inf)
     assert {r.model.version for r in w.results} == {f"good-{damage}"}
     assert inf.stop() == 0 and dep.stop() == 0
 
@@ -251,8 +252,8 @@ async def test_rollback_is_live(
     dep.wait_healthy(30)
     for v in ("rb-1", "rb-2"):
         await client.upload(tmp_path / v)
-    await client.activate("rbgroup", "yolov3-tiny", "rb-1")
-    await client.activate("rbgroup", "yolov3-tiny", "rb-2")
+    await client.activate("rbgroup", YOLO, "rb-1")
+    await client.activate("rbgroup", YOLO, "rb-2")
     w = await watch("rbcam")
     inf = start_service(
         "inference",
@@ -262,7 +263,7 @@ async def test_rollback_is_live(
         instance="rbinst",
         model_cache=tmp_path / "cache",
     )
-    await w.until(serving_is(w, "rbinst", "yolov3-tiny:rb-2"), 60, "rb-2 serving")
+    await w.until(serving_is(w, "rbinst", f"{YOLO}:rb-2"), 60, "rb-2 serving")
     cap = start_service(
         "capture", nats.url, camera="rbcam", source="test", fps=5, width=320, height=240
     )
@@ -282,7 +283,7 @@ async def test_everything_restarted_serves_the_desired_model(
     dep.wait_healthy(30)
     c = await DeployClient.connect(fresh_nats.url, timeout_s=30)
     await c.upload(v)
-    await c.activate("rsgroup", "yolov3-tiny", "restart-1")
+    await c.activate("rsgroup", YOLO, "restart-1")
     await c.close()
     shutil.rmtree(v)  # no local files from here on
     assert dep.stop() == 0
@@ -300,7 +301,7 @@ async def test_everything_restarted_serves_the_desired_model(
     )
     w = await Watch().start(fresh_nats.url, "rscam")
     try:
-        await w.until(serving_is(w, "rsinst", "yolov3-tiny:restart-1"), 60, "model from store")
+        await w.until(serving_is(w, "rsinst", f"{YOLO}:restart-1"), 60, "model from store")
         cap = start_service(
             "capture", fresh_nats.url, camera="rscam", source="test", fps=5, width=320, height=240
         )

@@ -93,7 +93,10 @@ class NatsServer:
         if self.log_file:
             with open(self.log_file, "ab") as out:
                 self.proc = subprocess.Popen(
-                    [find_binary(), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT
+                    [find_binary(), "-c", str(config)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C is for our owner, who stops us last
                 )
         else:
             self.proc = subprocess.Popen(

@@ -75,7 +75,9 @@ def _install(staging: Path, folder: Path) -> Path:
 
 
 def _write(staging: Path, folder: Path, files: dict[str, str], **manifest: Any) -> Path:
-    write_package(staging, files, **manifest)
+    # The package is named after its folder (e.g. yolov3-tiny-onnx): the model store keys
+    # packages by name:version, so each framework's build needs a name of its own.
+    write_package(staging, files, **{**manifest, "name": folder.name})
     return _install(staging, folder)
 
 
