@@ -115,24 +115,36 @@ class Worker:
                 ready.cancel()
                 continue
             _, item = taken
-            metrics.BUSY.set(1)
-            try:
-                result = await asyncio.to_thread(
-                    process,
-                    item,
-                    self.model,
-                    self.s.instance,
-                    self.s.max_frame_bytes,
-                    self.s.reduced_decode,
-                )
-            except Rejected as exc:
-                self._reject(exc)
-                continue
-            except Exception as exc:  # a model that fails on one frame must not stop the service
-                self._reject(Rejected("model_error", f"{type(exc).__name__}: {exc}"))
-                continue
-            finally:
-                metrics.BUSY.set(0)
+            async with self.busy:  # a swap waits for this frame to finish
+                model = self.model
+                if model is None:  # following a group that has no loadable model yet
+                    metrics.FRAMES_DROPPED.labels("no_model").inc()
+                    log_limited(
+                        log,
+                        self._limit,
+                        "no_model",
+                        logging.WARNING,
+                        "no model in service yet: dropping frames",
+                    )
+                    continue
+                metrics.BUSY.set(1)
+                try:
+                    result = await asyncio.to_thread(
+                        process,
+                        item,
+                        model,
+                        self.s.instance,
+                        self.s.max_frame_bytes,
+                        self.s.reduced_decode,
+                    )
+                except Rejected as exc:
+                    self._reject(exc)
+                    continue
+                except Exception as exc:  # a model failing on one frame must not stop us
+                    self._reject(Rejected("model_error", f"{type(exc).__name__}: {exc}"))
+                    continue
+                finally:
+                    metrics.BUSY.set(0)
             self.processed += 1
             metrics.FRAMES_PROCESSED.inc()
             self._observe(result)
