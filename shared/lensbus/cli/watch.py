@@ -1,0 +1,258 @@
+"""``lensbus watch CAMERA [--since 10m] [--json]``: a camera's results, replayed from the
+publisher's JetStream stream and then live, one line each.
+
+An ordered, ephemeral consumer reads the stream from the start time: nothing is left on the
+server when the command ends, and a program that was offline gets what it missed (as far
+back as the stream's age and size limits keep). Light on purpose: nats-py and lensbus only.
+
+Exit codes: 0 done (interrupted, ``--count`` reached, or caught up with ``--no-follow``),
+1 no results stream (no publisher ever ran on this NATS), 2 usage, 3 NATS unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+import nats
+from nats.aio.msg import Msg
+from nats.errors import NoServersError
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from lensbus.codec import DecodeError, decode
+from lensbus.schemas import Event, Result
+from lensbus.subjects import (
+    DEFAULT_PREFIX,
+    RESULTS_STREAM,
+    InvalidName,
+    Subjects,
+    validate_camera_id,
+    validate_prefix,
+)
+
+EXIT_OK = 0
+EXIT_NO_STREAM = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """``90s``, ``10m``, ``2h``, ``1d``, ``1w`` ago, or an ISO 8601 time (UTC if no zone)."""
+    now = now or datetime.now(UTC)
+    m = _DURATION.match(value.strip())
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a duration (90s, 10m, 2h, 1d, 1w) nor an ISO 8601 time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _camera(value: str) -> str:
+    if value == "*":
+        return value
+    try:
+        return validate_camera_id(value)
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _prefix(value: str) -> str:
+    try:
+        return validate_prefix(value)
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def as_json(message: Result | Event) -> dict[str, Any]:
+    if isinstance(message, Result):
+        out = message.model_dump(mode="json", exclude={"mask_png"})
+        out["latency_s"] = round(message.latency_s, 6)
+        return out
+    return message.model_dump(mode="json")
+
+
+def as_text(message: Result | Event) -> str:
+    when = datetime.fromtimestamp(message.capture_ns / 1e9).astimezone().strftime("%H:%M:%S.%f")
+    head = f"{when[:-3]} {message.camera} #{message.seq}"
+    if isinstance(message, Event):
+        what = f"{message.rule}: {message.label} {message.score:.2f}"
+        return f"{head} EVENT {what} {message.snapshot}"
+    items = [(d.label, d.score) for d in message.detections] + [
+        (c.label, c.score) for c in message.classes[:3]
+    ]
+    items += [(s.label, s.area) for s in message.segments]
+    labels = ", ".join(f"{label} {score:.2f}" for label, score in items) or "-"
+    model = f"{message.model.name}:{message.model.version}"
+    return f"{head} {model} {message.latency_s * 1000:.0f} ms  {labels}"
+
+
+async def watch(
+    servers: list[str],
+    camera: str,
+    since: datetime | None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    events: bool = False,
+    json_lines: bool = False,
+    follow: bool = True,
+    count: int | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    subjects = Subjects(prefix)
+    if events:
+        subject = subjects.all_events() if camera == "*" else subjects.events(camera)
+    else:
+        subject = subjects.all_results() if camera == "*" else subjects.results(camera)
+    schema: type[Result] | type[Event] = Event if events else Result
+
+    async def quiet(exc: Exception) -> None:  # reconnects are nats-py's business
+        return None
+
+    try:
+        # Reconnect forever once connected (a watch runs for hours); but the first
+        # connection must fail fast, and nats-py would retry that one forever too.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=servers,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=quiet,
+                name="lensbus-watch",
+            ),
+            5.0,
+        )
+    except (NoServersError, OSError, TimeoutError) as exc:
+        print(
+            f"lensbus watch: cannot reach NATS at {','.join(servers)} ({type(exc).__name__}): "
+            "is nats-server running? Point to it with --nats-url or LENSBUS_NATS_URL",
+            file=err,
+        )
+        return EXIT_UNREACHABLE
+    printed = 0
+    rejected = 0
+    done = asyncio.Event()
+    try:
+        js = nc.jetstream()
+        try:
+            await js.stream_info(RESULTS_STREAM)
+        except NotFoundError:
+            print(
+                f"lensbus watch: no stream {RESULTS_STREAM} on this NATS (does a publisher run?)",
+                file=err,
+            )
+            return EXIT_NO_STREAM
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_TIME if since else api.DeliverPolicy.NEW,
+            opt_start_time=since,
+        )
+        if since is not None and since > datetime.now(UTC):
+            config.deliver_policy = api.DeliverPolicy.NEW
+            config.opt_start_time = None
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal printed, rejected
+            if done.is_set():  # already finished: what is still buffered is not wanted
+                return
+            try:
+                message = decode(msg.data, schema)
+            except DecodeError:
+                rejected += 1
+            else:
+                line = json.dumps(as_json(message)) if json_lines else as_text(message)
+                print(line, file=out, flush=True)
+                printed += 1
+            if count is not None and printed >= count:
+                done.set()
+            elif not follow and msg.metadata.num_pending == 0:
+                done.set()
+
+        sub = await js.subscribe(
+            subject, stream=RESULTS_STREAM, cb=on_msg, ordered_consumer=True, config=config
+        )
+        if not follow:
+            # Nothing to replay at all: no message will come to say we caught up.
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            if info.num_pending == 0 and not delivered:
+                done.set()
+        await done.wait()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    finally:
+        if rejected:
+            print(f"lensbus watch: skipped {rejected} unreadable messages", file=err)
+        with contextlib.suppress(Exception):
+            await nc.close()
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    servers = [u.strip() for u in args.nats_url.split(",") if u.strip()]
+    try:
+        return asyncio.run(
+            watch(
+                servers,
+                args.camera,
+                args.since,
+                prefix=args.prefix,
+                events=args.events,
+                json_lines=args.json,
+                follow=not args.no_follow,
+                count=args.count,
+            )
+        )
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="print a camera's results (replayed from --since, then live)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("camera", type=_camera, metavar="CAMERA", help="camera id, or '*' for all")
+    p.add_argument(
+        "--since",
+        type=parse_since,
+        default=None,
+        help="replay from this long ago (90s, 10m, 2h, 1d) or this ISO time; default: live only",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--events", action="store_true", help="the events rules raised, not results")
+    p.add_argument(
+        "--no-follow", action="store_true", help="stop once caught up instead of going live"
+    )
+    p.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    p.add_argument(
+        "--nats-url",
+        default=os.environ.get("LENSBUS_NATS_URL", DEFAULT_NATS_URL),
+        help=f"NATS server URL(s) (env LENSBUS_NATS_URL, default {DEFAULT_NATS_URL})",
+    )
+    p.add_argument(
+        "--prefix",
+        type=_prefix,
+        default=os.environ.get("LENSBUS_PREFIX", DEFAULT_PREFIX),
+        help="subject prefix (env LENSBUS_PREFIX)",
+    )
+    p.set_defaults(func=_run)

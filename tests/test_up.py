@@ -1,0 +1,174 @@
+"""``lensbus up`` as a user runs it: embedded NATS, demo model, sample video, every service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats as nats_py
+import pytest
+
+from lensbus import Subjects, decode
+from lensbus.natsserver import free_port
+from lensbus.schemas import Result
+from lensbus_inference.models import read_labels, yolo_assets
+
+pytestmark = pytest.mark.slow
+
+
+class UpProcess:
+    def __init__(self, tmp_path: Path) -> None:
+        self.data = tmp_path / "data"
+        self.port = free_port()
+        self.nats_port = free_port()
+        self.log_path = tmp_path / "up.log"
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lensbus.cli.main",
+                    "up",
+                    "--data-dir",
+                    str(self.data),
+                    "--port",
+                    str(self.port),
+                    "--nats-port",
+                    str(self.nats_port),
+                    "--fps",
+                    "5",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log)
+            if m:
+                return m
+            assert self.proc.poll() is None, f"lensbus up exited:\n{self.log}"
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} in {timeout}s:\n{self.log}")
+
+    def children(self) -> dict[str, int]:
+        """Service name -> pid of every process lensbus up started."""
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[1]) != self.proc.pid:
+                continue
+            name = next((a.decode() for a in cmdline if a.startswith(b"lensbus_")), "")
+            found[name or Path(cmdline[0].decode()).name] = int(stat.parent.name)
+        return found
+
+    def client_password(self) -> str:
+        return json.loads((self.data / "secrets.json").read_text())["passwords"]["client"]
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[UpProcess]:
+    proc = UpProcess(tmp_path)
+    yield proc
+    if proc.proc.poll() is None:
+        proc.proc.kill()
+        proc.proc.wait()
+    for pid in proc.children().values():
+        os.kill(pid, signal.SIGKILL)
+
+
+async def results(up: UpProcess, n: int, timeout: float, labelled: bool = False) -> list[Result]:
+    """At least ``n`` results (and, if ``labelled``, one with a detection) within timeout."""
+    got: list[Result] = []
+    nc = await nats_py.connect(
+        f"nats://127.0.0.1:{up.nats_port}", user="client", password=up.client_password()
+    )
+
+    async def on_result(msg: nats_py.aio.msg.Msg) -> None:
+        got.append(decode(msg.data, Result))
+
+    await nc.subscribe(Subjects().results("cam1"), cb=on_result)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(got) >= n and (not labelled or any(r.detections for r in got)):
+            break
+        await asyncio.sleep(0.1)
+    await nc.close()
+    return got
+
+
+def http_get(url: str, nbytes: int = -1) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.read(nbytes)
+
+
+async def test_up_runs_everything_and_stops_cleanly(up: UpProcess) -> None:
+    t0 = time.monotonic()
+    up.wait_line(r"open http://127\.0\.0\.1:\d+/", 150)
+    got = await results(up, 5, 90, labelled=True)
+    elapsed = time.monotonic() - t0
+    assert len(got) >= 5, up.log
+    assert elapsed < 150
+    labels = {d.label for r in got for d in r.detections}
+    assert all(r.model.name == "yolov3-tiny-onnx" for r in got)
+    assert labels, "the demo video yields detections"
+    assert labels <= set(read_labels(yolo_assets() / "coco.names")), labels
+    print(f"lensbus up: first results after {elapsed:.1f}s, labels {sorted(labels)}")
+
+    base = f"http://127.0.0.1:{up.port}"
+    assert http_get(base + "/")[0] == 200
+    for stream in ("device", "project"):
+        status, head = http_get(f"{base}/cameras/cam1/{stream}.mjpeg", 4096)
+        assert status == 200 and b"\xff\xd8" in head, stream
+
+    kids = up.children()
+    assert {
+        "lensbus_deployer",
+        "lensbus_inference",
+        "lensbus_capture",
+        "lensbus_publisher",
+        "nats-server",
+    } <= set(kids), kids
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    for name, pid in kids.items():
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"{name} left running"
+    assert "stopped" in up.log
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def test_killed_child_is_restarted(up: UpProcess) -> None:
+    up.wait_line(r"open http://", 150)
+    assert len(await results(up, 2, 60)) >= 2
+    pid = up.children()["lensbus_inference"]
+    os.kill(pid, signal.SIGKILL)
+    up.wait_line(r"inference exited with code -9; restarting", 15)
+    up.wait_line(r"inference restarted \(restart #1\)", 15)
+    assert len(await results(up, 3, 90)) >= 3, up.log
+    assert up.children()["lensbus_inference"] != pid
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
