@@ -229,7 +229,7 @@ class Up:
             await client.close()
 
     async def first_result(self, wait_s: float) -> Result | None:
-        nc = await nats.connect(self.url, **self.client_options())  # type: ignore[arg-type]
+        nc = await nats.connect(self.url, **self.client_options())
         got: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
 
         async def on_result(msg: Any) -> None:
@@ -310,7 +310,7 @@ def _up(args: argparse.Namespace) -> int:
     return up.run()
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run NATS and every service on this machine, with a demo model")
     p.add_argument(
         "--source",
