@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := -e shared[server] -e services/capture -e services/inference -e services/deployer
+PACKAGES := -e shared[server] -e services/capture -e services/inference -e services/deployer -e services/publisher
 
 .PHONY: install up test test-fast lint schemas clean
 

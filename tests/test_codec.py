@@ -91,6 +91,11 @@ def samples() -> dict[str, Message]:
         "swap_report": {"group": "lobby", "instance": "edge-01-4242", "desired": ref,
                         "state": "serving", "serving": ref, "time_ns": NOW, "fetch_s": 0.12,
                         "load_s": 0.85, "warmup_s": 0.04},
+        "event": {"rule": "dog-at-door", "camera": "front-door", "label": "dog", "score": 0.91,
+                  "seq": 1234, "capture_ns": NOW, "event_ns": NOW + 31_000_000,
+                  "consecutive": 3, "model": model.model_dump(),
+                  "box": Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080).model_dump(),
+                  "snapshot": f"front-door/{NOW}-1234.jpg"},
     }  # fmt: skip
     for name, value in wire.items():
         if name in EXPORTED:

@@ -1,0 +1,122 @@
+"""Publisher lifecycle: one HTTP server (the Runtime's, with the page and streams added),
+subscriptions to frames, results and heartbeats, the durable stream, rules and webhooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from lensbus.runtime import Runtime
+from lensbus_publisher.config import PublisherSettings
+from lensbus_publisher.durable import Durable
+from lensbus_publisher.events import Events
+from lensbus_publisher.handlers import Hub
+from lensbus_publisher.project import ProjectRenderer
+from lensbus_publisher.web import Web
+from lensbus_publisher.webhooks import Webhooks
+
+log = logging.getLogger(__name__)
+
+# A subscription may hold this much undelivered data before NATS drops it for us (frames
+# are ~0.3 MB at 1080p; the callbacks only file them, so this is never reached in practice).
+FRAME_PENDING_BYTES = 64 * 1024 * 1024
+
+
+class Publisher:
+    def __init__(self, settings: PublisherSettings) -> None:
+        self.s = settings
+        self.hub = Hub(settings)
+        self.renderer = ProjectRenderer(settings, self.hub)
+        self.web = Web(settings, self.hub, self.renderer)
+        self.webhooks = Webhooks(settings)
+        self.subs: list[Subscription] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.events: Events | None = None
+
+    def counters(self) -> dict[str, float]:
+        cams = self.hub.cameras.values()
+        return {
+            "cameras": len(self.hub.cameras),
+            "frames_received": sum(c.frames_received for c in cams),
+            "results_received": sum(c.results_received for c in cams),
+            "frames_rendered": sum(c.frames_rendered for c in cams),
+            "open_streams": self.web.open_streams,
+            "events": self.events.raised if self.events else 0,
+            "webhook_failures": self.webhooks.failed,
+            "rejected": self.hub.rejected,
+        }
+
+    async def _on_frame(self, msg: Msg) -> None:
+        got = self.hub.on_frame(self.rt.subjects.camera_of(msg.subject), msg.data)
+        if got is not None and got[1] and self.events is not None:
+            self.events.engine.forget(got[0].id)
+
+    async def _on_result(self, msg: Msg) -> None:
+        got = self.hub.on_result(self.rt.subjects.camera_of(msg.subject), msg.data)
+        if got is not None and self.events is not None:
+            cam, result = got
+            self.events.check(result, cam.frames.get(result.seq))
+
+    async def _on_status(self, msg: Msg) -> None:
+        self.hub.on_status(msg.data)
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        durable = Durable(self.s, rt)
+        self.events = Events(self.s, rt, self.hub, durable, self.webhooks)
+        self.tasks = [
+            asyncio.create_task(durable.run(), name="durable"),
+            asyncio.create_task(self.events.run(), name="events"),
+        ]
+        nc, subjects = rt.nc, rt.subjects
+        self.subs = [
+            await nc.subscribe(
+                subjects.all_frames(), cb=self._on_frame, pending_bytes_limit=FRAME_PENDING_BYTES
+            ),
+            await nc.subscribe(subjects.all_results(), cb=self._on_result),
+            await nc.subscribe(subjects.all_status(), cb=self._on_status),
+        ]
+        for rule in self.s.rules:
+            log.info(
+                "rule %s: %s score >= %.2f, %d in a row, cooldown %.0f s%s",
+                rule.name, ",".join(sorted(rule.labels)), rule.min_score, rule.consecutive,
+                rule.cooldown_s, " -> webhook" if rule.webhook else "",
+            )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Stop taking messages, end every stream, finish what is queued (briefly)."""
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self.hub.close()
+        await self.renderer.close()
+        if self.events is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.events.queue.join(), 2.0)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.webhooks.close()
+        await asyncio.sleep(0)  # let the stream handlers see the end
+
+
+async def run(settings: PublisherSettings) -> int:
+    pub = Publisher(settings)
+    rt = Runtime(settings, counters=pub.counters)
+    # The Runtime's server is the publisher's web server: one port for the page, the
+    # streams, the API, /metrics and /healthz.
+    pub.web.install(rt.server.app)
+    async with rt:
+        log.info("publisher page on http://%s:%d/", settings.host, rt.port)
+        if rt.bus.nc is None:  # stopped before NATS was reachable
+            return 0
+        await pub.start(rt)
+        rt.set_state("running")
+        await rt.stop.wait()
+        await pub.stop()
+    return 0

@@ -1,0 +1,189 @@
+"""Publisher settings: env ``LENSBUS_PUBLISHER_*`` or a YAML/TOML file.
+
+The publisher serves everything (the page, the streams, the API, ``/metrics`` and
+``/healthz``) from one HTTP server on ``host``:``port``. ``metrics_host``/``metrics_port``
+of the shared settings follow ``host``/``port``: setting ``metrics_port`` alone moves the
+whole server there, setting it to something else than ``port`` is an error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import ClassVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from lensbus.settings import ServiceSettings
+from lensbus.subjects import validate_camera_id, validate_token
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+class Rule(BaseModel):
+    """An event rule: fire when a label is seen, at most once per cooldown."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="rule name (A-Z a-z 0-9 _ -), in events and metrics")
+    labels: frozenset[str] = Field(min_length=1, description="labels that fire the rule")
+    min_score: float = Field(default=0.5, ge=0.0, le=1.0, description="detection/class score")
+    min_area: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="segmentation: fraction of the frame, at least"
+    )
+    consecutive: int = Field(default=1, ge=1, le=1000, description="matching results in a row")
+    cooldown_s: float = Field(
+        default=60.0, ge=0.0, description="seconds of frame time between two events of a camera"
+    )
+    cameras: frozenset[str] = Field(
+        default=frozenset(), description="cameras the rule watches; empty: all"
+    )
+    webhook: HttpUrl | None = Field(default=None, description="POST each event here as JSON")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_token(v, "rule name")
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: frozenset[str]) -> frozenset[str]:
+        for cam in v:
+            validate_camera_id(cam)
+        return v
+
+
+class PublisherSettings(ServiceSettings):
+    service: ClassVar[str] = "publisher"
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="address of the web server (page, streams, API, /metrics, /healthz)",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="its port; 0 picks a free one")
+    token: SecretStr | None = Field(
+        default=None,
+        description="required when host is not a loopback address; clients send "
+        "'Authorization: Bearer <token>' or '?token=<token>'",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="follows host")
+    metrics_port: int = Field(
+        default=8080, ge=0, le=65535, description="follows port (one server serves everything)"
+    )
+
+    # Durable results (JetStream).
+    stream_max_age_s: float = Field(
+        default=24 * 3600.0, gt=0, description="results and events older than this are dropped"
+    )
+    stream_max_bytes: int = Field(
+        default=1024**3, gt=0, description="size limit of the results stream (oldest go first)"
+    )
+    snapshots_max_age_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="event snapshots older than this are dropped"
+    )
+    snapshots_max_bytes: int = Field(
+        default=256 * 1024**2, gt=0, description="size limit of the snapshots object store"
+    )
+
+    # Streams.
+    max_cameras: int = Field(default=64, gt=0, le=4096, description="cameras tracked at most")
+    frame_ring: int = Field(
+        default=30, ge=2, le=1000, description="recent frames kept per camera (joins, snapshots)"
+    )
+    result_ring: int = Field(default=120, ge=2, le=10000, description="recent results kept")
+    result_max_age_s: float = Field(
+        default=2.0, gt=0, description="a result older than this (vs the frame) is not drawn"
+    )
+    result_wait_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=10.0,
+        description="how long the project stream may hold a frame for its own result; "
+        "0: never, draw the newest result on the newest frame at once",
+    )
+    project_jpeg_quality: int = Field(default=80, ge=1, le=100, description="project stream JPEG")
+    render_threads: int = Field(default=2, ge=1, le=64, description="threads drawing frames")
+    max_viewers: int = Field(default=100, gt=0, description="open streams at most (503 beyond)")
+    viewer_stall_s: float = Field(
+        default=20.0, gt=0, description="a viewer that takes no data for this long is cut off"
+    )
+    sse_queue: int = Field(
+        default=100, gt=0, le=100000, description="results waiting per SSE client, at most"
+    )
+    sse_keepalive_s: float = Field(default=15.0, gt=0, description="SSE comment when idle")
+    status_forget_s: float = Field(
+        default=300.0, gt=0, description="a service silent for this long leaves /api/status"
+    )
+
+    # Event rules and webhooks.
+    rules: list[Rule] = Field(default_factory=list, description="event rules (JSON list in env)")
+    event_queue: int = Field(default=100, gt=0, description="events waiting to be raised")
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=300, description="per attempt")
+    webhook_retries: int = Field(default=3, ge=0, le=20, description="retries after a failure")
+    webhook_backoff_s: float = Field(
+        default=0.5, gt=0, le=60, description="first retry delay, doubling (at most 30 s)"
+    )
+    webhook_queue: int = Field(default=100, gt=0, description="deliveries waiting per URL")
+
+    @field_validator("token")
+    @classmethod
+    def _token_off_loopback(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        host = info.data.get("host")
+        if v is not None and not v.get_secret_value():
+            v = None
+        if v is None and isinstance(host, str) and not is_loopback(host):
+            raise ValueError(
+                f"required when host is {host!r} (not a loopback address): set a token, "
+                "or bind to 127.0.0.1"
+            )
+        return v
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rules(cls, v: list[Rule]) -> list[Rule]:
+        names = [r.name for r in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique: {dupes}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_server(self) -> PublisherSettings:
+        # One HTTP server serves the page, the API, /metrics and /healthz: the shared
+        # metrics_host/metrics_port follow host/port so the Runtime starts that server.
+        given = self.model_fields_set
+        if "metrics_port" in given and "port" not in given:
+            self.port = self.metrics_port
+        elif "metrics_port" in given and self.metrics_port != self.port:
+            raise ValueError(
+                f"metrics_port ({self.metrics_port}) differs from port ({self.port}): the "
+                "publisher serves /metrics on port; leave metrics_port unset"
+            )
+        if "metrics_host" in given and self.metrics_host != self.host:
+            raise ValueError(
+                f"metrics_host ({self.metrics_host}) differs from host ({self.host}): the "
+                "publisher serves /metrics on host; leave metrics_host unset"
+            )
+        self.metrics_port = self.port
+        self.metrics_host = self.host
+        return self
+
+    @property
+    def webhook_urls(self) -> list[str]:
+        return sorted({str(r.webhook) for r in self.rules if r.webhook is not None})

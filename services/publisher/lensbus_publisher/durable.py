@@ -1,0 +1,108 @@
+"""The JetStream resources the publisher owns: the results stream (results and events, with
+age and size limits, so a program that was offline can replay what it missed) and the object
+store of event snapshots. Both are created when missing (file storage) and checked again
+from time to time, so a NATS server that lost its store gets them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.js import api
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
+
+from lensbus.runtime import Runtime
+from lensbus.subjects import RESULTS_STREAM, SNAPSHOTS_BUCKET
+from lensbus_publisher import metrics
+from lensbus_publisher.config import PublisherSettings
+
+log = logging.getLogger(__name__)
+
+CHECK_S = 30.0  # how often the stream is checked once in place
+RETRY_S = 3.0  # how soon a failed set-up is tried again
+
+
+class Durable:
+    def __init__(self, settings: PublisherSettings, rt: Runtime) -> None:
+        self.s = settings
+        self.rt = rt
+        self.snapshots: ObjectStore | None = None
+        self.ready = asyncio.Event()
+
+    @property
+    def subjects(self) -> list[str]:
+        return [self.rt.subjects.all_results(), self.rt.subjects.all_events()]
+
+    def stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=RESULTS_STREAM,
+            description="lensbus results and events, for replay (lensbus watch --since)",
+            subjects=self.subjects,
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            max_age=self.s.stream_max_age_s,
+            max_bytes=self.s.stream_max_bytes,
+        )
+
+    async def ensure(self) -> None:
+        js = self.rt.nc.jetstream()
+        config = self.stream_config()
+        try:
+            info = await js.stream_info(RESULTS_STREAM)
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info(
+                "created stream %s over %s (max age %.0f s, max %d bytes)",
+                RESULTS_STREAM, ", ".join(self.subjects), self.s.stream_max_age_s,
+                self.s.stream_max_bytes,
+            )  # fmt: skip
+        else:
+            have = info.config
+            if (
+                sorted(have.subjects or []) != sorted(config.subjects or [])
+                or have.max_age != config.max_age
+                or have.max_bytes != config.max_bytes
+            ):
+                await js.update_stream(config)
+                log.info("updated stream %s limits", RESULTS_STREAM)
+        if self.snapshots is None:
+            try:
+                self.snapshots = await js.object_store(SNAPSHOTS_BUCKET)
+            except BucketNotFoundError:
+                self.snapshots = await js.create_object_store(
+                    SNAPSHOTS_BUCKET,
+                    config=api.ObjectStoreConfig(
+                        description="lensbus event snapshots (<camera>/<capture_ns>-<seq>.jpg)",
+                        storage=api.StorageType.FILE,
+                        max_bytes=self.s.snapshots_max_bytes,
+                        ttl=self.s.snapshots_max_age_s,
+                    ),
+                )
+                log.info("created object store %s", SNAPSHOTS_BUCKET)
+
+    async def run(self) -> None:
+        """Keep the stream and the bucket in place until stopped."""
+        while not self.rt.stop.is_set():
+            wait = CHECK_S
+            if self.rt.bus.connected:
+                try:
+                    await self.ensure()
+                except Exception as exc:  # no JetStream, a clashing stream, a timeout
+                    self.snapshots = None
+                    self.ready.clear()
+                    metrics.STREAM_READY.set(0)
+                    self.rt.health.set("results_stream", f"{RESULTS_STREAM}: {exc}")
+                    log.warning("results stream %s not in place: %s", RESULTS_STREAM, exc)
+                    wait = RETRY_S
+                else:
+                    self.ready.set()
+                    metrics.STREAM_READY.set(1)
+                    self.rt.health.set("results_stream", None)
+            else:
+                wait = RETRY_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rt.stop.wait(), wait)

@@ -1,0 +1,60 @@
+"""Publisher metrics (served on the publisher's own port, beside the page)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from lensbus.metrics import latency_histogram
+
+STREAMS = ("device", "project", "results")
+
+VIEWERS = Gauge(
+    "lensbus_publisher_viewers", "Open streams by camera and stream", ["camera", "stream"]
+)
+FRAMES_SERVED = Counter(
+    "lensbus_publisher_frames_served_total",
+    "Frames (or results) written to viewers",
+    ["camera", "stream"],
+)
+FRAMES_RECEIVED = Counter(
+    "lensbus_publisher_frames_received_total", "Frames received from capture", ["camera"]
+)
+RESULTS_RECEIVED = Counter(
+    "lensbus_publisher_results_received_total", "Results received from inference", ["camera"]
+)
+FRAMES_RENDERED = Counter(
+    "lensbus_publisher_frames_rendered_total", "Project frames drawn (once per frame)", ["camera"]
+)
+RENDER_SECONDS = latency_histogram(
+    "lensbus_publisher_render_seconds", "Decode, draw and encode of one project frame"
+)
+RENDER_ERRORS = Counter(
+    "lensbus_publisher_render_errors_total", "Frames that could not be drawn", ["camera"]
+)
+VIEWER_DROPS = Counter(
+    "lensbus_publisher_viewer_drops_total",
+    "Viewers cut off or items skipped for a slow viewer",
+    ["stream", "reason"],
+)
+EVENTS_RAISED = Counter("lensbus_publisher_events_raised_total", "Events raised", ["rule"])
+EVENTS_DROPPED = Counter("lensbus_publisher_events_dropped_total", "Events not raised", ["reason"])
+SNAPSHOTS = Counter(
+    "lensbus_publisher_snapshots_total", "Event snapshots stored, by outcome", ["outcome"]
+)
+WEBHOOK_DELIVERIES = Counter(
+    "lensbus_publisher_webhook_deliveries_total",
+    "Webhook deliveries by outcome (delivered, failed after retries, dropped: queue full)",
+    ["outcome"],
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "lensbus_publisher_webhook_attempts_total",
+    "Webhook POST attempts by result (ok, http_<code>, timeout, error)",
+    ["result"],
+)
+WEBHOOK_SECONDS: Histogram = latency_histogram(
+    "lensbus_publisher_webhook_seconds", "Duration of one webhook POST attempt"
+)
+UNAUTHORIZED = Counter(
+    "lensbus_publisher_unauthorized_total", "Requests refused for a missing or wrong token"
+)
+STREAM_READY = Gauge(
+    "lensbus_publisher_results_stream_ready", "1 while the JetStream results stream is in place"
+)

@@ -1,0 +1,162 @@
+"""Drawing the project stream: a result's boxes, labels, scores and masks on its frame.
+
+Pure functions on bytes and arrays, run in worker threads (OpenCV releases the GIL).
+Boxes are placed from their normalized coordinates, so a result for a frame of another
+size (a smaller rendition) still lands right.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from lensbus.images import decode_jpeg, encode_jpeg
+from lensbus.schemas import Box, Result
+
+# Saturated, bright BGR colours that survive JPEG's chroma subsampling; picked by class id.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 255, 255),  # yellow
+    (255, 255, 0),  # cyan
+    (0, 255, 0),  # green
+    (255, 0, 255),  # magenta
+    (0, 128, 255),  # orange
+    (255, 128, 0),  # azure
+    (128, 255, 0),  # spring green
+    (0, 0, 255),  # red
+    (255, 0, 128),  # violet
+    (128, 0, 255),  # pink
+    (0, 255, 128),  # chartreuse
+    (255, 255, 255),  # white
+)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def color_for(class_id: int) -> tuple[int, int, int]:
+    """The BGR colour a class is drawn in."""
+    return PALETTE[class_id % len(PALETTE)]
+
+
+def line_width(width: int, height: int) -> int:
+    """Box line thickness in pixels for a frame size (3 at VGA, 4 at 1080p)."""
+    return max(3, round(min(width, height) / 270))
+
+
+@dataclass(frozen=True)
+class Rendered:
+    jpeg: bytes
+    decode_s: float
+    draw_s: float
+    encode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.decode_s + self.draw_s + self.encode_s
+
+
+def _pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    left = min(width - 1, max(0, round(box.xmin * width)))
+    top = min(height - 1, max(0, round(box.ymin * height)))
+    right = min(width - 1, max(0, round(box.xmax * width)))
+    bottom = min(height - 1, max(0, round(box.ymax * height)))
+    return left, top, right, bottom
+
+
+def _label(
+    img: np.ndarray, text: str, x: int, y: int, color: tuple[int, int, int], scale: float
+) -> None:
+    """Text on a filled background, above (x, y) where there is room, else inside below."""
+    thick = max(1, round(scale * 2))
+    (tw, th), base = cv2.getTextSize(text, FONT, scale, thick)
+    h, w = img.shape[:2]
+    pad = max(2, round(th * 0.3))
+    x = min(max(0, x), max(0, w - tw - 2 * pad))
+    top = y - th - base - 2 * pad
+    if top < 0:
+        top = min(h - th - base - 2 * pad, y)
+    top = max(0, top)
+    cv2.rectangle(img, (x, top), (x + tw + 2 * pad, top + th + base + 2 * pad), color, -1)
+    b, g, r = color
+    dark = 0.114 * b + 0.587 * g + 0.299 * r > 140  # light background: black text
+    cv2.putText(
+        img,
+        text,
+        (x + pad, top + pad + th),
+        FONT,
+        scale,
+        (0, 0, 0) if dark else (255, 255, 255),
+        thick,
+        cv2.LINE_AA,
+    )
+
+
+def _mask(img: np.ndarray, result: Result) -> None:
+    """Blend the segmentation class map (a PNG at the model's resolution) over the frame."""
+    if not result.mask_png or not result.segments:
+        return
+    cmap = cv2.imdecode(np.frombuffer(result.mask_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if cmap is None or cmap.ndim != 2:
+        return
+    h, w = img.shape[:2]
+    cmap = cv2.resize(cmap, (w, h), interpolation=cv2.INTER_NEAREST)
+    lut = np.zeros((256, 3), np.uint8)
+    shown = np.zeros(256, bool)
+    for seg in result.segments:
+        if 0 <= seg.class_id < 256:
+            lut[seg.class_id] = color_for(seg.class_id)
+            shown[seg.class_id] = True
+    where = shown[cmap]
+    if not where.any():
+        return
+    overlay = lut[cmap]
+    img[where] = (img[where].astype(np.uint16) + overlay[where]) // 2
+
+
+def draw(img: np.ndarray, result: Result | None, note: str = "") -> None:
+    """Draw ``result`` on ``img`` (BGR, in place)."""
+    h, w = img.shape[:2]
+    thick = line_width(w, h)
+    scale = max(0.45, min(w, h) / 900)
+    if result is not None:
+        _mask(img, result)
+        for seg in result.segments:
+            left, top, _, _ = _pixels(seg.box, w, h)
+            text = f"{seg.label} {seg.area:.0%}"
+            _label(img, text, left, top + 1, color_for(seg.class_id), scale)
+        for det in result.detections:
+            color = color_for(det.class_id)
+            left, top, right, bottom = _pixels(det.box, w, h)
+            cv2.rectangle(img, (left, top), (right, bottom), color, thick)
+            _label(img, f"{det.label} {det.score:.2f}", left - thick // 2, top, color, scale)
+        y = 0
+        for cls in result.classes[:5]:
+            text = f"{cls.label} {cls.score:.2f}"
+            (_, th), base = cv2.getTextSize(text, FONT, scale, max(1, round(scale * 2)))
+            y += th + base + 8
+            _label(img, text, 4, y, color_for(cls.class_id), scale)
+    if note:
+        small = max(0.4, scale * 0.8)
+        (_, th), base = cv2.getTextSize(note, FONT, small, 1)
+        _label(img, note, 0, h, (40, 40, 40), small)
+
+
+def caption(result: Result | None, frame_seq: int) -> str:
+    if result is None:
+        return f"#{frame_seq}  no result"
+    m = result.model
+    lag = "" if result.seq == frame_seq else f" (result #{result.seq})"
+    return f"#{frame_seq}{lag}  {m.name}:{m.version}  {result.latency_s * 1000:.0f} ms"
+
+
+def render(jpeg: bytes, result: Result | None, frame_seq: int, quality: int = 80) -> Rendered:
+    """Decode a frame, draw a result on it, encode it again (one project frame)."""
+    t0 = time.perf_counter()
+    img = decode_jpeg(jpeg)
+    t1 = time.perf_counter()
+    draw(img, result, caption(result, frame_seq))
+    t2 = time.perf_counter()
+    out = encode_jpeg(img, quality)
+    t3 = time.perf_counter()
+    return Rendered(jpeg=out, decode_s=t1 - t0, draw_s=t2 - t1, encode_s=t3 - t2)

@@ -1,0 +1,124 @@
+"""The publisher's page in a real browser (headless Chromium over the DevTools protocol) while
+real capture and inference run: both streams show pictures, the results list fills with
+the real model's labels. The screenshot is kept in ``test-artifacts/publisher.png``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+from browser import Browser, available
+from test_publisher import (
+    ROOT,
+    YOLO,
+    Viewer,
+    photos,
+    start_publisher,
+    until,
+    wait_camera,
+)
+
+from lensbus.natsserver import NatsServer
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not available(), reason="Debian package chromium is not installed"),
+]
+
+ARTIFACTS = ROOT / "test-artifacts"
+COCO_SEEN = {"dog", "person", "horse", "sheep", "car", "truck", "bicycle"}
+
+# Draws an <img> (the current frame of its MJPEG stream) on a canvas and measures it.
+PIXELS_JS = """
+(() => {
+  const stats = (id) => {
+    const img = document.getElementById(id);
+    if (!img || !img.complete || !img.naturalWidth) return null;
+    const c = document.createElement("canvas");
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const ctx = c.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const d = ctx.getImageData(0, 0, c.width, c.height).data;
+    let n = 0, sum = 0, sq = 0, lit = 0;
+    for (let i = 0; i < d.length; i += 4 * 7) {
+      const y = 0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2];
+      n++; sum += y; sq += y * y; if (y > 16) lit++;
+    }
+    const mean = sum / n;
+    return {w: c.width, h: c.height, mean, std: Math.sqrt(sq / n - mean * mean), lit: lit / n};
+  };
+  return {device: stats("device"), project: stats("project")};
+})()
+"""
+
+
+async def test_page_shows_both_streams_and_live_results(
+    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    inf = start_service("inference", nats.url, model=demo_models[YOLO], cameras="porch")
+    # A slideshow changes the whole picture every frame: let the project stream wait for
+    # each frame's own result (it comes within ~0.1 s) so the boxes match the photo.
+    pub = start_publisher(start_service, nats.url, result_wait_s=1.0)
+    inf.wait_healthy(60)
+    folder = photos(tmp_path, "dog.jpg", "person.jpg", "horses.jpg")
+    start_service("capture", nats.url, camera="porch", source=folder, fps=2, loop="true")
+    base = f"http://127.0.0.1:{pub.port}"
+    async with aiohttp.ClientSession() as http:
+        await wait_camera(http, base, "porch", results=True)
+        # With result_wait_s, each project frame carries its own result (joined by seq).
+        parts = await asyncio.wait_for(
+            Viewer().read(http, f"{base}/cameras/porch/project.mjpeg", count=4), 30
+        )
+        assert all(p.result_seq == p.seq for p in parts), [(p.seq, p.result_seq) for p in parts]
+
+    async with Browser.launch(tmp_path) as browser:
+        page = await browser.new_page(1400, 900)
+        await page.goto(f"{base}/")
+        # The page picks the camera, opens both streams and the results feed.
+        await page.wait_for("document.getElementById('camera-id').textContent === 'porch'", 30)
+        pixels = await page.wait_for(
+            f"(() => {{ const s = {PIXELS_JS}; return s.device && s.project && s; }})()", 30
+        )
+        for name in ("device", "project"):
+            s = pixels[name]
+            assert s["w"] >= 600 and s["h"] >= 400, (name, s)
+            assert s["std"] > 20 and s["lit"] > 0.5, f"{name} stream looks blank: {s}"
+        rows = await page.wait_for(
+            "(() => { const r = [...document.querySelectorAll('#results li.result')];"
+            " return r.length >= 4 && r.map(li => li.textContent); })()",
+            30,
+        )
+        labels = await page.eval(
+            "[...document.querySelectorAll('#results .label')].map(e => e.firstChild.textContent"
+            ".trim())"
+        )
+        assert COCO_SEEN & set(labels), (labels, rows)
+        assert {"dog", "person", "horse"} <= set(labels) or len(rows) < 6, labels
+        model = await page.eval("document.getElementById('model').textContent")
+        assert YOLO in model or "yolov3" in model, model
+        assert "yolov3" in rows[0], rows[0]
+        # The camera list and the service badges come from the API.
+        assert await page.eval("document.querySelector('#cameras li').dataset.camera") == "porch"
+        badges = await page.wait_for(
+            "(() => { const b = [...document.querySelectorAll('#services .badge')]"
+            ".map(e => e.textContent); return b.length >= 3 && b; })()",
+            10,
+        )
+        assert {"capture running", "inference running", "publisher running"} <= set(badges)
+        await asyncio.sleep(1.0)  # a frame with boxes in view for the screenshot
+        png = await page.screenshot()
+        assert not page.errors, page.errors
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "publisher.png").write_bytes(png)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+    # The browser closed its streams (the server sees it at the next frame it writes).
+    await until(
+        lambda: (
+            pub.metric("lensbus_publisher_viewers", 'camera="porch",stream="device"') == 0
+            and pub.metric("lensbus_publisher_viewers", 'camera="porch",stream="project"') == 0
+        ),
+        10,
+        "streams closed",
+    )
