@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PACKAGES := -e shared[server] -e services/capture -e services/inference -e services/deployer -e services/publisher
 
-.PHONY: install up test test-fast lint schemas clean
+.PHONY: install up test test-fast lint schemas nats-config compose-smoke clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ lint: install
 
 schemas: install
 	$(VENV)/bin/lensbus schemas export
+
+nats-config: install
+	$(PY) -m lensbus.natsauth compose-config > deploy/nats/nats-server.conf
+
+compose-smoke:
+	scripts/compose-smoke.sh
 
 clean:
 	rm -rf $(VENV) .lensbus

@@ -95,7 +95,10 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTE
                 total += m.size
                 if total > max_bytes:
                     raise PackageError(f"{archive.name}: unpacks to more than {max_bytes} bytes")
-            tar.extractall(dest, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4+
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Debian 12's Python 3.11.2: every member was checked above
+                tar.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise PackageError(f"{archive.name}: not a readable .tar.gz ({exc})") from None
     if (dest / MANIFEST).is_file():
