@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -88,11 +89,13 @@ class UpProcess:
 def up(tmp_path: Path) -> Iterator[UpProcess]:
     proc = UpProcess(tmp_path)
     yield proc
+    kids = proc.children()  # before the parent goes: then they are no longer its children
     if proc.proc.poll() is None:
         proc.proc.kill()
         proc.proc.wait()
-    for pid in proc.children().values():
-        os.kill(pid, signal.SIGKILL)
+    for pid in kids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def results(up: UpProcess, n: int, timeout: float, labelled: bool = False) -> list[Result]:

@@ -26,6 +26,16 @@ MAX_DELAY_S = 30.0
 STABLE_S = 60.0
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it if ``lensbus up`` dies (even by
+    SIGKILL), so no service is left orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @dataclass
 class Child:
     """One service process under supervision."""
@@ -63,6 +73,7 @@ class Child:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+                preexec_fn=_die_with_parent,
             )
         self.started_at = time.monotonic()
         self.healthy = False
