@@ -688,7 +688,13 @@ async def test_an_offline_subscriber_replays_what_it_missed(
                 lines.append(json.loads(line))
     finally:
         proc.send_signal(signal.SIGINT)
-        await proc.wait()
+        # Drain its pipes while it stops: a watcher blocked writing to a full pipe cannot exit.
+        try:
+            await asyncio.wait_for(proc.communicate(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError("lensbus watch did not stop on SIGINT") from None
     seqs = [item["seq"] for item in lines]
     assert seqs == sorted(set(seqs)), "replay is in order, without repeats"
     assert set(missed) <= set(seqs), "every missed result was replayed"
