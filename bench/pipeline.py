@@ -53,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import importlib.util
 import json
 import os
@@ -66,7 +67,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,7 @@ QUICK = Windows(
     quiet_wait_s=0,
     paced_s=8,
 )
+LOG_LEVEL = "WARNING"  # the services' (--log-level)
 QUIET_CORES = 0.25  # "nearly idle": the rest of the machine uses at most this many cores
 
 
@@ -393,7 +395,7 @@ class Lab:
         values: dict[str, object] = {
             "nats_url": self.url,
             "metrics_port": port,
-            "log_level": "WARNING",
+            "log_level": LOG_LEVEL,
             **settings,
         }
         env.update({f"{prefix}{k.upper()}": str(v) for k, v in values.items() if v is not None})
@@ -781,19 +783,21 @@ class Bench:
             out.append(dest)
         return out[0], out[1]
 
-    async def swap(self, backend: str, size_name: str) -> None:
+    async def swap(self, backend: str, size_name: str, depth: int = 1) -> None:
+        """A live swap at the paced rate; ``depth``: inference's ``queue_depth`` (1, the
+        default: the newest frame wins; 2 rides out one slow frame)."""
         from lensbus.deployclient import DeployClient
 
         size = SIZES[size_name]
         fps = PACED * self.bare_fps(backend, size_name)
         a, b = await asyncio.to_thread(self.versions, backend)
         a_ver, b_ver = f"{backend}-a", f"{backend}-b"
-        dep = self.lab.start("deployer", work_dir=self.lab.work / "deployer")
+        dep = self.lab.start("deployer", work_dir=self.lab.work / f"deployer-{depth}")
         await asyncio.to_thread(dep.wait_healthy, 60)
         group, camera, inst = (
-            f"g-{backend}",
-            self.cam(backend, size_name, "swap"),
-            f"swap-{backend}",
+            f"g-{backend}-{depth}",
+            self.cam(backend, size_name, "swap", depth),
+            f"swap-{backend}-{depth}",
         )
         async with await DeployClient.connect(self.lab.url, timeout_s=60) as dc:
             for p in (a, b):
@@ -805,7 +809,8 @@ class Bench:
                 group=group,
                 cameras=camera,
                 instance=inst,
-                model_cache=self.lab.work / f"cache-{backend}",
+                queue_depth=depth,
+                model_cache=self.lab.work / f"cache-{backend}-{depth}",
             )
             try:
                 await self.col.until(
@@ -880,9 +885,21 @@ class Bench:
             "swaps_ok": by_label(metrics, "lensbus_inference_swaps_total", "outcome").get("ok"),
             "cpu_cores": cpu,
         }
-        self.out.setdefault("swap", {})[backend] = row
+        key = backend if depth == 1 else f"{backend} (queue_depth {depth})"
+        self.out.setdefault("swap", {})[key] = row
+        # Every result's timeline beside the logs (kept with --keep): what each stage took
+        # around the swap, in ms, times relative to the activation.
+        lines = ["seq\tresult_ms\tlatency_ms\tqueue\tdecode\tcompute\tversion"]
+        for r in by_seq:
+            t = r.timings
+            lines.append(
+                f"{r.seq}\t{(r.result_ns - activated) / 1e6:.0f}\t{r.latency_s * 1e3:.1f}\t"
+                f"{t.queue * 1e3:.1f}\t{t.decode * 1e3:.1f}\t{t.compute * 1e3:.1f}\t"
+                f"{r.model.version}"
+            )
+        (self.lab.work / f"swap-{backend}-{depth}.tsv").write_text("\n".join(lines) + "\n")
         log(
-            f"{backend} swap: {row['frames_without_result']} frames without a result, longest "
+            f"{key} swap: {row['frames_without_result']} frames without a result, longest "
             f"gap {row['longest_gap_ms']} ms vs {row['normal_interval_ms']} ms"
         )
 
@@ -1289,6 +1306,18 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def result_path(args: argparse.Namespace) -> Path:
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    return Path(args.out) / f"pipeline-{stamp}{'-quick' if args.quick else ''}.json"
+
+
+def checkpoint(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """What is measured so far, beside the final file (``.json.tmp``), in case the run dies."""
+    path = result_path(args).with_suffix(".json.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(public(out), indent=2) + "\n")
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from lensbus_inference.models import build_yolo
 
@@ -1319,8 +1348,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for backend in args.backends:
                 await bench.compare(backend)
-                phases = [
+                checkpoint(args, out)
+                phases: list[tuple[str, Callable[[str, str], Awaitable[None]], str]] = [
                     ("swap", bench.swap, args.swap_size),
+                    ("swap", functools.partial(bench.swap, depth=2), args.swap_size),
                     ("overload", bench.overload, args.overload_size),
                     ("workers", bench.workers, args.workers_size),
                 ]
@@ -1334,6 +1365,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         out.setdefault("errors", []).append(
                             f"{backend} {name}: {type(exc).__name__}: {exc}"
                         )
+                    checkpoint(args, out)
         finally:
             await col.nc.close()
             out["targets"] = targets(out)
@@ -1343,6 +1375,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
+    global LOG_LEVEL
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1080p, ONNX, short windows (<2 min)")
     parser.add_argument("--backends", help="comma list of mxnet,onnx (default: both; quick: onnx)")
@@ -1359,6 +1392,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="model threads (default: all cores)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="JSON folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument("--log-level", default=LOG_LEVEL, help="the services' log level")
     parser.add_argument(
         "--nice",
         type=int,
@@ -1368,6 +1402,7 @@ def main() -> int:
         "other people's work from taking the CPU the bench measures",
     )
     args = parser.parse_args()
+    LOG_LEVEL = args.log_level
     if args.nice:
         set_priority(args.nice)
     args.backends = (args.backends or ("onnx" if args.quick else ",".join(BACKENDS))).split(",")
@@ -1393,10 +1428,8 @@ def main() -> int:
     out = public(asyncio.run(run(args)))
     text = report(out)
     print(text)
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d")
-    path = folder / f"pipeline-{stamp}{'-quick' if args.quick else ''}.json"
+    path = result_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(path)

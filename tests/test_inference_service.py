@@ -219,3 +219,27 @@ def test_broken_model_exits_naming_the_file(
     inf = start_service("inference", nats.url, model=broken)
     assert inf.proc.wait(60) == 4
     assert onnx_file.name in inf.log and expect in inf.log, inf.log
+
+
+def test_mailbox_keeps_the_newest_frames_per_camera() -> None:
+    from lensbus_inference.handlers import Mailbox, Pending
+
+    def frame(n: int) -> Pending:
+        return Pending(bytes([n]), float(n))
+
+    one = Mailbox(1)
+    assert one.put("a", frame(1)) is None
+    dropped = one.put("a", frame(2))
+    assert dropped is not None and dropped.data == b"\x01"
+    assert len(one) == 1
+
+    two = Mailbox(2)
+    for n, cam in ((1, "a"), (2, "b"), (3, "a")):
+        assert two.put(cam, frame(n)) is None
+    dropped = two.put("a", frame(4))  # a third frame of "a": its oldest goes
+    assert dropped is not None and dropped.data == b"\x01"
+    order = []
+    while (got := two.take()) is not None:
+        order.append((got[0], got[1].data[0]))
+    # "b" has waited longest now; then "a" in frame order.
+    assert order == [("b", 2), ("a", 3), ("a", 4)]

@@ -30,6 +30,7 @@ from lensbus.bus import Bus
 from lensbus.codec import encode
 from lensbus.health import Health, HealthServer
 from lensbus.logs import setup_logging
+from lensbus.memory import limit_malloc_arenas
 from lensbus.schemas import ModelRef, State, Status
 from lensbus.settings import ServiceSettings, SettingsError, load_settings
 from lensbus.subjects import Subjects
@@ -162,6 +163,7 @@ def service_main(
         print(f"lensbus-{settings_cls.service}: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings_cls.service)
+    limit_malloc_arenas()  # before any thread starts: flat RSS under load (lensbus.memory)
     try:
         return asyncio.run(run(settings))
     except KeyboardInterrupt:

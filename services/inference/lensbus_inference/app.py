@@ -34,11 +34,20 @@ log = logging.getLogger(__name__)
 
 EXIT_MODEL = 4  # the model could not be loaded at start
 
+# Decode the next frame while the model runs the current one.  Off: measured on the 2-core
+# bench machine (bench/pipeline.py, ONNX 1080p, 1.25x the model's rate), the decode thread
+# slows the model's own two threads more than it hides (18.2 fps with it, 19.8 without).
+# Worth trying where the model leaves a core free (threads < cores).
+DECODE_AHEAD = False
 # The next frame's decode starts this many (typical) decode times before the model is
 # expected to finish the current frame: enough to hide the decode behind the model while
 # it runs on the same cores, little enough that a newer frame rarely replaces the decoded one.
 PREFETCH_LEAD = 2.0
 EMA = 0.2  # weight of the newest sample in the running model and decode times
+
+
+class _NoModel(Exception):
+    """A frame came before any model was in service: dropped and counted, not rejected."""
 
 
 def _seen(fut: asyncio.Future[Decoded]) -> None:
@@ -73,10 +82,10 @@ def load(settings: InferenceSettings) -> LoadedModel | None:
 class Worker:
     """Takes the newest frame per camera from the mailbox and runs it off the event loop.
 
-    While the model works on one frame, the next frame's JPEG is decoded in another thread
-    (timed to finish as the model does), so the model does not wait for the decode: the
-    decode overlaps the model instead of adding to it.  A frame that a newer one replaces
-    before its turn is still dropped as stale, decoded or not.
+    With DECODE_AHEAD, while the model works on one frame the next frame's JPEG is decoded in
+    another thread (timed to finish as the model does), so the decode overlaps the model
+    instead of adding to it.  A frame that a newer one replaces before its turn is still
+    dropped as stale, decoded or not.
     """
 
     def __init__(self, settings: InferenceSettings, rt: Runtime, model: LoadedModel | None) -> None:
@@ -85,7 +94,7 @@ class Worker:
         self.model = model
         # Held while a frame is in the model: a swap takes it, so it lands between frames.
         self.busy = asyncio.Lock()
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(settings.queue_depth)
         self.ready = asyncio.Event()
         self.received = 0
         self.processed = 0
@@ -151,7 +160,7 @@ class Worker:
         decoded when the model is free, so an overloaded instance wastes at most one decode
         per frame it serves."""
         model = self.model
-        if self._model_started is None or model is None:
+        if not DECODE_AHEAD or self._model_started is None or model is None:
             return  # idle: run() takes the frame and decodes it at once
         if self._prefetched_for == self._model_started:
             return
@@ -210,8 +219,8 @@ class Worker:
             frame = await item.decoded  # raises Rejected for a bad frame
         async with self.busy:  # a swap lands between frames
             model = self.model
-            if model is None:
-                raise Rejected("model_error", "no model in service yet")
+            if model is None:  # following a group that has no loadable model yet
+                raise _NoModel
             if frame is not None and not fits(frame, model, self.s.reduced_decode):
                 frame = None  # decoded for the model a swap just replaced
             t0 = time.perf_counter()
@@ -254,6 +263,16 @@ class Worker:
             metrics.BUSY.set(1)
             try:
                 result = await self._serve(item)
+            except _NoModel:
+                metrics.FRAMES_DROPPED.labels("no_model").inc()
+                log_limited(
+                    log,
+                    self._limit,
+                    "no_model",
+                    logging.WARNING,
+                    "no model in service yet: dropping frames",
+                )
+                continue
             except Rejected as exc:
                 self._reject(exc)
                 continue
@@ -309,12 +328,17 @@ async def run(settings: InferenceSettings) -> int:
             if rt.bus.nc is None:  # stopped before NATS was reachable
                 return 0
             worker = Worker(settings, rt, model)
+            busy = worker.busy
             rt.model = model_ref(model) if model else None
             tasks = [asyncio.create_task(worker.run(), name="worker")]
             if settings.group is not None:
                 rt.detail["group"] = settings.group
                 follower = Follower(
-                    settings, rt, lambda: worker.model if worker else None, worker.swap
+                    settings,
+                    rt,
+                    lambda: worker.model if worker else None,
+                    worker.swap,
+                    lambda: busy,  # warm-up runs take a frame's turn
                 )
                 tasks.append(asyncio.create_task(follower.run(), name="follower"))
             cams = settings.camera_list

@@ -35,6 +35,13 @@ class InferenceSettings(ServiceSettings):
     device: str = Field(default="cpu", description="'cpu', 'gpu' or 'gpu:N'")
     threads: int | None = Field(default=None, gt=0, le=256, description="model threads")
     queue_group: str = Field(default=INFERENCE_QUEUE_GROUP, description="NATS queue group")
+    queue_depth: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="frames kept per camera while the model is busy; older ones are dropped "
+        "as stale (1: the newest frame wins; 2 rides out one slow frame without a loss)",
+    )
     reduced_decode: bool = Field(
         default=True, description="decode JPEG at 1/2, 1/4 or 1/8 scale when the model is small"
     )

@@ -1,5 +1,6 @@
-"""Following a camera group's desired model: watch the KV key, fetch, verify, load, warm
-up in the background while the old model serves, swap between two frames, report.
+"""Following a camera group's desired model: watch the KV key, fetch, verify and load in the
+background while the old model serves, warm up in the gaps between frames, swap between two
+frames, report.
 
 The desired model of group G is the :class:`~lensbus.schemas.Deployment` under
 ``group.G`` in the KV bucket ``lensbus-deployments``; what this instance did about it goes
@@ -15,14 +16,16 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from lensbus.codec import DecodeError, decode, encode
-from lensbus.modelpkg import PackageError, open_package
+from lensbus.modelpkg import Package, PackageError, open_package_aside
 from lensbus.runtime import Runtime
 from lensbus.schemas import Deployment, ModelVersionRef, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, report_key
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 # How often the desired model is re-read even without a watch update: a watcher's consumer
 # does not survive a NATS restart, this re-check does.
 RECHECK_S = 1.0
+# Blank runs after the check run: the first run allocates, the one after it runs as fast as
+# a frame will.  Each takes a frame's turn, so they are kept few.
+WARMUP_RUNS = 1
 
 
 class SwapFailed(Exception):
@@ -61,6 +67,7 @@ class Follower:
         rt: Runtime,
         current: Callable[[], LoadedModel | None],
         swap: Callable[[LoadedModel], Awaitable[None]],
+        turn: Callable[[], AbstractAsyncContextManager[Any]],
     ) -> None:
         assert settings.group is not None
         self.s = settings
@@ -68,6 +75,7 @@ class Follower:
         self.rt = rt
         self._current = current
         self._swap = swap
+        self._turn = turn  # held while a frame is in the model
         self.cache = settings.model_cache
         self.last_revision = 0
         # A desired model that failed is not retried until the desired model changes.
@@ -108,25 +116,39 @@ class Follower:
         tmp.replace(dest)  # only a complete download is ever seen as cached
         return dest
 
-    def _load(self, archive: Path) -> tuple[LoadedModel, float, float]:
-        """Unpack, verify, load and warm up (runs in a worker thread)."""
-        t0 = time.perf_counter()
+    async def _unpack(self, archive: Path) -> Package:
+        """Extract and verify the package in a child process at the lowest priority
+        (``open_package_aside``), so it uses the CPU the frames leave idle."""
         workdir = archive.with_suffix("").with_suffix(".d")
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         try:
-            package = open_package(archive, workdir, self.s.max_package_bytes)
-            model = load_model(package, self.s.device, self.s.threads, self.s.mask_png)
-        except (PackageError, ModelLoadError) as exc:
-            archive.unlink(missing_ok=True)  # a bad download must not stay cached
+            return await open_package_aside(archive, workdir, self.s.max_package_bytes)
+        except PackageError as exc:
+            archive.unlink(missing_ok=True)  # noqa: ASYNC240 - a bad download must not stay cached
             raise SwapFailed("load", str(exc)) from None
-        t1 = time.perf_counter()
+
+    def _load(self, package: Package) -> LoadedModel:
+        """Build the model (in a normal worker thread: the framework's own threads, started
+        here, inherit this thread's priority and serve frames later)."""
         try:
-            model.warmup()
+            return load_model(package, self.s.device, self.s.threads, self.s.mask_png)
+        except ModelLoadError as exc:
+            raise SwapFailed("load", str(exc)) from None
+
+    async def _warmup(self, model: LoadedModel) -> float:
+        """Warm ``model`` up one run at a time, each in a frame's turn: a warm-up run beside a
+        served frame would halve the cores both get (measured: frames then waited long
+        enough to be replaced by newer ones, i.e. lost across the swap)."""
+        t0 = time.perf_counter()
+        try:
+            for step in range(WARMUP_RUNS + 1):
+                async with self._turn():
+                    await asyncio.to_thread(model.warmup_step, step == 0)
         except Exception as exc:
-            model.close()
+            await asyncio.to_thread(model.close)
             raise SwapFailed("warmup", str(exc)) from None
-        return model, t1 - t0, time.perf_counter() - t1
+        return time.perf_counter() - t0
 
     async def apply(self, dep: Deployment) -> None:
         desired = dep.model
@@ -144,7 +166,11 @@ class Follower:
         try:
             archive = await self.fetch(desired)
             fetch_s = time.perf_counter() - t0
-            model, load_s, warm_s = await asyncio.to_thread(self._load, archive)
+            t1 = time.perf_counter()
+            package = await self._unpack(archive)
+            model = await asyncio.to_thread(self._load, package)
+            load_s = time.perf_counter() - t1
+            warm_s = await self._warmup(model)
         except SwapFailed as exc:
             self.failed = (desired.name, desired.version)
             metrics.SWAPS.labels("failed").inc()

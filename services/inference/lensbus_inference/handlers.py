@@ -6,7 +6,7 @@ import asyncio
 import math
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,30 +55,44 @@ class Decoded:
 
 
 class Mailbox:
-    """The newest frame per camera: a frame that arrives while the model is busy replaces
-    the one waiting for that camera (the replaced one is returned so it can be counted)."""
+    """The newest ``depth`` frames per camera: a frame that arrives while the model is busy
+    and finds ``depth`` frames of its camera waiting replaces the oldest of them (returned,
+    so it can be counted).  Depth 1 (the default) keeps only the newest frame; depth 2 also
+    rides out one slow frame (a swap loading beside the model, a burst) without losing a
+    frame, for one more frame of latency while frames come faster than the model runs."""
 
-    def __init__(self) -> None:
-        self._waiting: OrderedDict[str, Pending] = OrderedDict()
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._waiting: OrderedDict[str, deque[Pending]] = OrderedDict()
 
     def put(self, camera: str, item: Pending) -> Pending | None:
-        replaced = self._waiting.pop(camera, None)
-        # Re-inserted at the end: cameras are served in the order their frames came in.
-        self._waiting[camera] = item
-        return replaced
+        frames = self._waiting.setdefault(camera, deque())
+        frames.append(item)
+        if len(frames) <= self.depth:
+            return None
+        # Moved to the end: cameras are served in the order their oldest frames came in.
+        self._waiting.move_to_end(camera)
+        return frames.popleft()
 
     def peek(self) -> Pending | None:
         """The frame :meth:`take` would return next, left in place."""
-        return next(iter(self._waiting.values()), None)
+        frames = next(iter(self._waiting.values()), None)
+        return frames[0] if frames else None
 
     def take(self) -> tuple[str, Pending] | None:
-        """The camera that has waited longest and its newest frame."""
+        """The camera that has waited longest and its oldest waiting frame."""
         if not self._waiting:
             return None
-        return self._waiting.popitem(last=False)
+        camera, frames = next(iter(self._waiting.items()))
+        item = frames.popleft()
+        if frames:
+            self._waiting.move_to_end(camera)  # the other cameras' turn first
+        else:
+            del self._waiting[camera]
+        return camera, item
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return sum(len(frames) for frames in self._waiting.values())
 
 
 def decode_frame(

@@ -86,15 +86,22 @@ class LoadedModel:
         )
 
     def warmup(self, runs: int = 2) -> None:
-        """Run a blank frame ``runs`` times: allocates, tunes, and checks the outputs fit."""
+        """Run a blank frame ``runs`` + 1 times: allocates, tunes, and checks the outputs fit."""
+        for i in range(runs + 1):
+            self.warmup_step(check=i == 0)
+
+    def warmup_step(self, check: bool) -> None:
+        """One warm-up run of a blank frame; ``check``: also check the outputs fit the decoder
+        (do that first).  A swap runs the steps one at a time between served frames."""
         w, h = self.input_size
         blank = np.zeros((h, w, 3), dtype=np.uint8)
         file = where(self.package, _MAIN_ROLE[self.manifest.framework])
         try:
-            with self._lock:
-                outputs = self._backend.forward(self._preprocess(blank).tensor)
-                self._decoder.check(outputs)
-            for _ in range(runs):
+            if check:
+                with self._lock:
+                    outputs = self._backend.forward(self._preprocess(blank).tensor)
+                    self._decoder.check(outputs)
+            else:
                 self.run(blank, w, h)
         except DecodeError as exc:
             raise ModelLoadError(
