@@ -110,6 +110,9 @@ OVERLOAD = 4.0  # offered rate / bare fps, overload run
 WORKERS_RATE = 2.5  # offered rate / bare fps (one instance), workers run
 MAX_FPS = 240.0  # the highest fps CaptureSettings accepts
 JPEG_QUALITY = 85  # capture's default
+# The "+ model stream" runs: capture also publishes each frame at the model's input height
+# (lensbus.subjects model_frames), and inference reads those.
+MODEL_HEIGHT = 416
 
 TARGETS = {
     "fps_ratio_1080p": ">= 0.9",
@@ -151,17 +154,17 @@ FULL = Windows(
     paced_s=20,
 )
 QUICK = Windows(
-    bare_s=5,
-    run_s=6,
+    bare_s=4,
+    run_s=5,
     warm_s=2,
     swap_before_s=3,
     swap_after_s=4,
-    overload_s=15,
-    settle_s=4,
-    workers_s=5,
+    overload_s=12,
+    settle_s=3,
+    workers_s=4,
     rounds=2,
     quiet_wait_s=0,
-    paced_s=8,
+    paced_s=6,
 )
 LOG_LEVEL = "WARNING"  # the services' (--log-level)
 QUIET_CORES = 0.25  # "nearly idle": the rest of the machine uses at most this many cores
@@ -420,9 +423,17 @@ class Lab:
         svc.wait_healthy(120)
         return svc
 
-    def capture(self, camera: str, video: Path, size: tuple[int, int], fps: float) -> Service:
+    def capture(
+        self,
+        camera: str,
+        video: Path,
+        size: tuple[int, int],
+        fps: float,
+        model_height: int | None = None,
+    ) -> Service:
         svc = self.start(
             "capture",
+            model_height=model_height,
             camera=camera,
             source=video,
             loop="true",
@@ -663,9 +674,10 @@ class Bench:
         label: str,
         fps: float,
         seconds: float | None = None,
+        model_height: int | None = None,
     ) -> dict[str, Any]:
         camera = self.cam(backend, f"{size[0]}x{size[1]}", label)
-        cap = self.lab.capture(camera, self.video, size, fps)
+        cap = self.lab.capture(camera, self.video, size, fps, model_height)
         try:
             await self.col.until(lambda: self.col.count(camera) > 0, 60, f"results on {camera}")
             await asyncio.sleep(self.win.warm_s)
@@ -713,14 +725,37 @@ class Bench:
         """Per size: rounds of (bare window, saturated pipeline window) taken in turn, so that
         a change in the machine's load hits both alike; then the paced (latency) window."""
         pkg = self.packages[backend]
-        rows = self.out.setdefault("compare", {}).setdefault(backend, {})
+        compare = self.out.setdefault("compare", {})
+        rows = compare.setdefault(backend, {})
+        rows_m = compare.setdefault(f"{backend} + model stream", {})
+        labels = [f"sat{r}" for r in range(self.win.rounds)] + ["paced"]
+        # Each instance serves only its own runs' cameras: capture with a model stream also
+        # publishes the device stream, which the device-stream instance must leave alone.
+        cams = {
+            mode: ",".join(
+                self.cam(backend, name, f"{mode}{label}")
+                for name in self.args.sizes
+                for label in labels
+            )
+            for mode in ("d-", "m-")
+        }
         bare_model = await asyncio.to_thread(load_bare_model, pkg)
-        inf = await asyncio.to_thread(self.lab.inference, pkg, instance=f"bench-{backend}")
+        inf = await asyncio.to_thread(
+            self.lab.inference, pkg, instance=f"bench-{backend}", cameras=cams["d-"]
+        )
+        infm = await asyncio.to_thread(
+            self.lab.inference,
+            pkg,
+            instance=f"bench-{backend}-m",
+            cameras=cams["m-"],
+            stream="model",
+        )
         try:
             for name in self.args.sizes:
                 size = SIZES[name]
                 bares: list[dict[str, Any]] = []
                 sats: list[dict[str, Any]] = []
+                sats_m: list[dict[str, Any]] = []
                 offered = 0.0
                 for r in range(self.win.rounds):
                     waited = await self.quiet()
@@ -731,33 +766,47 @@ class Bench:
                     bares.append(bare)
                     offered = offered or SATURATED * bare["fps"]  # fixed by the first round
                     waited = await self.quiet()
-                    sat = await self.pipeline_run(inf, backend, size, f"sat{r}", offered)
+                    sat = await self.pipeline_run(inf, backend, size, f"d-sat{r}", offered)
                     sat["waited_for_quiet_s"] = waited
                     sats.append(sat)
+                    waited = await self.quiet()
+                    sat_m = await self.pipeline_run(
+                        infm, backend, size, f"m-sat{r}", offered, model_height=MODEL_HEIGHT
+                    )
+                    sat_m["waited_for_quiet_s"] = waited
+                    sats_m.append(sat_m)
                     log(
                         f"{backend} {name} round {r + 1}: bare {bare['fps']} fps, pipeline "
-                        f"{sat['fps']} fps ({sat['fps'] / bare['fps']:.2f}x), other load "
-                        f"{bare['cpu_cores']['other']}/{sat['cpu_cores']['other']} cores"
+                        f"{sat['fps']} fps ({sat['fps'] / bare['fps']:.2f}x), with the model "
+                        f"stream {sat_m['fps']} fps ({sat_m['fps'] / bare['fps']:.2f}x), other "
+                        f"load {bare['cpu_cores']['other']}/{sat['cpu_cores']['other']} cores"
                     )
                 bare_fps = float(np.median([b["fps"] for b in bares]))
-                await self.quiet()
-                paced = await self.pipeline_run(
-                    inf, backend, size, "paced", PACED * bare_fps, self.win.paced_s
-                )
-                log(
-                    f"{backend} {name}: paced added latency p50/p99 "
-                    f"{paced['added_ms'].get('p50')}/{paced['added_ms'].get('p99')} ms"
-                )
-                ratios = [s["fps"] / b["fps"] for b, s in zip(bares, sats, strict=True)]
-                rows[name] = {
-                    "bare": merge_bare(bares),
-                    "saturated": merge_runs(sats),
-                    "paced": paced,
-                    "fps_ratio": round(float(np.median(ratios)), 3),
-                    "fps_ratio_rounds": [round(x, 3) for x in ratios],
-                }
+                for mode, instance, out_rows, runs in (
+                    ("d-", inf, rows, sats),
+                    ("m-", infm, rows_m, sats_m),
+                ):
+                    await self.quiet()
+                    paced = await self.pipeline_run(
+                        instance, backend, size, f"{mode}paced", PACED * bare_fps,
+                        self.win.paced_s, model_height=MODEL_HEIGHT if mode == "m-" else None,
+                    )  # fmt: skip
+                    log(
+                        f"{backend} {name} ({'model' if mode == 'm-' else 'device'} stream): "
+                        f"paced added latency p50/p99 {paced['added_ms'].get('p50')}/"
+                        f"{paced['added_ms'].get('p99')} ms"
+                    )
+                    ratios = [s["fps"] / b["fps"] for b, s in zip(bares, runs, strict=True)]
+                    out_rows[name] = {
+                        "bare": merge_bare(bares),
+                        "saturated": merge_runs(runs),
+                        "paced": paced,
+                        "fps_ratio": round(float(np.median(ratios)), 3),
+                        "fps_ratio_rounds": [round(x, 3) for x in ratios],
+                    }
         finally:
             inf.stop()
+            infm.stop()
             await asyncio.to_thread(bare_model.close)
 
     def bare_fps(self, backend: str, size: str) -> float:
@@ -1351,7 +1400,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint(args, out)
                 phases: list[tuple[str, Callable[[str, str], Awaitable[None]], str]] = [
                     ("swap", bench.swap, args.swap_size),
-                    ("swap", functools.partial(bench.swap, depth=2), args.swap_size),
+                ]
+                if not args.quick:  # the same swap at queue_depth 2: full runs only
+                    phases.append(("swap", functools.partial(bench.swap, depth=2), args.swap_size))
+                phases += [
                     ("overload", bench.overload, args.overload_size),
                     ("workers", bench.workers, args.workers_size),
                 ]

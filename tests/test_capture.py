@@ -170,3 +170,51 @@ async def test_nats_restart_mid_run(fresh_nats: NatsServer, start_service) -> No
     assert cap.metric("lensbus_nats_reconnects_total") >= 1
     cap.wait_healthy(5)
     assert cap.stop() == 0
+
+
+async def test_model_stream_carries_smaller_copies_first(nats: NatsServer, start_service) -> None:
+    """With model_height, each frame also goes out small on the model stream, before the
+    device stream's copy, with the same seq and capture time and the full frame's size."""
+    order: list[tuple[str, int]] = []
+    small: dict[int, FrameEnvelope] = {}
+    full: dict[int, FrameEnvelope] = {}
+    nc = await nats_py.connect(nats.url)
+    subjects = Subjects()
+
+    async def on_small(msg: nats_py.aio.msg.Msg) -> None:
+        env = decode(msg.data, FrameEnvelope)
+        small[env.seq] = env
+        order.append(("model", env.seq))
+
+    async def on_full(msg: nats_py.aio.msg.Msg) -> None:
+        env = decode(msg.data, FrameEnvelope)
+        full[env.seq] = env
+        order.append(("device", env.seq))
+
+    await nc.subscribe(subjects.model_frames("twin"), cb=on_small)
+    await nc.subscribe(subjects.frames("twin"), cb=on_full)
+    await nc.flush()
+    cap = start_service(
+        "capture", nats.url, camera="twin", source="test", fps=10, width=640, height=480,
+        model_height=200,
+    )  # fmt: skip
+    cap.wait_healthy()
+    await asyncio.sleep(2.0)
+    assert cap.stop() == 0
+    await nc.close()
+    both = sorted(set(small) & set(full))
+    assert len(both) >= 10
+    for seq in both:
+        s, f = small[seq], full[seq]
+        assert (s.width, s.height, s.full_width, s.full_height) == (267, 200, 640, 480)
+        assert (f.width, f.height, f.full_width, f.full_height) == (640, 480, None, None)
+        assert s.capture_ns == f.capture_ns
+        assert order.index(("model", seq)) < order.index(("device", seq))
+        assert decode_jpeg(s.data).shape == (200, 267, 3)
+    # The small copy shows the same picture: compare it with the full frame shrunk here.
+    import cv2
+
+    s, f = small[both[-1]], full[both[-1]]
+    here = cv2.resize(decode_jpeg(f.data), (267, 200), interpolation=cv2.INTER_AREA)
+    diff = np.abs(here.astype(np.int16) - decode_jpeg(s.data).astype(np.int16))
+    assert diff.mean() < 8, diff.mean()

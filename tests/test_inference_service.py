@@ -18,6 +18,7 @@ from lensbus.images import encode_jpeg
 from lensbus.modelpkg import verify, write_package
 from lensbus.natsserver import NatsServer
 from lensbus.schemas import FrameEnvelope, Result
+from lensbus.schemas.result import Box
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +244,65 @@ def test_mailbox_keeps_the_newest_frames_per_camera() -> None:
         order.append((got[0], got[1].data[0]))
     # "b" has waited longest now; then "a" in frame order.
     assert order == [("b", 2), ("a", 3), ("a", 4)]
+
+
+async def test_model_stream_gives_the_same_detections_in_full_frame_pixels(
+    nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path, recorder
+) -> None:
+    """Inference on the model stream (capture's smaller copies) finds what it finds on the
+    device stream, with boxes in pixels of the full frame."""
+    rec_full, rec_small = await recorder("full"), await recorder("small")
+    folder = photos(tmp_path)
+    a = start_service("inference", nats.url, model=demo_models[YOLO], cameras="full",
+                      instance="on-device")  # fmt: skip
+    b = start_service("inference", nats.url, model=demo_models[YOLO], cameras="small",
+                      instance="on-model", stream="model")  # fmt: skip
+    a.wait_healthy(60)
+    b.wait_healthy(60)
+    caps = [
+        start_service(
+            "capture",
+            nats.url,
+            camera=cam,
+            source=folder,
+            fps=2,
+            loop="true",
+            width=1280,
+            height=960,
+            **extra,
+        )  # fmt: skip
+        for cam, extra in (("full", {}), ("small", {"model_height": 480}))
+    ]
+    await rec_full.wait_results(6, 90)
+    await rec_small.wait_results(6, 90)
+    for c in caps:
+        c.stop()
+    assert a.stop() == 0 and b.stop() == 0
+
+    def by_photo(results: list[Result]) -> dict[int, Result]:
+        """A result per photo (both captures loop the same folder in the same order)."""
+        for r in results:
+            assert (r.width, r.height) == (1280, 960)
+        return {r.seq % 3: r for r in results}
+
+    def iou(a: Box, b: Box) -> float:
+        ix = max(0, min(a.right, b.right) - max(a.left, b.left))
+        iy = max(0, min(a.bottom, b.bottom) - max(a.top, b.top))
+        area = (a.right - a.left) * (a.bottom - a.top) + (b.right - b.left) * (b.bottom - b.top)
+        return ix * iy / (area - ix * iy)
+
+    full, small = by_photo(rec_full.results), by_photo(rec_small.results)
+    assert set(full) == set(small) == {0, 1, 2}
+    labels = set()
+    for photo, r in full.items():
+        for d in (d for d in r.detections if d.score > 0.5):
+            match = max(
+                (e for e in small[photo].detections if e.label == d.label),
+                key=lambda e: iou(d.box, e.box),
+                default=None,
+            )
+            assert match is not None, (photo, d.label)
+            assert iou(d.box, match.box) > 0.8, (photo, d.label, d.box, match.box)
+            assert abs(d.score - match.score) < 0.15, (photo, d.label, d.score, match.score)
+            labels.add(d.label)
+    assert {"dog", "person", "horse"} <= labels, labels

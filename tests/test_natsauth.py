@@ -226,6 +226,7 @@ FORBIDDEN_PUBLISH = [
     ("capture", f"$O.{MODELS_BUCKET}.M.x"),
     ("capture", f"$JS.API.STREAM.DELETE.KV_{DEPLOYMENTS_BUCKET}"),
     ("inference", "lensbus.frames.cam1"),
+    ("inference", "lensbus.model-frames.cam1"),
     ("inference", "lensbus.events.cam1"),
     ("inference", f"$JS.API.STREAM.PURGE.OBJ_{MODELS_BUCKET}"),
     ("inference", f"$JS.API.STREAM.DELETE.KV_{DEPLOYMENTS_BUCKET}"),
@@ -361,7 +362,7 @@ async def _end_to_end(
     dep.wait_healthy(30)
     inf = start_service(
         "inference", auth.url, group="authgroup", instance="authinf",
-        model_cache=tmp_path / "cache", **auth.creds("inference"),
+        model_cache=tmp_path / "cache", stream="model", **auth.creds("inference"),
     )  # fmt: skip
     rules = [{"name": "dogs", "labels": ["dog"], "min_score": 0.5, "cooldown_s": 0}]
     pub = start_service("publisher", auth.url, rules=json.dumps(rules), **auth.creds("publisher"))
@@ -386,7 +387,7 @@ async def _end_to_end(
 
     cap = start_service(
         "capture", auth.url, camera="authcam", source=photos(tmp_path), fps=3, loop="true",
-        **auth.creds("capture"),
+        model_height=416, **auth.creds("capture"),
     )  # fmt: skip
     cap.wait_healthy(30)
     await until(lambda: {"dog", "person", "horse"} <= seen.labels(), 60, "real COCO labels")

@@ -4,8 +4,9 @@
 ``lensbus up`` give each service its own NATS user, allowed only its own subjects and
 JetStream resources:
 
-- ``capture`` publishes frames and its heartbeats; nothing else (not results, not buckets).
-- ``inference`` reads frames, publishes results, reads the desired models (KV
+- ``capture`` publishes frames (device and model streams) and its heartbeats; nothing else
+  (not results, not buckets).
+- ``inference`` reads frames (either stream), publishes results, reads the desired models (KV
   ``lensbus-deployments``) and the model store, and writes only its own swap reports
   (``report.>`` keys), never the ``group.*`` keys.
 - ``deployer`` answers ``<prefix>.api.deployer.*``, reads heartbeats, and is the only one
@@ -109,10 +110,11 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     """
     p = validate_prefix(prefix)
     frames, results, events = f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*"
+    model_frames = f"{p}.model-frames.*"
     status, api = f"{p}.status.>", f"{p}.api.deployer.*"
     heartbeat = f"{p}.status.{user}.>"
     if user == "capture":
-        pub, sub = [frames, heartbeat], [INBOX]
+        pub, sub = [frames, model_frames, heartbeat], [INBOX]
     elif user == "inference":
         pub = [
             results,
@@ -121,7 +123,7 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             *stream_read(DEPLOYMENTS_STREAM),
             *stream_read(MODELS_STREAM),
         ]
-        sub = [frames, INBOX]
+        sub = [frames, model_frames, INBOX]
     elif user == "deployer":
         pub = [
             heartbeat,

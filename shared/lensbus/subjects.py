@@ -75,6 +75,14 @@ class Subjects:
     def all_frames(self) -> str:
         return f"{self.prefix}.frames.*"
 
+    def model_frames(self, camera: str) -> str:
+        """The same frames made smaller for inference (the model stream), when capture has a
+        ``model_height``: a model of a few hundred pixels needs no 1080p JPEG."""
+        return f"{self.prefix}.model-frames.{validate_camera_id(camera)}"
+
+    def all_model_frames(self) -> str:
+        return f"{self.prefix}.model-frames.*"
+
     def results(self, camera: str) -> str:
         """Model results for one camera."""
         return f"{self.prefix}.results.{validate_camera_id(camera)}"

@@ -10,9 +10,18 @@ import time
 from lensbus.codec import encode
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
+from lensbus.schemas import FrameEnvelope
 from lensbus_capture import metrics
 from lensbus_capture.config import CaptureSettings
-from lensbus_capture.handlers import Encoded, encode_frame, envelope
+from lensbus_capture.handlers import (
+    Encoded,
+    encode_for_model,
+    encode_frame,
+    envelope,
+    model_size,
+    output_size,
+    scale_frame,
+)
 from lensbus_capture.sources import Source, SourceError, make_source
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,7 @@ class Capture:
         self.source = source
         self.rt = rt
         self.subject = rt.subjects.frames(settings.camera)
+        self.model_subject = rt.subjects.model_frames(settings.camera)
         self.seq = 0
         self.captured = 0
         self.published = 0
@@ -37,16 +47,38 @@ class Capture:
     def counters(self) -> dict[str, float]:
         return {"captured": self.captured, "published": self.published, "dropped": self.dropped}
 
-    def _read_and_encode(self) -> tuple[int, Encoded] | None:
-        # One hop to a worker thread per frame: the read blocks and the encode is CPU work,
-        # and both release the GIL, so the event loop stays free for NATS.
+    def _read_and_encode(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int, Encoded] | None:
+        """(seq, capture_ns, device-stream JPEG) of the next frame, None at the source's end.
+
+        One hop to a worker thread per frame: the read blocks and the encodes are CPU work,
+        and all release the GIL, so the event loop stays free for NATS.  With a model stream,
+        its small copy is published from here as soon as it is encoded: inference starts on
+        the frame while the device stream's larger JPEG is still being encoded.
+        """
         t0 = time.perf_counter()
         image = self.source.read()
         if image is None:
             return None
         capture_ns = time.time_ns()
         metrics.READ_SECONDS.observe(time.perf_counter() - t0)
-        return capture_ns, encode_frame(image, self.s.width, self.s.height, self.s.jpeg_quality)
+        h, w = image.shape[:2]
+        out_w, out_h = output_size(w, h, self.s.width, self.s.height)
+        scaled = None
+        seq = self.seq
+        self.seq += 1
+        if self.s.model_height:
+            # Made from the image as read unless the device stream shrinks it: one resample
+            # instead of two, and no wait for an upscale the model does not need.
+            if h > out_h:
+                scaled = scale_frame(image, self.s.width, self.s.height)
+            base = image if scaled is None else scaled
+            size = model_size(out_w, out_h, self.s.model_height)
+            small = encode_for_model(base, size, self.s.jpeg_quality)
+            msg = envelope(self.s.camera, seq, capture_ns, small, (out_w, out_h))
+            asyncio.run_coroutine_threadsafe(self._publish(self.model_subject, msg), loop)
+        if scaled is None:
+            scaled = scale_frame(image, self.s.width, self.s.height)
+        return seq, capture_ns, encode_frame(scaled, None, None, self.s.jpeg_quality)
 
     def _drop(self, reason: str, detail: str = "") -> None:
         self.dropped += 1
@@ -55,22 +87,18 @@ class Capture:
             log, self._limit, reason, logging.WARNING, "dropping frames (%s) %s", reason, detail
         )
 
-    async def _publish(self, capture_ns: int, enc: Encoded) -> None:
-        seq = self.seq
-        self.seq += 1
+    async def _publish(self, subject: str, msg: FrameEnvelope) -> bool:
+        """Publish one frame message now, or drop it (never queued); True if sent."""
         if not self.rt.bus.connected:
             # Never queue frames while NATS is away: a late frame is worth nothing.
             self._drop("nats_down")
-            return
+            return False
         try:
-            await self.rt.nc.publish(
-                self.subject, encode(envelope(self.s.camera, seq, capture_ns, enc))
-            )
+            await self.rt.nc.publish(subject, encode(msg))
         except Exception as exc:  # buffer full, connection closing: drop and go on
             self._drop("publish_error", f"{type(exc).__name__}: {exc}")
-            return
-        self.published += 1
-        metrics.FRAMES_PUBLISHED.inc()
+            return False
+        return True
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -108,11 +136,12 @@ class Capture:
             return
 
     async def loop(self) -> int:
+        loop = asyncio.get_running_loop()
         interval = 1.0 / self.s.fps
         next_t = time.monotonic()
         while not self.rt.stop.is_set():
             try:
-                item = await asyncio.to_thread(self._read_and_encode)
+                item = await asyncio.to_thread(self._read_and_encode, loop)
             except SourceError as exc:
                 if not self.source.live:
                     log.error("%s", exc)
@@ -126,8 +155,11 @@ class Capture:
                 return 0
             self.captured += 1
             metrics.FRAMES_CAPTURED.inc()
-            metrics.ENCODE_SECONDS.observe(item[1].encode_s)
-            await self._publish(*item)
+            seq, capture_ns, enc = item
+            metrics.ENCODE_SECONDS.observe(enc.encode_s)
+            if await self._publish(self.subject, envelope(self.s.camera, seq, capture_ns, enc)):
+                self.published += 1
+                metrics.FRAMES_PUBLISHED.inc()
             # Pace to the fps cap on a fixed schedule; after a stall, start a new schedule
             # instead of bursting to catch up.
             next_t += interval

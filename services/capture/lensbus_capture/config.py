@@ -23,6 +23,13 @@ class CaptureSettings(ServiceSettings):
     width: int | None = Field(default=None, gt=0, le=MAX_SIDE, description="output width")
     height: int | None = Field(default=None, gt=0, le=MAX_SIDE, description="output height")
     jpeg_quality: int = Field(default=85, ge=1, le=100, description="JPEG quality 1-100")
+    model_height: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SIDE,
+        description="also publish every frame at this height (aspect kept) on the model "
+        "stream, for inference (its stream='model'); unset: no model stream",
+    )
     loop: bool = Field(default=False, description="restart a video file or folder at its end")
     reopen_max_s: float = Field(default=5.0, gt=0, le=300, description="longest reopen back-off")
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="0 picks a free port")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,6 +35,11 @@ class InferenceSettings(ServiceSettings):
     device: str = Field(default="cpu", description="'cpu', 'gpu' or 'gpu:N'")
     threads: int | None = Field(default=None, gt=0, le=256, description="model threads")
     queue_group: str = Field(default=INFERENCE_QUEUE_GROUP, description="NATS queue group")
+    stream: Literal["device", "model"] = Field(
+        default="device",
+        description="frames to read: 'device' (as captured) or 'model' (the smaller copies "
+        "capture publishes with its model_height set)",
+    )
     queue_depth: int = Field(
         default=1,
         ge=1,

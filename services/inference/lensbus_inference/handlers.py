@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import time
@@ -31,15 +30,10 @@ class Rejected(Exception):
 
 @dataclass(eq=False)
 class Pending:
-    """A frame message waiting in the mailbox, with when it arrived.
-
-    ``decoded`` is set when its decode was started ahead of the model being free (see
-    ``app.Worker``); the frame still waits in the mailbox, and a newer one still replaces it.
-    """
+    """A frame message waiting in the mailbox, with when it arrived."""
 
     data: bytes
     arrived: float  # time.perf_counter()
-    decoded: asyncio.Future[Decoded] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,11 +67,6 @@ class Mailbox:
         # Moved to the end: cameras are served in the order their oldest frames came in.
         self._waiting.move_to_end(camera)
         return frames.popleft()
-
-    def peek(self) -> Pending | None:
-        """The frame :meth:`take` would return next, left in place."""
-        frames = next(iter(self._waiting.values()), None)
-        return frames[0] if frames else None
 
     def take(self) -> tuple[str, Pending] | None:
         """The camera that has waited longest and its oldest waiting frame."""
@@ -127,29 +116,22 @@ def decode_frame(
     return Decoded(env, image, factor, item.arrived, t0, time.perf_counter())
 
 
-def fits(frame: Decoded, model: LoadedModel, reduced: bool) -> bool:
-    """Whether ``frame`` was decoded at the reduction ``model`` needs (a swap may change it)."""
-    env = frame.env
-    return frame.factor == (
-        reduction_for(env.width, env.height, *model.input_size) if reduced else 1
-    )
-
-
 def run_model(frame: Decoded, model: LoadedModel, instance: str) -> Result:
     """Run a decoded frame through the model and describe the result."""
     t0 = time.perf_counter()
     # Queue: every wait between arrival and the model, before and after the decode.
     queue_s = (frame.started - frame.arrived) + (t0 - frame.finished)
     env = frame.env
-    out = model.run(frame.image, env.width, env.height)
+    width, height = env.frame_size  # a model-stream frame's boxes are in full-frame pixels
+    out = model.run(frame.image, width, height)
     m = model.manifest
     return Result(
         camera=env.camera,
         seq=env.seq,
         capture_ns=env.capture_ns,
         result_ns=time.time_ns(),
-        width=env.width,
-        height=env.height,
+        width=width,
+        height=height,
         model=ModelRef(name=m.name, version=m.version, framework=m.framework, device=model.device),
         task=m.task,
         instance=instance,

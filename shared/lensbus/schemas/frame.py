@@ -1,4 +1,6 @@
-"""The frame envelope published on ``<prefix>.frames.<camera>`` (the device stream)."""
+"""The frame envelope published on ``<prefix>.frames.<camera>`` (the device stream) and, when
+capture makes one, on ``<prefix>.model-frames.<camera>`` (the model stream: the same frames,
+smaller, for inference)."""
 
 from __future__ import annotations
 
@@ -27,3 +29,20 @@ class FrameEnvelope(Message):
     source_seq: int | None = Field(
         default=None, description="index of the frame in its source, when the source has one"
     )
+    full_width: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SIDE,
+        description="model stream only: width of the device-stream frame this is a copy of",
+    )
+    full_height: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SIDE,
+        description="model stream only: height of the device-stream frame this is a copy of",
+    )
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the frame as captured: what result pixels refer to."""
+        return (self.full_width or self.width, self.full_height or self.height)
