@@ -22,11 +22,18 @@ The same frames, model and backend, side by side in one run on one machine:
   The per-stage timings the results carry (queue, decode, preprocess, compute, postprocess)
   are reported beside them; "transport" is what is left: capture's resize, JPEG encode,
   envelope, publish, NATS and the hop into the inference worker.
+* **pipeline + model stream**: the same runs (same rounds, same bare windows) with capture's
+  ``model_height`` at the model's input height (416) and inference on ``stream=model``: the
+  model reads the small copies capture publishes first, the device stream still goes out
+  at full size.
 * **swap**: the deployer as a real process, two versions of the package uploaded, inference
   following the group; at the paced rate, the group's model is switched mid-run: frames
   without a result, results from the old model after the new one, the longest gap between
   results against the normal interval (median gap).  Stall = longest gap - normal interval.
-* **overload**: capture asked for 4x the bare fps for 2 minutes (15 s with ``--quick``): RSS of
+  Full runs repeat it with inference at ``queue_depth=2``.  With ``--keep``, every result's
+  stage timings around the swap are written to ``swap-<backend>-<depth>.tsv`` in the work
+  folder (``--log-level INFO`` adds the services' own account of fetch, load and warm-up).
+* **overload**: capture asked for 4x the bare fps for 2 minutes (10 s with ``--quick``): RSS of
   capture, inference and nats-server after a 10 s settle ("start") and at the end, drops by
   reason from each service's /metrics, frames lost between capture and inference, and
   nats-server's slow-consumer count.
@@ -159,9 +166,9 @@ QUICK = Windows(
     warm_s=2,
     swap_before_s=3,
     swap_after_s=4,
-    overload_s=12,
+    overload_s=10,
     settle_s=3,
-    workers_s=4,
+    workers_s=3,
     rounds=2,
     quiet_wait_s=0,
     paced_s=6,
