@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -218,3 +220,37 @@ async def test_model_stream_carries_smaller_copies_first(nats: NatsServer, start
     here = cv2.resize(decode_jpeg(f.data), (267, 200), interpolation=cv2.INTER_AREA)
     diff = np.abs(here.astype(np.int16) - decode_jpeg(s.data).astype(np.int16))
     assert diff.mean() < 8, diff.mean()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_stalled_server_costs_frames_not_memory(
+    fresh_nats: NatsServer, start_service
+) -> None:
+    """While NATS holds capture back (here: the server stopped dead), frames are dropped as
+    ``backpressure`` instead of piling up in the client; they flow again after."""
+    cap = start_service(
+        "capture", fresh_nats.url, camera="stall", source="test", fps=60, width=1920,
+        height=1080,
+    )  # fmt: skip
+    cap.wait_healthy()
+    await asyncio.sleep(1.0)
+    before = rss_mb(cap.proc.pid)
+    assert fresh_nats.proc is not None
+    os.kill(fresh_nats.proc.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(4.0)
+        grown = rss_mb(cap.proc.pid) - before
+        dropped = cap.metric("lensbus_capture_frames_dropped_total", 'reason="backpressure"')
+    finally:
+        os.kill(fresh_nats.proc.pid, signal.SIGCONT)
+    assert dropped > 0
+    assert grown < 10, f"RSS grew {grown:.1f} MB while the server was stopped"
+    frames = await collect(fresh_nats.url, "stall", 1.5)
+    assert frames, "frames flow again once the server runs"
+    assert cap.stop() == 0

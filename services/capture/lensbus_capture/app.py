@@ -27,6 +27,9 @@ from lensbus_capture.sources import Source, SourceError, make_source
 log = logging.getLogger(__name__)
 
 EXIT_SOURCE = 3  # the source could not be opened at start
+# Unsent frame bytes in the NATS client above which a new frame is dropped (nats-py's own
+# default pending size: where it forces a flush).
+MAX_PENDING_BYTES = 2 * 1024 * 1024
 
 
 class Capture:
@@ -92,6 +95,12 @@ class Capture:
         if not self.rt.bus.connected:
             # Never queue frames while NATS is away: a late frame is worth nothing.
             self._drop("nats_down")
+            return False
+        if self.rt.nc.pending_data_size > MAX_PENDING_BYTES:
+            # Nor behind a stalled connection: the server holds back a producer whose
+            # consumers are slow, and nats-py then keeps every later publish in memory
+            # (measured: capture's RSS stepped up ~10 MB under overload).
+            self._drop("backpressure")
             return False
         try:
             await self.rt.nc.publish(subject, encode(msg))
