@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -44,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+CLOSE_TIMEOUT_S = 5.0  # a watch that was told to stop never hangs on the way out
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 
@@ -150,6 +152,14 @@ async def watch(
     printed = 0
     rejected = 0
     done = asyncio.Event()
+    # Ctrl-C or SIGTERM ends the watch like --count does: unsubscribe, close, exit 0.  (As a
+    # cancellation it could land inside nats-py's message handling and leave close() waiting.)
+    loop = asyncio.get_running_loop()
+    signals = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, done.set)
+            signals.append(sig)
     try:
         js = nc.jetstream()
         try:
@@ -196,12 +206,14 @@ async def watch(
                 done.set()
         await done.wait()
         with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+            await asyncio.wait_for(sub.unsubscribe(), CLOSE_TIMEOUT_S)
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         if rejected:
             print(f"lensbus watch: skipped {rejected} unreadable messages", file=err)
         with contextlib.suppress(Exception):
-            await nc.close()
+            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
     return EXIT_OK
 
 
