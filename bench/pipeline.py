@@ -847,6 +847,7 @@ class Bench:
         size = SIZES[size_name]
         fps = PACED * self.bare_fps(backend, size_name)
         a, b = await asyncio.to_thread(self.versions, backend)
+        name = verify(a).manifest.name  # the demo packages are named after their folders
         a_ver, b_ver = f"{backend}-a", f"{backend}-b"
         dep = self.lab.start("deployer", work_dir=self.lab.work / f"deployer-{depth}")
         await asyncio.to_thread(dep.wait_healthy, 60)
@@ -858,7 +859,7 @@ class Bench:
         async with await DeployClient.connect(self.lab.url, timeout_s=60) as dc:
             for p in (a, b):
                 await dc.upload(p)
-            await dc.activate(group, "yolov3-tiny", a_ver)
+            await dc.activate(group, name, a_ver)
             inf = await asyncio.to_thread(
                 self.lab.inference,
                 None,
@@ -870,7 +871,7 @@ class Bench:
             )
             try:
                 await self.col.until(
-                    lambda: self.col.serving(inst) == f"yolov3-tiny:{a_ver}",
+                    lambda: self.col.serving(inst) == f"{name}:{a_ver}",
                     120,
                     f"{a_ver} in service",
                 )
@@ -880,9 +881,9 @@ class Bench:
                 await asyncio.sleep(self.win.swap_before_s)
                 meter = CpuMeter({"capture": cap.pid, "inference": inf.pid}).start()
                 activated = time.time_ns()
-                await dc.activate(group, "yolov3-tiny", b_ver)
+                await dc.activate(group, name, b_ver)
                 await self.col.until(
-                    lambda: self.col.serving(inst) == f"yolov3-tiny:{b_ver}",
+                    lambda: self.col.serving(inst) == f"{name}:{b_ver}",
                     120,
                     f"{b_ver} in service",
                 )
