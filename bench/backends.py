@@ -34,29 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+from early_threads import THREADS as _THREADS
 
-# MXNet fixes its operator thread count when it is imported: set it before anything does.
-def _early_threads(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-_THREADS = _early_threads(sys.argv)
-os.environ.setdefault("MXNET_OMP_MAX_THREADS", _THREADS or str(os.cpu_count() or 1))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lensbus.modelpkg import Package, verify  # noqa: E402
-from lensbus_inference.backends import parse_device  # noqa: E402
-from lensbus_inference.model import LoadedModel, load_model  # noqa: E402
-from lensbus_inference.models import build_classifier, build_demo  # noqa: E402
-from lensbus_inference.preprocess import Preprocessor  # noqa: E402
+from lensbus.modelpkg import Package, verify
+from lensbus_inference.backends import parse_device
+from lensbus_inference.model import LoadedModel, load_model
+from lensbus_inference.models import build_classifier, build_demo
+from lensbus_inference.preprocess import Preprocessor
 
 FRAME = Path("/usr/share/darknet/data/dog.jpg")
 CASES = [

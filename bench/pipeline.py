@@ -79,35 +79,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import msgpack
+import nats
+import numpy as np
+from early_threads import ROOT
+from early_threads import THREADS as _THREADS
+from nats.aio.msg import Msg
 
-# MXNet fixes its operator thread count when it is imported: set it before anything does.
-def _early_threads(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-_THREADS = _early_threads(sys.argv)
-os.environ.setdefault("MXNET_OMP_MAX_THREADS", _THREADS or str(os.cpu_count() or 1))
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "services" / "inference"))
-sys.path.insert(0, str(ROOT / "services" / "capture"))
-
-import cv2  # noqa: E402
-import msgpack  # noqa: E402
-import nats  # noqa: E402
-import numpy as np  # noqa: E402
-from nats.aio.msg import Msg  # noqa: E402
-
-from lensbus import Subjects, decode  # noqa: E402
-from lensbus.modelpkg import verify, write_package  # noqa: E402
-from lensbus.natsserver import NatsServer, free_port  # noqa: E402
-from lensbus.schemas import Result, Status  # noqa: E402
-from lensbus_capture.handlers import scale_frame  # noqa: E402
-from lensbus_capture.sources import VideoSource  # noqa: E402
+from lensbus import Subjects, decode
+from lensbus.modelpkg import verify, write_package
+from lensbus.natsserver import NatsServer, free_port
+from lensbus.schemas import Result, Status
+from lensbus_capture.handlers import scale_frame
+from lensbus_capture.sources import VideoSource
 
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080)}
 BACKENDS = ("mxnet", "onnx")

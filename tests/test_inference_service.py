@@ -12,6 +12,7 @@ import msgpack
 import nats as nats_py
 import numpy as np
 import pytest
+from photos import photos
 
 from lensbus import DecodeError, Subjects, decode, encode
 from lensbus.images import encode_jpeg
@@ -22,19 +23,7 @@ from lensbus.schemas.result import Box
 
 pytestmark = pytest.mark.slow
 
-PHOTOS = Path("/usr/share/darknet/data")
 YOLO = "yolov3-tiny-onnx"  # the demo package the service runs here
-
-
-def photos(tmp_path: Path) -> Path:
-    """A folder with the three real photos the model tests use."""
-    if not PHOTOS.is_dir():
-        pytest.skip("Debian package darknet (real photos) is not installed")
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("dog.jpg", "person.jpg", "horses.jpg"):
-        shutil.copy(PHOTOS / name, folder / name)
-    return folder
 
 
 class Recorder:

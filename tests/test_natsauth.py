@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +19,7 @@ import nats as nats_py
 import pytest
 from nats.js import api
 from nats.js.errors import KeyNotFoundError
+from photos import photos
 
 from lensbus import DecodeError, Subjects, decode
 from lensbus.deployclient import DeployClient
@@ -44,7 +44,6 @@ from lensbus.subjects import (
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
-PHOTOS = Path("/usr/share/darknet/data")
 YOLO = "yolov3-tiny-onnx"
 
 # ---- the permission set itself ---------------------------------------------------------------
@@ -297,16 +296,6 @@ async def test_env_referenced_passwords(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 # ---- every service with its own user, end to end -----------------------------------------
-
-
-def photos(tmp_path: Path) -> Path:
-    if not PHOTOS.is_dir():
-        pytest.skip("Debian package darknet (real photos) is not installed")
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("dog.jpg", "person.jpg", "horses.jpg"):
-        shutil.copy(PHOTOS / name, folder / name)
-    return folder
 
 
 class Seen:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import statistics
@@ -31,6 +30,7 @@ import nats as nats_py
 import numpy as np
 import pytest
 from aiohttp import web
+from photos import PHOTOS, photos
 
 from lensbus import Subjects, decode, encode
 from lensbus.codec import DecodeError
@@ -42,23 +42,11 @@ from lensbus_publisher.render import color_for, line_width
 
 pytestmark = pytest.mark.slow
 
-PHOTOS = Path("/usr/share/darknet/data")
 YOLO = "yolov3-tiny-onnx"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- helpers (the browser test uses them too) ----------------------------------------------
-
-
-def photos(tmp_path: Path, *names: str, folder: str = "photos") -> Path:
-    """A folder with some of the real photos of Debian's darknet package."""
-    if not PHOTOS.is_dir():
-        pytest.skip("Debian package darknet (real photos) is not installed")
-    out = tmp_path / folder
-    out.mkdir()
-    for name in names:
-        shutil.copy(PHOTOS / name, out / name)
-    return out
 
 
 class Recorder:
