@@ -7,7 +7,6 @@ service started before its NATS server waits for it instead of failing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from nats.aio.client import Client as NATS
 from lensbus import metrics
 from lensbus.logs import RateLimit, log_limited
 from lensbus.settings import ServiceSettings
+from lensbus.waiting import sleep_unless_stopped, wait_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,52 @@ log = logging.getLogger(__name__)
 PENDING_BYTES = 8 * 1024 * 1024
 
 
-def connect_options(settings: ServiceSettings) -> dict[str, Any]:
-    """Keyword arguments for ``nats.connect`` from the shared settings (credentials, TLS)."""
+async def _quiet(exc: Exception) -> None:
+    """An error callback for short-lived connections: failures surface as exceptions."""
+
+
+def split_servers(servers: str | list[str]) -> list[str]:
+    """``"nats://a:4222,nats://b:4222"`` (or a list) -> the list of server URLs."""
+    items = servers.split(",") if isinstance(servers, str) else servers
+    return [s.strip() for s in items if s.strip()]
+
+
+async def connect(
+    servers: str | list[str],
+    *,
+    name: str,
+    reconnect: bool = True,
+    timeout_s: float | None = None,
+    **options: Any,
+) -> NATS:
+    """The one way lensbus opens a NATS connection (services, SDK, CLI).
+
+    ``reconnect``: once connected, reconnect forever (a service, a watch); False for a
+    command that should fail fast.  ``timeout_s`` bounds the first connection (nats-py
+    would otherwise retry it forever when reconnecting is allowed).  ``options`` go to
+    ``nats.connect`` as they are (credentials, TLS, callbacks).
+    """
     opts: dict[str, Any] = {
-        "servers": settings.nats_servers,
+        "servers": split_servers(servers),
+        "name": name,
+        "allow_reconnect": reconnect,
+        # nats-py retries the first connection forever with 0; 1 means "try twice".
+        "max_reconnect_attempts": -1 if reconnect else 1,
+        "reconnect_time_wait": 0.5 if reconnect else 0.2,
+        "connect_timeout": 2 if timeout_s is None else min(timeout_s, 5.0),
+    }
+    if timeout_s is not None:
+        opts["error_cb"] = _quiet
+    opts.update(options)
+    if timeout_s is None:
+        return await nats.connect(**opts)
+    return await asyncio.wait_for(nats.connect(**opts), timeout_s)
+
+
+def connect_options(settings: ServiceSettings) -> dict[str, Any]:
+    """Keyword arguments for :func:`connect` from a service's settings (credentials, TLS)."""
+    opts: dict[str, Any] = {
         "name": f"{settings.service}.{settings.instance}",
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "connect_timeout": 2,
         "ping_interval": 10,
         "max_outstanding_pings": 3,
         "drain_timeout": settings.drain_timeout_s,
@@ -106,22 +143,18 @@ class Bus:
         self._changed(False, "connecting to NATS")
         stop = stop or asyncio.Event()
         while not stop.is_set():
-            attempt = asyncio.ensure_future(
-                nats.connect(
+            attempt = await wait_unless_stopped(
+                stop,
+                connect(
+                    self.settings.nats_servers,
                     error_cb=self._error,
                     disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected,
                     closed_cb=self._closed,
                     **connect_options(self.settings),
-                )
+                ),
             )
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not attempt.done():
-                attempt.cancel()
-                with contextlib.suppress(BaseException):
-                    await attempt
+            if attempt is None:
                 return None
             exc = attempt.exception()
             if exc is None:
@@ -141,8 +174,7 @@ class Bus:
                 exc,
             )
             self._changed(False, f"cannot connect to NATS: {exc}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 2.0)
+            await sleep_unless_stopped(stop, 2.0)
         return None
 
     async def close(self) -> None:

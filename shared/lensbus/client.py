@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from lensbus import metrics
+from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
 from lensbus.images import ImageError, decode_jpeg
 from lensbus.schemas import FrameEnvelope, Result
@@ -71,8 +71,7 @@ class Client:
         self.rejected = 0
 
     async def connect(self) -> None:
-        opts = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, **self._options}
-        self._nc = await nats.connect(servers=self.servers, **opts)
+        self._nc = await connect(self.servers, **{"name": "lensbus-client", **self._options})
 
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

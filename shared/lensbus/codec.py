@@ -11,45 +11,24 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import ValidationError
 
+from lensbus.errors import DecodeError, InvalidMessage, MalformedMessage, UnknownSchemaVersion
 from lensbus.schemas.base import SCHEMA_VERSION, Message
+
+__all__ = [
+    "DecodeError",
+    "InvalidMessage",
+    "MalformedMessage",
+    "UnknownSchemaVersion",
+    "decode",
+    "encode",
+    "unpack",
+]
 
 M = TypeVar("M", bound=Message)
 
 # Refuse messages larger than this outright: msgpack would otherwise try to allocate
 # whatever length a corrupt header claims.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class DecodeError(ValueError):
-    """A message that cannot be read. ``reason`` labels the rejection in metrics."""
-
-    reason = "malformed"
-
-    def __init__(self, message: str, *, kind: str = "message") -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-
-
-class MalformedMessage(DecodeError):
-    """Not msgpack, or not a map with an integer ``v``."""
-
-    reason = "malformed"
-
-
-class UnknownSchemaVersion(DecodeError):
-    """A schema version this code does not know."""
-
-    reason = "unknown_version"
-
-    def __init__(self, version: int, *, kind: str = "message") -> None:
-        super().__init__(f"schema version {version} is not {SCHEMA_VERSION}", kind=kind)
-        self.version = version
-
-
-class InvalidMessage(DecodeError):
-    """Well-formed msgpack of the right version whose fields do not fit the schema."""
-
-    reason = "invalid"
 
 
 def encode(message: Message) -> bytes:
@@ -75,7 +54,7 @@ def unpack(data: bytes, *, kind: str = "message") -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool):
         raise MalformedMessage("missing or non-integer schema version 'v'", kind=kind)
     if version != SCHEMA_VERSION:
-        raise UnknownSchemaVersion(version, kind=kind)
+        raise UnknownSchemaVersion(version, SCHEMA_VERSION, kind=kind)
     return obj
 
 

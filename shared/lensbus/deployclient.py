@@ -29,7 +29,9 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
+from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode, encode
+from lensbus.errors import DeployError
 from lensbus.modelpkg import PackageError, pack, sha256_file
 from lensbus.schemas import (
     ActivateRequest,
@@ -65,16 +67,6 @@ COMMIT_BYTES_PER_S = 10 * 1024 * 1024
 CHUNK_ATTEMPTS = 3
 
 
-class DeployError(Exception):
-    """The deployer refused a request (``code`` from its reply) or did not answer
-    (``code`` ``unreachable``). ``message`` says what to do."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}" if code else message)
-        self.code = code
-        self.message = message
-
-
 class DeployClient:
     """Requests to the deployer over an open NATS connection."""
 
@@ -90,23 +82,13 @@ class DeployClient:
     ) -> DeployClient:
         """Connect to NATS (no reconnecting: a command should fail fast) and wrap it."""
 
-        async def quiet(exc: Exception) -> None:  # failures surface as DeployError instead
-            return None
-
-        servers = [u.strip() for u in url.split(",") if u.strip()]
-        opts: dict[str, object] = {
-            "servers": servers,
-            "connect_timeout": min(timeout_s, 5.0),
-            "allow_reconnect": False,
-            # nats-py retries the first connection forever with 0; 1 means "try twice".
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0.2,
-            "error_cb": quiet,
-            "name": "lensbus-deployclient",
-            **options,
-        }
         try:
-            nc = await asyncio.wait_for(nats.connect(**opts), timeout_s + 5.0)  # type: ignore[arg-type]
+            nc = await connect(
+                url,
+                **{"name": "lensbus-deployclient", **options},
+                reconnect=False,
+                timeout_s=timeout_s + 5.0,
+            )
         except Exception as exc:
             raise DeployError(
                 UNREACHABLE,

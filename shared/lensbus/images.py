@@ -28,6 +28,8 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
+from lensbus.errors import ImageError
+
 # cv2 flags for decoding at 1/1, 1/2, 1/4 and 1/8 of the size: libjpeg skips the work
 # in the DCT domain, which is much cheaper than decoding in full and resizing.
 _REDUCED = {
@@ -51,10 +53,6 @@ _NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC share the 0xC0-0xCF range with th
 T = TypeVar("T")
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
-class ImageError(ValueError):
-    """Bytes that are not a decodable image."""
 
 
 def _submit(fn: Callable[..., T], *args: object) -> Future[T]:

@@ -19,15 +19,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lensbus.errors import PackageError
 from lensbus.schemas import SCHEMA_VERSION, Manifest, ModelFile
 
 MANIFEST = "model.json"
 # A package larger than this is refused before it is unpacked (a zip bomb, a wrong file).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-
-
-class PackageError(ValueError):
-    """A model package that is unsafe, incomplete, corrupt or has a bad manifest."""
 
 
 def sha256_file(path: Path) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -34,6 +33,7 @@ from lensbus.memory import limit_malloc_arenas
 from lensbus.schemas import ModelRef, State, Status
 from lensbus.settings import ServiceSettings, SettingsError, load_settings
 from lensbus.subjects import Subjects
+from lensbus.waiting import sleep_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ class Runtime:
     async def _beat(self) -> None:
         while not self.stop.is_set():
             await self.publish_status()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), self.settings.heartbeat_s)
+            await sleep_unless_stopped(self.stop, self.settings.heartbeat_s)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -22,13 +22,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from lensbus.errors import SettingsError
 from lensbus.subjects import DEFAULT_PREFIX, validate_prefix, validate_token
 
 S = TypeVar("S", bound="ServiceSettings")
-
-
-class SettingsError(Exception):
-    """Settings that cannot start a service; the message names every bad field."""
 
 
 def default_instance() -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lensbus.errors import InvalidName
+
 DEFAULT_PREFIX = "lensbus"
 
 # NATS tokens may not contain '.', '*', '>' or whitespace. We are stricter on purpose:
@@ -33,10 +35,6 @@ DEPLOYER_VERBS = (
 INFERENCE_QUEUE_GROUP = "inference"
 # The queue group deployers answer requests in, so that several can share the load.
 DEPLOYER_QUEUE_GROUP = "deployer"
-
-
-class InvalidName(ValueError):
-    """A camera id, service, instance or prefix that cannot be a NATS subject token."""
 
 
 def validate_token(value: str, what: str = "camera id") -> str:

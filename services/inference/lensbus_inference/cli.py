@@ -11,23 +11,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lensbus.cli.common import SubParsers, models_verbs
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 DEFAULT_OUT = ".lensbus/models"
-
-SubParsers = argparse._SubParsersAction
-
-
-def models_verbs(sub: SubParsers) -> SubParsers:
-    """The verbs of ``lensbus models``, creating the group if no one has yet."""
-    parser = sub.choices.get("models")
-    if parser is None:
-        parser = sub.add_parser("models", help="build, import and inspect model packages")
-        parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("the 'models' command has no sub-commands")  # pragma: no cover
 
 
 def _fail(command: str, message: str) -> int:

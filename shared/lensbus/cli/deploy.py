@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -18,19 +17,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from lensbus.cli.common import SubParsers, add_nats_options, models_verbs
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.schemas import Deployment, GroupStatus, ModelInfo
 from lensbus.schemas.manifest import _check_name, _check_version
-from lensbus.subjects import DEFAULT_PREFIX, InvalidName, validate_prefix, validate_token
+from lensbus.subjects import InvalidName, validate_token
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-SubParsers = argparse._SubParsersAction
 Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
 
 
@@ -40,13 +37,6 @@ Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
 def _group(value: str) -> str:
     try:
         return validate_token(value, "group")
-    except InvalidName as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _prefix(value: str) -> str:
-    try:
-        return validate_prefix(value)
     except InvalidName as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -250,36 +240,8 @@ def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]
 # ---- registration ----------------------------------------------------------------------------
 
 
-def models_verbs(sub: SubParsers) -> SubParsers:
-    """The verbs of ``lensbus models``, creating the group if no one has yet.
-
-    The inference package adds its own verbs (``import-darknet``, ``build-demo``) to the
-    same group through the ``lensbus.commands`` entry point; whichever registers first
-    creates it, the other joins it.
-    """
-    parser = sub.choices.get("models")
-    if parser is None:
-        parser = sub.add_parser("models", help="build, import, upload and list model packages")
-        parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("the 'models' command has no sub-commands")  # pragma: no cover
-
-
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--nats-url",
-        default=os.environ.get("LENSBUS_NATS_URL", DEFAULT_NATS_URL),
-        help="NATS server URL(s), comma-separated (default: $LENSBUS_NATS_URL or "
-        f"{DEFAULT_NATS_URL})",
-    )
-    p.add_argument(
-        "--prefix",
-        type=_prefix,
-        default=os.environ.get("LENSBUS_PREFIX", DEFAULT_PREFIX),
-        help=f"subject prefix (default: $LENSBUS_PREFIX or {DEFAULT_PREFIX})",
-    )
+    add_nats_options(p)
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the deployer (default 10)"
     )

@@ -24,9 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import nats
-
 from lensbus import natsauth
+from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import DeployClient, DeployError
 from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port
@@ -229,7 +228,7 @@ class Up:
             await client.close()
 
     async def first_result(self, wait_s: float) -> Result | None:
-        nc = await nats.connect(self.url, **self.client_options())
+        nc = await connect(self.url, name="lensbus-up", **self.client_options())
         got: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
 
         async def on_result(msg: Any) -> None:

@@ -15,19 +15,19 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-import nats
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from lensbus.bus import connect
+from lensbus.cli.common import add_nats_options
 from lensbus.codec import DecodeError, decode
 from lensbus.schemas import Event, Result
 from lensbus.subjects import (
@@ -36,7 +36,6 @@ from lensbus.subjects import (
     InvalidName,
     Subjects,
     validate_camera_id,
-    validate_prefix,
 )
 
 EXIT_OK = 0
@@ -44,7 +43,6 @@ EXIT_NO_STREAM = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 CLOSE_TIMEOUT_S = 5.0  # a watch that was told to stop never hangs on the way out
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -70,13 +68,6 @@ def _camera(value: str) -> str:
         return value
     try:
         return validate_camera_id(value)
-    except InvalidName as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _prefix(value: str) -> str:
-    try:
-        return validate_prefix(value)
     except InvalidName as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -124,24 +115,10 @@ async def watch(
         subject = subjects.all_results() if camera == "*" else subjects.results(camera)
     schema: type[Result] | type[Event] = Event if events else Result
 
-    async def quiet(exc: Exception) -> None:  # reconnects are nats-py's business
-        return None
-
     try:
         # Reconnect forever once connected (a watch runs for hours); but the first
         # connection must fail fast, and nats-py would retry that one forever too.
-        nc = await asyncio.wait_for(
-            nats.connect(
-                servers=servers,
-                connect_timeout=2,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=quiet,
-                name="lensbus-watch",
-            ),
-            5.0,
-        )
+        nc = await connect(servers, name="lensbus-watch", timeout_s=5.0, connect_timeout=2)
     except (NoServersError, OSError, TimeoutError) as exc:
         print(
             f"lensbus watch: cannot reach NATS at {','.join(servers)} ({type(exc).__name__}): "
@@ -256,15 +233,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-follow", action="store_true", help="stop once caught up instead of going live"
     )
     p.add_argument("--count", type=int, default=None, help="stop after this many messages")
-    p.add_argument(
-        "--nats-url",
-        default=os.environ.get("LENSBUS_NATS_URL", DEFAULT_NATS_URL),
-        help=f"NATS server URL(s) (env LENSBUS_NATS_URL, default {DEFAULT_NATS_URL})",
-    )
-    p.add_argument(
-        "--prefix",
-        type=_prefix,
-        default=os.environ.get("LENSBUS_PREFIX", DEFAULT_PREFIX),
-        help="subject prefix (env LENSBUS_PREFIX)",
-    )
+    add_nats_options(p)
     p.set_defaults(func=_run)
