@@ -38,10 +38,10 @@ import cv2
 import numpy as np
 from early_threads import THREADS as _THREADS
 
+from lensbus.backends import parse_device
 from lensbus.modelpkg import Package, verify
-from lensbus_inference.backends import parse_device
 from lensbus_inference.model import LoadedModel, load_model
-from lensbus_inference.models import build_classifier, build_demo
+from lensbus_inference.packaging.demo_packages import build_classifier, build_demo
 from lensbus_inference.preprocess import Preprocessor
 
 FRAME = Path("/usr/share/darknet/data/dog.jpg")

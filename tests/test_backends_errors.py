@@ -18,11 +18,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lensbus.backends import BACKENDS, parse_device
 from lensbus.modelpkg import Package, write_package
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
 
-from lensbus_inference.backends import BACKENDS, parse_device  # noqa: E402
 from lensbus_inference.model import ModelLoadError, load_model  # noqa: E402
 
 SIZE = 16
@@ -131,7 +131,7 @@ def load_and_warm(pkg: Package, device: str = "cpu") -> None:
 @pytest.mark.parametrize("as_inputs", [False, True])
 def test_tiny_onnx_runs(tmp_path: Path, as_inputs: bool, caplog: pytest.LogCaptureFixture) -> None:
     pkg = package_onnx(tmp_path / "pkg", initializers_as_inputs=as_inputs)
-    with caplog.at_level(logging.INFO, logger="lensbus_inference.backends"):
+    with caplog.at_level(logging.INFO, logger="lensbus.backends"):
         model = load_model(pkg)
     assert ("stripped weights" in caplog.text) == as_inputs
     model.warmup()

@@ -197,9 +197,15 @@ async def test_model_stream_carries_smaller_copies_first(nats: NatsServer, start
     await nc.subscribe(subjects.frames("twin"), cb=on_full)
     await nc.flush()
     cap = start_service(
-        "capture", nats.url, camera="twin", source="test", fps=10, width=640, height=480,
+        "capture",
+        nats.url,
+        camera="twin",
+        source="test",
+        fps=10,
+        width=640,
+        height=480,
         model_height=200,
-    )  # fmt: skip
+    )
     cap.wait_healthy()
     await asyncio.sleep(2.0)
     assert cap.stop() == 0
@@ -235,9 +241,14 @@ async def test_a_stalled_server_costs_frames_not_memory(
     """While NATS holds capture back (here: the server stopped dead), frames are dropped as
     ``backpressure`` instead of piling up in the client; they flow again after."""
     cap = start_service(
-        "capture", fresh_nats.url, camera="stall", source="test", fps=60, width=1920,
+        "capture",
+        fresh_nats.url,
+        camera="stall",
+        source="test",
+        fps=60,
+        width=1920,
         height=1080,
-    )  # fmt: skip
+    )
     cap.wait_healthy()
     await asyncio.sleep(1.0)
     before = rss_mb(cap.proc.pid)

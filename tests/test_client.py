@@ -25,12 +25,25 @@ MODEL = ModelRef(name="yolov3-tiny", version="1", framework="opencv", device="cp
 def result(camera: str, seq: int) -> Result:
     now = time.time_ns()
     return Result(
-        camera=camera, seq=seq, capture_ns=now - 30_000_000, result_ns=now, width=320,
-        height=240, model=MODEL, task="detection", instance="test",
-        detections=[Detection(label="person", class_id=0, score=0.8,
-                              box=Box.from_normalized(0.1, 0.1, 0.4, 0.9, 320, 240))],
+        camera=camera,
+        seq=seq,
+        capture_ns=now - 30_000_000,
+        result_ns=now,
+        width=320,
+        height=240,
+        model=MODEL,
+        task="detection",
+        instance="test",
+        detections=[
+            Detection(
+                label="person",
+                class_id=0,
+                score=0.8,
+                box=Box.from_normalized(0.1, 0.1, 0.4, 0.9, 320, 240),
+            )
+        ],
         timings=Timings(decode=0.001, compute=0.02),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -59,8 +72,9 @@ async def take(stream: AsyncIterator[Frame], n: int, timeout: float) -> list[Fra
 async def test_frames_and_latest_frame_from_real_capture(
     nats: NatsServer, start_service, client: Client
 ) -> None:
-    cap = start_service("capture", nats.url, camera="sdkcam", source="test", fps=10,
-                        width=320, height=240)  # fmt: skip
+    cap = start_service(
+        "capture", nats.url, camera="sdkcam", source="test", fps=10, width=320, height=240
+    )
     cap.wait_healthy()
     try:
         frames = await take(client.frames("sdkcam"), 5, timeout=15)
@@ -90,8 +104,9 @@ async def test_frames_and_latest_frame_from_real_capture(
 async def test_slow_reader_sees_the_newest_frame(
     nats: NatsServer, start_service, client: Client
 ) -> None:
-    cap = start_service("capture", nats.url, camera="slowcam", source="test", fps=20,
-                        width=160, height=120)  # fmt: skip
+    cap = start_service(
+        "capture", nats.url, camera="slowcam", source="test", fps=20, width=160, height=120
+    )
     cap.wait_healthy()
     try:
         stream = client.frames("slowcam")
@@ -130,8 +145,14 @@ async def test_frames_skip_unreadable_messages(nats: NatsServer, client: Client)
     pub = await nats_py.connect(nats.url)
     subject = Subjects().frames(camera)
     image = np.full((48, 64, 3), 128, np.uint8)
-    env = FrameEnvelope(camera=camera, seq=0, capture_ns=time.time_ns(), width=64, height=48,
-                        data=encode_jpeg(image))  # fmt: skip
+    env = FrameEnvelope(
+        camera=camera,
+        seq=0,
+        capture_ns=time.time_ns(),
+        width=64,
+        height=48,
+        data=encode_jpeg(image),
+    )
     try:
         await wait_subscribed(pub, subject, encode(env), lambda: bool(got))
         before = client.rejected
@@ -209,15 +230,15 @@ async def test_results_of_every_camera(nats: NatsServer, client: Client) -> None
         async for r in client.results("*"):
             if r.camera.startswith("wild"):
                 got.append(r)
-            if {x.camera for x in got} >= {"wild-a", "wild-b"} and any(
-                    x.seq == 1 for x in got):  # fmt: skip
+            if {x.camera for x in got} >= {"wild-a", "wild-b"} and any(x.seq == 1 for x in got):
                 return
 
     task = asyncio.create_task(consume())
     pub = await nats_py.connect(nats.url)
     try:
-        await wait_subscribed(pub, Subjects().results("wild-a"),
-                              encode(result("wild-a", 0)), lambda: bool(got))  # fmt: skip
+        await wait_subscribed(
+            pub, Subjects().results("wild-a"), encode(result("wild-a", 0)), lambda: bool(got)
+        )
         await pub.publish(Subjects().results("wild-b"), encode(result("wild-b", 1)))
         await pub.flush()
         await asyncio.wait_for(task, 10)

@@ -47,56 +47,123 @@ def real_jpeg(width: int = 64, height: int = 48) -> bytes:
 def samples() -> dict[str, Message]:
     """One realistic message of every exported schema, keyed as EXPORTED is."""
     model = ModelRef(name="yolov3-tiny", version="2024.1", framework="opencv", device="cpu")
-    frame = FrameEnvelope(camera="front-door", seq=1234, capture_ns=NOW, width=64, height=48,
-                          data=real_jpeg(), source_seq=99)  # fmt: skip
+    frame = FrameEnvelope(
+        camera="front-door",
+        seq=1234,
+        capture_ns=NOW,
+        width=64,
+        height=48,
+        data=real_jpeg(),
+        source_seq=99,
+    )
     result = Result(
-        camera="front-door", seq=1234, capture_ns=NOW, result_ns=NOW + 23_000_000,
-        width=1920, height=1080, model=model, task="detection", instance="inference-host-1",
+        camera="front-door",
+        seq=1234,
+        capture_ns=NOW,
+        result_ns=NOW + 23_000_000,
+        width=1920,
+        height=1080,
+        model=model,
+        task="detection",
+        instance="inference-host-1",
         detections=[
-            Detection(label="dog", class_id=16, score=0.91,
-                      box=Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080)),
-            Detection(label="person", class_id=0, score=0.55,
-                      box=Box.from_normalized(0.5, 0.05, 0.7, 0.95, 1920, 1080)),
+            Detection(
+                label="dog",
+                class_id=16,
+                score=0.91,
+                box=Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080),
+            ),
+            Detection(
+                label="person",
+                class_id=0,
+                score=0.55,
+                box=Box.from_normalized(0.5, 0.05, 0.7, 0.95, 1920, 1080),
+            ),
         ],
         classes=[ClassScore(label="dog", class_id=16, score=0.91)],
-        segments=[Segment(label="road", class_id=7, area=0.31,
-                          box=Box.from_normalized(0.0, 0.6, 1.0, 1.0, 1920, 1080))],
+        segments=[
+            Segment(
+                label="road",
+                class_id=7,
+                area=0.31,
+                box=Box.from_normalized(0.0, 0.6, 1.0, 1.0, 1920, 1080),
+            )
+        ],
         mask_png=b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
-        timings=Timings(queue=0.0012, decode=0.0049, preprocess=0.0021, compute=0.0121,
-                        postprocess=0.0007),
-    )  # fmt: skip
-    status = Status(service="inference", instance="edge-01-4242", state="degraded",
-                    reason="model file missing", version=lensbus.__version__, time_ns=NOW,
-                    interval_s=2.0, model=model,
-                    counters={"frames_in": 1200.0, "dropped_stale": 37.0},
-                    detail={"camera": "front-door", "device": "cpu"})  # fmt: skip
+        timings=Timings(
+            queue=0.0012, decode=0.0049, preprocess=0.0021, compute=0.0121, postprocess=0.0007
+        ),
+    )
+    status = Status(
+        service="inference",
+        instance="edge-01-4242",
+        state="degraded",
+        reason="model file missing",
+        version=lensbus.__version__,
+        time_ns=NOW,
+        interval_s=2.0,
+        model=model,
+        counters={"frames_in": 1200.0, "dropped_stale": 37.0},
+        detail={"camera": "front-door", "device": "cpu"},
+    )
     manifest = Manifest(
-        name="mobilenet-ssd", version="1.0.2", framework="mxnet", task="detection",
+        name="mobilenet-ssd",
+        version="1.0.2",
+        framework="mxnet",
+        task="detection",
         decoder="ssd",
         input=InputSpec(width=300, height=300, color="bgr", mean=(104.0, 117.0, 123.0)),
-        labels=["background", "person", "car"], score_threshold=0.4,
-        decoder_options={"layout": "corner", "variances": [0.1, 0.2]},
-        files={"symbol": ModelFile(path="ssd-symbol.json", sha256="a" * 64, size=123),
-               "params": ModelFile(path="ssd-0000.params", sha256="b" * 64, size=45678)},
+        labels=["background", "person", "car"],
+        score_threshold=0.4,
+        decoder_options={"layout": "mxnet", "background_id": 0},
+        files={
+            "symbol": ModelFile(path="ssd-symbol.json", sha256="a" * 64, size=123),
+            "params": ModelFile(path="ssd-0000.params", sha256="b" * 64, size=45678),
+        },
         description="SSD 300 with MobileNet backbone",
-    )  # fmt: skip
-    out: dict[str, Message] = {"frame": frame, "result": result, "status": status,
-                               "manifest": manifest}  # fmt: skip
+    )
+    out: dict[str, Message] = {
+        "frame": frame,
+        "result": result,
+        "status": status,
+        "manifest": manifest,
+    }
     # The deployer's records, built from their wire form by name in EXPORTED.
     ref = {"name": "yolov3-tiny", "version": "2024.1"}
     old = {"name": "yolov3-tiny", "version": "2023.9"}
     wire: dict[str, dict[str, Any]] = {
-        "deployment": {"group": "lobby", "model": ref, "activated_ns": NOW, "state": "active",
-                       "history": [old]},
-        "swap_report": {"group": "lobby", "instance": "edge-01-4242", "desired": ref,
-                        "state": "serving", "serving": ref, "time_ns": NOW, "fetch_s": 0.12,
-                        "load_s": 0.85, "warmup_s": 0.04},
-        "event": {"rule": "dog-at-door", "camera": "front-door", "label": "dog", "score": 0.91,
-                  "seq": 1234, "capture_ns": NOW, "event_ns": NOW + 31_000_000,
-                  "consecutive": 3, "model": model.model_dump(),
-                  "box": Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080).model_dump(),
-                  "snapshot": f"front-door/{NOW}-1234.jpg"},
-    }  # fmt: skip
+        "deployment": {
+            "group": "lobby",
+            "model": ref,
+            "activated_ns": NOW,
+            "state": "active",
+            "history": [old],
+        },
+        "swap_report": {
+            "group": "lobby",
+            "instance": "edge-01-4242",
+            "desired": ref,
+            "state": "serving",
+            "serving": ref,
+            "time_ns": NOW,
+            "fetch_s": 0.12,
+            "load_s": 0.85,
+            "warmup_s": 0.04,
+        },
+        "event": {
+            "rule": "dog-at-door",
+            "camera": "front-door",
+            "label": "dog",
+            "score": 0.91,
+            "seq": 1234,
+            "capture_ns": NOW,
+            "event_ns": NOW + 31_000_000,
+            "consecutive": 3,
+            "model": model.model_dump(),
+            "box": Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080).model_dump(),
+            "snapshot": f"front-door/{NOW}-1234.jpg",
+        },
+    }
     for name, value in wire.items():
         if name in EXPORTED:
             out[name] = EXPORTED[name].model_validate(value)
@@ -192,7 +259,7 @@ def test_a_newer_version_with_new_fields_is_unknown_version_not_invalid() -> Non
         (msgpack.packb({"v": None}), "schema version 'v'"),
         (msgpack.packb({1: 1, "v": 1}), "not msgpack"),  # int keys refused (strict_map_key)
     ],
-)  # fmt: skip
+)
 def test_malformed(data: bytes, fragment: str) -> None:
     for schema in SCHEMAS:
         with pytest.raises(MalformedMessage) as info:
@@ -257,7 +324,7 @@ def frame_raw(**changes: Any) -> bytes:
         ({"exposure_us": 250}, "exposure_us"),  # unknown field in v1: refused, not dropped
         ({"source_seq": "x"}, "source_seq"),
     ],
-)  # fmt: skip
+)
 def test_wrong_fields_are_invalid_naming_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidMessage) as info:
         decode(frame_raw(**changes), FrameEnvelope)
@@ -305,13 +372,15 @@ def test_decode_error_hierarchy() -> None:
         assert issubclass(cls, DecodeError)
     assert lensbus.DecodeError is DecodeError
     assert {c.reason for c in (MalformedMessage, UnknownSchemaVersion, InvalidMessage)} == {
-        "malformed", "unknown_version", "invalid"}  # fmt: skip
+        "malformed",
+        "unknown_version",
+        "invalid",
+    }
 
 
 # --- property tests: decode raises DecodeError and nothing else ---------------------------
 
-FUZZ = settings(max_examples=300, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 schemas = st.sampled_from(SCHEMAS)
 

@@ -1,4 +1,4 @@
-"""compose.yaml, the Dockerfiles and deploy/ (Prometheus, Grafana) are consistent and valid.
+"""compose.yaml, the Dockerfile and deploy/ (Prometheus, Grafana) are consistent and valid.
 
 ``docker-compose config`` (Debian's docker-compose package) and ``promtool`` (Debian's
 prometheus package) check what they can when installed; the rest reads the files. That the
@@ -21,9 +21,17 @@ from lensbus.natsauth import USERS, compose_config, env_var
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
 SERVICES = ("capture", "inference", "deployer", "publisher")
 ONE_SHOT = {"init"}  # runs once and exits: no healthcheck
 METRICS_PORTS = {"capture": 9101, "inference": 9102, "deployer": 9103, "publisher": 8080}
+HEALTHZ_PORT_VARS = {
+    "capture": "LENSBUS_CAPTURE_METRICS_PORT",
+    "inference": "LENSBUS_INFERENCE_METRICS_PORT",
+    "inference-gpu": "LENSBUS_INFERENCE_METRICS_PORT",
+    "deployer": "LENSBUS_DEPLOYER_METRICS_PORT",
+    "publisher": "LENSBUS_PUBLISHER_PORT",
+}
 REQUIRED = [env_var(u) for u in USERS] + ["LENSBUS_PUBLISHER_TOKEN"]
 
 
@@ -66,6 +74,74 @@ def test_lensbus_healthchecks_ask_healthz_with_python() -> None:
     for name in (*SERVICES, "inference-gpu"):
         test = svcs[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python3", "-c"] and "/healthz" in test[3], name
+
+
+def mapping_value(node: yaml.Node, key: str) -> yaml.Node | None:
+    """The value of `key` in a composed mapping, looking through `<<` merges like YAML does."""
+    assert isinstance(node, yaml.MappingNode)
+    merged: list[yaml.Node] = []
+    for k, v in node.value:
+        if k.value == key:
+            return v
+        if k.value == "<<":
+            merged.extend(v.value if isinstance(v, yaml.SequenceNode) else [v])
+    return next((found for m in merged if (found := mapping_value(m, key)) is not None), None)
+
+
+def test_healthchecks_share_one_anchor() -> None:
+    """Interval, timeout, retries and start period are written once (x-healthcheck), and the
+    lensbus services share one /healthz script (x-healthz), each naming its port's variable."""
+    root = yaml.compose(COMPOSE.read_text())
+    anchor = mapping_value(root, "x-healthcheck")
+    script = mapping_value(root, "x-healthz")
+    services_node = mapping_value(root, "services")
+    assert anchor is not None and script is not None and services_node is not None
+    svcs = services()
+    for key, _ in services_node.value:
+        name = key.value
+        check = mapping_value(services_node, name)
+        assert check is not None
+        healthcheck = mapping_value(check, "healthcheck")
+        if name in ONE_SHOT:
+            assert healthcheck is None, name
+            continue
+        assert healthcheck is not None, name
+        assert mapping_value(healthcheck, "interval") is mapping_value(anchor, "interval"), name
+        if name in HEALTHZ_PORT_VARS:
+            test = mapping_value(healthcheck, "test")
+            assert isinstance(test, yaml.SequenceNode) and test.value[3] is script, name
+            assert svcs[name]["healthcheck"]["test"][4] == HEALTHZ_PORT_VARS[name], name
+            assert HEALTHZ_PORT_VARS[name] in svcs[name]["environment"], name
+
+
+def test_images_built_here_are_never_pulled() -> None:
+    """A registry may hold an image of the same name: compose builds ours, never pulls them."""
+    svcs = services()
+    built = {svc["image"] for svc in svcs.values() if "build" in svc}
+    assert len(built) == 5  # four services and the GPU variant of inference
+    for name, svc in svcs.items():
+        if "build" in svc:
+            assert svc["pull_policy"] == "build", name
+        elif svc["image"] in built:
+            assert svc["pull_policy"] == "never", name  # init runs the inference image
+
+
+def test_one_dockerfile_with_a_target_per_service() -> None:
+    assert not list(ROOT.glob("services/*/Dockerfile")), "the images build from ./Dockerfile"
+    svcs = services()
+    stages = dockerfile_stages()
+    for name in (*SERVICES, "inference-gpu"):
+        build = svcs[name]["build"]
+        target = name.removesuffix("-gpu")
+        assert (build["context"], build["dockerfile"], build["target"]) == (
+            ".",
+            "Dockerfile",
+            target,
+        )
+        assert target in stages, f"no stage {target} in the Dockerfile"
+        assert build["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.11-slim-bookworm}", name
+    assert svcs["inference-gpu"]["build"]["args"]["ONNXRUNTIME"].startswith("onnxruntime-gpu")
+    assert "ARG ONNXRUNTIME=onnxruntime" in image_text("inference")
 
 
 def test_every_referenced_dockerfile_and_mounted_file_exists() -> None:
@@ -120,7 +196,7 @@ def test_capture_plays_a_shipped_video_by_default() -> None:
     env = services()["capture"]["environment"]
     assert env["LENSBUS_CAPTURE_SOURCE"].endswith(":-/opt/lensbus/media/bikes.mp4}")
     assert env["LENSBUS_CAPTURE_LOOP"] == "true"
-    assert "bikes.mp4" in (ROOT / "services/capture/Dockerfile").read_text()
+    assert "bikes.mp4" in image_text("capture")
 
 
 def test_env_example_names_every_required_setting() -> None:
@@ -160,6 +236,20 @@ def test_docker_compose_config_is_valid(tmp_path: Path, profiles: list[str]) -> 
     assert set(SERVICES) | {"nats", "init"} <= set(config["services"])
     env = config["services"]["capture"]["environment"]
     assert env["LENSBUS_CAPTURE_NATS_PASSWORD"] == "plensbusnatscapturepassword0000"
+    # What compose makes of the anchors and merges.
+    for name, svc in config["services"].items():
+        if "build" in svc:
+            assert svc["pull_policy"] == "build", name
+            assert svc["build"]["target"] == name.removesuffix("-gpu"), name
+            assert Path(svc["build"]["dockerfile"]).name == "Dockerfile", name
+        if name not in ONE_SHOT:
+            check = svc["healthcheck"]
+            assert (check["interval"], check["timeout"], check["retries"]) == ("10s", "5s", 3), name
+    assert config["services"]["init"]["pull_policy"] == "never"
+    if "gpu" in profiles:
+        gpu = config["services"]["inference-gpu"]
+        assert gpu["environment"]["LENSBUS_INFERENCE_DEVICE"] == "gpu"
+        assert gpu["healthcheck"]["test"] == config["services"]["inference"]["healthcheck"]["test"]
 
 
 @needs_compose
@@ -174,27 +264,78 @@ def test_docker_compose_refuses_without_the_secrets(tmp_path: Path) -> None:
 # ---- Dockerfiles ----------------------------------------------------------------------------
 
 
-def dockerfiles() -> dict[str, Path]:
-    return {name: ROOT / "services" / name / "Dockerfile" for name in SERVICES}
+def dockerfile_stages() -> dict[str, tuple[str, list[str]]]:
+    """Stage name -> (what it is FROM, its instructions; comments left out)."""
+    stages: dict[str, tuple[str, list[str]]] = {}
+    lines: list[str] = []
+    for line in DOCKERFILE.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            name = words[3] if len(words) == 4 and words[2].upper() == "AS" else str(len(stages))
+            lines = [line]
+            stages[name] = (words[1], lines)
+        elif stages and line.strip() and not line.lstrip().startswith("#"):
+            lines.append(line)
+    return stages
+
+
+def stages_of(target: str) -> list[str]:
+    """The stages an image is built from: its own, what it is FROM, what it copies --from."""
+    stages = dockerfile_stages()
+    needed: list[str] = []
+    todo = [target]
+    while todo:
+        name = todo.pop()
+        if name in needed or name not in stages:
+            continue
+        needed.append(name)
+        base, lines = stages[name]
+        todo.append(base)
+        todo += re.findall(r"--from=(\S+)", "\n".join(lines))
+    return needed
+
+
+def image_text(target: str) -> str:
+    """The Dockerfile's instructions that make the image of `target`."""
+    stages = dockerfile_stages()
+    return "\n".join(line for name in stages_of(target) for line in stages[name][1])
+
+
+def test_dockerfile_shares_the_dependency_stage() -> None:
+    """The shared package's dependencies are one stage every image builds on; in each image
+    the dependencies are installed from the metadata alone before the code is copied."""
+    stages = dockerfile_stages()
+    for name in SERVICES:
+        assert "deps" in stages_of(name), name
+        build = stages[f"{name}-build"][1]
+        deps = next(i for i, line in enumerate(build) if "pip install -c constraints.txt" in line)
+        code = next(i for i, line in enumerate(build) if line.startswith("COPY shared/lensbus "))
+        assert deps < code, f"{name}: the code is copied before the dependencies are installed"
+    shared = "\n".join(stages["deps"][1])
+    assert "pip install -c constraints.txt ./shared" in shared
+    assert "services/" not in shared
 
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_dockerfile_base_is_an_argument_and_user_not_root(name: str) -> None:
-    text = dockerfiles()[name].read_text()
-    lines = [line.strip() for line in text.splitlines()]
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
     first_from = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
     assert any(line.startswith("ARG BASE_IMAGE=") for line in lines[:first_from]), name
-    froms = [line for line in lines if line.startswith("FROM ")]
-    assert len(froms) >= 2 and all("${BASE_IMAGE}" in f for f in froms), "multi-stage, slim"
-    final = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")) :]
+    stages = dockerfile_stages()
+    bases = {stages[stage][0] for stage in stages_of(name)}
+    assert bases <= {"${BASE_IMAGE}", *stages}, bases
+    assert stages[name][0] in stages, "multi-stage, slim"
+    final = stages[name][1]
     users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0", "0:0"), f"{name} runs as root"
+    text = image_text(name)
+    assert "useradd --uid 10001" in text
     assert "python3 -m venv" in text  # python3: the Debian base has no `python`
 
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_dockerfile_installs_only_its_own_service(name: str) -> None:
-    text = dockerfiles()[name].read_text()
+    text = image_text(name)
     others = [s for s in SERVICES if s != name]
     for other in others:
         assert f"services/{other}" not in text, f"{name}'s image installs {other}"
@@ -205,7 +346,7 @@ def test_dockerfile_installs_only_its_own_service(name: str) -> None:
 
 
 def test_capture_image_carries_no_mxnet() -> None:
-    text = dockerfiles()["capture"].read_text().lower()
+    text = image_text("capture").lower()
     assert "mxnet" not in text.replace("no mxnet", "")
     assert "pip install -c constraints.txt ./shared ./services/capture" in text
     capture_deps = (ROOT / "services/capture/pyproject.toml").read_text().lower()
@@ -214,7 +355,7 @@ def test_capture_image_carries_no_mxnet() -> None:
 
 
 def test_inference_image_builds_the_demo_model_init_deploys() -> None:
-    text = dockerfiles()["inference"].read_text()
+    text = image_text("inference")
     assert "lensbus models build-demo" in text and "yolov3-tiny-onnx" in text
     init = (ROOT / "deploy/init/deploy-demo.sh").read_text()
     assert "/opt/lensbus/models/yolov3-tiny-onnx" in init
@@ -255,8 +396,11 @@ def test_dashboard_uses_only_metrics_the_services_export() -> None:
     defined: set[str] = set()
     for path in [ROOT / "shared/lensbus/metrics.py", *ROOT.glob("services/*/lensbus_*/metrics.py")]:
         defined |= set(re.findall(r'"(lensbus_[a-z0-9_]+)"', path.read_text()))
-    used = {re.sub(r"_(bucket|count|sum)$", "", m) for e in dashboard_exprs()
-            for m in re.findall(r"lensbus_[a-z0-9_]+", e)}  # fmt: skip
+    used = {
+        re.sub(r"_(bucket|count|sum)$", "", m)
+        for e in dashboard_exprs()
+        for m in re.findall(r"lensbus_[a-z0-9_]+", e)
+    }
     assert used, "the dashboard queries nothing"
     assert used <= defined, f"not exported by any service: {sorted(used - defined)}"
     titles = " ".join(p["title"].lower() for p in dashboard()["panels"])
@@ -289,16 +433,25 @@ def test_promtool_accepts_the_config_and_every_dashboard_query(tmp_path: Path) -
     config = tmp_path / "prometheus.yml"
     text = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
     config.write_text(text.replace("/prometheus/publisher.token", str(token)))
-    done = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [PROMTOOL, "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     # Every panel query as a recording rule: promtool parses the PromQL.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"lensbus:dashboard_query_{i}", "expr": e}
-        for i, e in enumerate(dashboard_exprs())
-    ]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"lensbus:dashboard_query_{i}", "expr": e}
+                    for i, e in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump(rules))
-    done = subprocess.run([PROMTOOL, "check", "rules", str(rules_file)], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -23,13 +23,9 @@ import pytest
 # Until lensbus_inference is pip-installed, import it from the source tree.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
 
-from lensbus_inference.darknet import (
-    DEFAULT_CLASS_THRESH,
-    build_darknet,
-    import_darknet,
-    parse_cfg,
-    read_weights,
-)
+from lensbus_inference.packaging.darknet import build_darknet, import_darknet
+from lensbus_inference.packaging.darknet_cfg import parse_cfg, read_weights
+from lensbus_inference.packaging.darknet_layers import DEFAULT_CLASS_THRESH
 
 Array = npt.NDArray[Any]
 

@@ -13,24 +13,24 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from lensbus.schemas import InputSpec, Manifest, ModelFile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
-
-from lensbus_inference.decoders import (  # noqa: E402
+from lensbus.decoders import (
     ClassificationDecoder,
-    DecodeError,
     SegmentationDecoder,
     SSDDecoder,
     YoloDecoder,
     decode_yolo_grid,
     nms,
 )
+from lensbus.errors import OutputsError
+from lensbus.geometry import STRETCH, Geometry
+from lensbus.schemas import InputSpec, Manifest, ModelFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
+
 from lensbus_inference.preprocess import (  # noqa: E402
     LETTERBOX_FILL,
-    STRETCH,
-    Geometry,
     Preprocessor,
     letterbox_layout,
 )
@@ -69,8 +69,9 @@ def test_preprocess_values_layouts_and_colour() -> None:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     resized = cv2.resize(image, (32, 24), interpolation=cv2.INTER_LINEAR).astype(np.float64)
     for color, layout in [("rgb", "NCHW"), ("bgr", "NCHW"), ("rgb", "NHWC")]:
-        spec = InputSpec(width=32, height=24, layout=layout, color=color, scale=1 / 255,
-                         mean=mean, std=std)  # fmt: skip
+        spec = InputSpec(
+            width=32, height=24, layout=layout, color=color, scale=1 / 255, mean=mean, std=std
+        )
         prepared = Preprocessor(spec)(image)
         ordered = resized[..., ::-1] if color == "rgb" else resized
         want = (ordered / 255 - np.array(mean)) / np.array(std)
@@ -173,9 +174,17 @@ def test_yolo_opencv_layer_list_equals_one_output() -> None:
     m = manifest("yolo", ["a", "b", "c"])
     rng = np.random.default_rng(3)
     rows = yolo_rows(
-        [(*rng.uniform(0.1, 0.9, 2), *rng.uniform(0.05, 0.3, 2), int(rng.integers(3)),
-          float(rng.uniform(0.3, 1))) for _ in range(40)], 3,
-    )  # fmt: skip
+        [
+            (
+                *rng.uniform(0.1, 0.9, 2),
+                *rng.uniform(0.05, 0.3, 2),
+                int(rng.integers(3)),
+                float(rng.uniform(0.3, 1)),
+            )
+            for _ in range(40)
+        ],
+        3,
+    )
     dec = YoloDecoder(m)
     one = dec([rows[None]], STRETCH, 640, 480).detections
     split = dec([rows[:25], rows[25:]], STRETCH, 640, 480).detections  # cv2.dnn darknet style
@@ -202,23 +211,28 @@ def test_yolo_box_in_the_padding_is_dropped() -> None:
     assert YoloDecoder(manifest("yolo", ["x"]))([rows], g, 100, 100).detections == []
 
 
-def test_yolo_label_mismatch_is_a_decode_error() -> None:
+def test_yolo_label_mismatch_is_an_outputs_error() -> None:
     dec = YoloDecoder(manifest("yolo", ["only-one"]))
-    with pytest.raises(DecodeError, match="does not fit 1 labels"):
+    with pytest.raises(OutputsError, match="does not fit 1 labels"):
         dec.check([np.zeros((1, 2535, 85), dtype=np.float32)])
-    with pytest.raises(DecodeError, match="no outputs"):
+    with pytest.raises(OutputsError, match="no outputs"):
         dec.check([])
 
 
 def test_raw_yolo_grid_matches_darknet_layer() -> None:
-    """decode_yolo_grid == the [yolo] layer darknet.py builds (and OpenCV's reader matches)."""
+    """decode_yolo_grid == the darknet importer's [yolo] layer (and OpenCV's reader matches)."""
     mx = pytest.importorskip("mxnet")
-    from lensbus_inference.darknet import _DarknetYolo
+    from lensbus_inference.packaging.darknet_layers import DarknetYolo
 
     anchors = [10, 14, 23, 27, 37, 58]
-    section = {"type": "yolo", "mask": "0,1,2", "anchors": ",".join(map(str, anchors)),
-               "classes": "4", "num": "3"}  # fmt: skip
-    layer = _DarknetYolo(section, (3 * 9, 5, 7), (160, 224), prefix="y_")
+    section = {
+        "type": "yolo",
+        "mask": "0,1,2",
+        "anchors": ",".join(map(str, anchors)),
+        "classes": "4",
+        "num": "3",
+    }
+    layer = DarknetYolo(section, (3 * 9, 5, 7), (160, 224), prefix="y_")
     layer.initialize()
     raw = np.random.default_rng(5).normal(0, 2, (1, 27, 5, 7)).astype(np.float32)
     want = layer(mx.nd.array(raw)).asnumpy()[0]
@@ -226,11 +240,16 @@ def test_raw_yolo_grid_matches_darknet_layer() -> None:
     assert got.shape == want.shape == (5 * 7 * 3, 9)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
-    m = manifest("yolo", list("abcd"), decoder_options={"anchors": [anchors, anchors]},
-                 input=InputSpec(width=224, height=160), score_threshold=0.3)  # fmt: skip
+    m = manifest(
+        "yolo",
+        list("abcd"),
+        decoder_options={"anchors": [anchors, anchors]},
+        input=InputSpec(width=224, height=160),
+        score_threshold=0.3,
+    )
     dec = YoloDecoder(m)
     assert np.allclose(dec.rows([raw, raw]), np.concatenate([want, want]), atol=1e-5)
-    with pytest.raises(DecodeError, match="anchors for 2"):
+    with pytest.raises(OutputsError, match="anchors for 2"):
         dec.check([raw])
 
 
@@ -238,8 +257,9 @@ def test_raw_yolo_grid_matches_darknet_layer() -> None:
 
 
 def test_ssd_caffe_layout_drops_background_and_junk() -> None:
-    m = manifest("ssd", ["background", "face"], score_threshold=0.5,
-                 decoder_options={"layout": "caffe"})  # fmt: skip
+    m = manifest(
+        "ssd", ["background", "face"], score_threshold=0.5, decoder_options={"layout": "caffe"}
+    )
     out = np.array(
         [
             [0, 1, 0.99, 0.35, 0.11, 0.53, 0.35],  # face
@@ -261,8 +281,7 @@ def test_ssd_caffe_layout_drops_background_and_junk() -> None:
 
 
 def test_ssd_mxnet_layout_and_labels() -> None:
-    m = manifest("ssd", ["person", "car"], score_threshold=0.4,
-                 decoder_options={"layout": "mxnet"})  # fmt: skip
+    m = manifest("ssd", ["person", "car"], score_threshold=0.4, decoder_options={"layout": "mxnet"})
     out = np.array(
         [
             [1, 0.8, 0.1, 0.2, 0.3, 0.4],
@@ -282,8 +301,12 @@ def test_ssd_mxnet_layout_and_labels() -> None:
 
 
 def test_ssd_gluoncv_layout_boxes_in_input_pixels() -> None:
-    m = manifest("ssd", ["a", "b"], input=InputSpec(width=512, height=256),
-                 decoder_options={"layout": "gluoncv"})  # fmt: skip
+    m = manifest(
+        "ssd",
+        ["a", "b"],
+        input=InputSpec(width=512, height=256),
+        decoder_options={"layout": "gluoncv"},
+    )
     ids = np.array([[[1], [-1]]], dtype=np.float32)
     scores = np.array([[[0.9], [0.9]]], dtype=np.float32)
     boxes = np.array([[[128, 64, 256, 128], [0, 0, 1, 1]]], dtype=np.float32)
@@ -299,9 +322,9 @@ def test_ssd_gluoncv_layout_boxes_in_input_pixels() -> None:
 
 def test_ssd_shape_errors() -> None:
     m = manifest("ssd", ["bg", "x"], decoder_options={"layout": "caffe"})
-    with pytest.raises(DecodeError, match="7"):
+    with pytest.raises(OutputsError, match="7"):
         SSDDecoder(m).check([np.zeros((1, 1, 10, 6))])
-    with pytest.raises(DecodeError, match="layout"):
+    with pytest.raises(ValidationError, match="decoder_options.layout"):
         SSDDecoder(manifest("ssd", ["x"], decoder_options={"layout": "yolo"}))
 
 
@@ -330,7 +353,7 @@ def test_classification_softmax_auto_and_top_k() -> None:
 
 def test_classification_label_count_mismatch() -> None:
     dec = ClassificationDecoder(manifest("classification", ["a", "b"]))
-    with pytest.raises(DecodeError, match="1000 scores.*2 labels"):
+    with pytest.raises(OutputsError, match="1000 scores.*2 labels"):
         dec.check([np.zeros((1, 1000))])
 
 
@@ -373,7 +396,7 @@ def test_segmentation_class_map_letterbox_cut() -> None:
 
 def test_segmentation_errors() -> None:
     dec = SegmentationDecoder(manifest("segmentation", ["a", "b"]))
-    with pytest.raises(DecodeError, match="3 score channels but 2 labels"):
+    with pytest.raises(OutputsError, match="3 score channels but 2 labels"):
         dec.check([np.zeros((1, 3, 4, 4))])
-    with pytest.raises(DecodeError, match="8-bit PNG"):
+    with pytest.raises(OutputsError, match="8-bit PNG"):
         SegmentationDecoder(manifest("segmentation", [str(i) for i in range(300)]), mask_png=True)

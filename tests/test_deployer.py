@@ -66,11 +66,15 @@ def build_face(dest: Path, version: str = "1", **manifest: object) -> Path:
     shutil.copyfile(src / FACE_MODEL, dest / FACE_MODEL)
     shutil.copyfile(src / "deploy.prototxt.txt", dest / "deploy.prototxt")
     fields: dict[str, object] = {
-        "name": "face-ssd", "version": version, "framework": "opencv", "task": "detection",
-        "decoder": "ssd", "labels": ["background", "face"],
+        "name": "face-ssd",
+        "version": version,
+        "framework": "opencv",
+        "task": "detection",
+        "decoder": "ssd",
+        "labels": ["background", "face"],
         "input": {"width": 300, "height": 300, "color": "bgr", "mean": (104.0, 177.0, 123.0)},
         "description": "OpenCV res10 SSD face detector",
-    }  # fmt: skip
+    }
     fields.update(manifest)
     write_package(dest, {"model": FACE_MODEL, "config": "deploy.prototxt"}, **fields)
     return dest
@@ -84,11 +88,16 @@ def build_yolo(dest: Path, version: str = "1") -> Path:
         shutil.copyfile(src / name, dest / name)
     labels = [line.strip() for line in (src / "coco.names").read_text().splitlines()]
     write_package(
-        dest, {"model": "yolov3-tiny.weights", "config": "yolov3-tiny.cfg"},
-        name="yolov3-tiny", version=version, framework="opencv", task="detection",
-        decoder="yolo", labels=[label for label in labels if label],
+        dest,
+        {"model": "yolov3-tiny.weights", "config": "yolov3-tiny.cfg"},
+        name="yolov3-tiny",
+        version=version,
+        framework="opencv",
+        task="detection",
+        decoder="yolo",
+        labels=[label for label in labels if label],
         input={"width": 416, "height": 416, "color": "rgb", "scale": 1 / 255},
-    )  # fmt: skip
+    )
     return dest
 
 
@@ -395,9 +404,15 @@ async def test_malformed_requests_are_refused_and_counted(
     subjects = Subjects()
     nc = await nats_py.connect(fresh_nats.url)
     garbage = [b"\xc1\xff not msgpack", b"", encode(UploadBegin(size=1, sha256="x" * 64))]
-    replies = {"upload_begin": UploadStarted, "upload_chunk": Reply, "upload_commit": ModelReply,
-               "list": ListReply, "activate": DeploymentReply, "rollback": DeploymentReply,
-               "status": StatusReply}  # fmt: skip
+    replies = {
+        "upload_begin": UploadStarted,
+        "upload_chunk": Reply,
+        "upload_commit": ModelReply,
+        "list": ListReply,
+        "activate": DeploymentReply,
+        "rollback": DeploymentReply,
+        "status": StatusReply,
+    }
     assert set(replies) == set(DEPLOYER_VERBS)
     for verb, reply_cls in replies.items():
         for payload in garbage[:2]:
@@ -494,17 +509,29 @@ async def test_status_shows_instances_from_heartbeats_and_reports(
 
         async def beat(instance: str) -> None:
             status = Status(
-                service="inference", instance=instance, state="running", version="0.1.0",
-                time_ns=time.time_ns(), interval_s=0.2, detail={"group": "lobby"},
+                service="inference",
+                instance=instance,
+                state="running",
+                version="0.1.0",
+                time_ns=time.time_ns(),
+                interval_s=0.2,
+                detail={"group": "lobby"},
                 model=ModelRef(name="face-ssd", version="1", framework="opencv", device="cpu"),
-            )  # fmt: skip
+            )
             await nc.publish(subjects.status("inference", instance), encode(status))
 
         for instance in ("inf-a", "inf-b"):
-            await put_report(fresh_nats.url, SwapReport(
-                group="lobby", instance=instance, desired=ref("face-ssd", "1"),
-                state="serving", serving=ref("face-ssd", "1"), time_ns=time.time_ns(),
-            ))  # fmt: skip
+            await put_report(
+                fresh_nats.url,
+                SwapReport(
+                    group="lobby",
+                    instance=instance,
+                    desired=ref("face-ssd", "1"),
+                    state="serving",
+                    serving=ref("face-ssd", "1"),
+                    time_ns=time.time_ns(),
+                ),
+            )
 
         async def both_serving() -> bool:
             await beat("inf-a")
@@ -545,8 +572,15 @@ async def test_failed_swap_rolls_the_group_back_once(
         _, last_revision = await deployment(url, "solo")  # the bucket's latest write
 
         reason = "load: cannot read face-ssd:2 (res10.caffemodel): Failed to parse NetParameter"
-        failed = SwapReport(group="lobby", instance="inf-a", desired=v2, state="failed",
-                            reason=reason, serving=v1, time_ns=time.time_ns())  # fmt: skip
+        failed = SwapReport(
+            group="lobby",
+            instance="inf-a",
+            desired=v2,
+            state="failed",
+            reason=reason,
+            serving=v1,
+            time_ns=time.time_ns(),
+        )
         await put_report(url, failed)
 
         async def rolled_back() -> Deployment | None:
@@ -716,10 +750,17 @@ async def test_deployer_rides_out_a_nats_restart(
     fresh_nats.start()
     await wait_for(lambda: dep.healthz()[0] == 200, timeout=20, what="/healthz 200 again")
     # The report watcher came back with the connection: a failure still rolls back.
-    await put_report(fresh_nats.url, SwapReport(
-        group="lobby", instance="inf-a", desired=ref("face-ssd", "2"), state="failed",
-        reason="warmup: out of memory", time_ns=time.time_ns(),
-    ))  # fmt: skip
+    await put_report(
+        fresh_nats.url,
+        SwapReport(
+            group="lobby",
+            instance="inf-a",
+            desired=ref("face-ssd", "2"),
+            state="failed",
+            reason="warmup: out of memory",
+            time_ns=time.time_ns(),
+        ),
+    )
 
     async def rolled_back() -> bool:
         return (await deployment(fresh_nats.url, "lobby"))[0].model == ref("face-ssd", "1")
@@ -744,8 +785,9 @@ async def test_two_deployers_share_the_api(
             await dc.status()
 
     def answered(verb: str) -> list[float]:
-        return [d.metric("lensbus_deployer_requests_total", f'code="ok",verb="{verb}"')
-                for d in (a, b)]  # fmt: skip
+        return [
+            d.metric("lensbus_deployer_requests_total", f'code="ok",verb="{verb}"') for d in (a, b)
+        ]
 
     assert sum(answered("upload_begin")) == 4
     assert answered("upload_commit") == answered("upload_begin")

@@ -30,8 +30,12 @@ def lensbus(*args: str, url: str | None = None, timeout: float = 60) -> subproce
         env["LENSBUS_NATS_URL"] = url
     return subprocess.run(
         [sys.executable, "-m", "lensbus.cli.main", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_upload_list_deploy_rollback_status(
@@ -76,7 +80,11 @@ def test_cli_upload_list_deploy_rollback_status(
     assert all(m["size"] > 10_000_000 and len(m["sha256"]) == 64 for m in models)
     r = lensbus("models", "list", url=url)
     assert r.returncode == 0 and r.stdout.splitlines()[0].split()[:4] == [
-        "NAME", "VERSION", "FRAMEWORK", "TASK"]  # fmt: skip
+        "NAME",
+        "VERSION",
+        "FRAMEWORK",
+        "TASK",
+    ]
     assert len(r.stdout.splitlines()) == 3
 
     r = lensbus("deploy", "face-ssd:1", "--group", "lobby", url=url)

@@ -19,8 +19,9 @@ from lensbus.schemas import (
     SwapReport,
 )
 from lensbus.schemas.deploy import HISTORY_LENGTH
-from lensbus_deployer import handlers
-from lensbus_deployer.handlers import Heartbeat, Refused
+from lensbus_deployer import decisions, model_objects
+from lensbus_deployer.decisions import Heartbeat
+from lensbus_deployer.errors import Refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,22 +32,26 @@ def ref(version: str, name: str = "det") -> ModelVersionRef:
 
 def report(version: str, state: str = "failed", t: int = 10, instance: str = "i1") -> SwapReport:
     return SwapReport(
-        group="g", instance=instance, desired=ref(version), state=state,  # type: ignore[arg-type]
-        reason="load: bad weights" if state == "failed" else "", time_ns=t,
-    )  # fmt: skip
+        group="g",
+        instance=instance,
+        desired=ref(version),
+        state=state,  # type: ignore[arg-type]
+        reason="load: bad weights" if state == "failed" else "",
+        time_ns=t,
+    )
 
 
 def test_activate_keeps_history_bounded_and_most_recent_last() -> None:
-    dep = handlers.activate(None, "g", ref("1"), 1)
+    dep = decisions.activate(None, "g", ref("1"), 1)
     assert dep.model == ref("1") and dep.history == [] and dep.state == "active"
-    dep = handlers.activate(dep, "g", ref("2"), 2)
+    dep = decisions.activate(dep, "g", ref("2"), 2)
     assert dep.history == [ref("1")]
     # The same model again: history unchanged (no duplicate entry), failure cleared.
-    again = handlers.activate(dep.model_copy(update={"state": "failed"}), "g", ref("2"), 3)
+    again = decisions.activate(dep.model_copy(update={"state": "failed"}), "g", ref("2"), 3)
     assert again.history == [ref("1")] and again.state == "active"
     last = 2 + HISTORY_LENGTH + 5
     for i in range(3, last + 1):
-        dep = handlers.activate(dep, "g", ref(str(i)), i)
+        dep = decisions.activate(dep, "g", ref(str(i)), i)
     assert dep.model == ref(str(last)) and len(dep.history) == HISTORY_LENGTH
     # Most recent last; the oldest fell off.
     assert dep.history[-1] == ref(str(last - 1))
@@ -55,89 +60,110 @@ def test_activate_keeps_history_bounded_and_most_recent_last() -> None:
 
 def test_activate_after_a_failed_first_deployment_does_not_keep_it() -> None:
     failed = Deployment(group="g", model=ref("1"), activated_ns=1, state="failed", reason="x")
-    assert handlers.activate(failed, "g", ref("2"), 2).history == []
+    assert decisions.activate(failed, "g", ref("2"), 2).history == []
 
 
 def test_rollback_pops_history_and_says_why() -> None:
-    dep = handlers.activate(handlers.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
-    back = handlers.rollback(dep, "g", 3)
+    dep = decisions.activate(decisions.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
+    back = decisions.rollback(dep, "g", 3)
     assert back.model == ref("1") and back.history == [] and back.state == "rolled_back"
     assert "det:2" in back.reason
     with pytest.raises(Refused, match="nothing to roll back to") as exc:
-        handlers.rollback(back, "g", 4)
+        decisions.rollback(back, "g", 4)
     assert exc.value.code == "conflict"
     with pytest.raises(Refused) as exc:
-        handlers.rollback(None, "g", 4)
+        decisions.rollback(None, "g", 4)
     assert exc.value.code == "not_found"
 
 
 def test_auto_rollback_only_for_the_current_model_and_once() -> None:
-    dep = handlers.activate(handlers.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
-    assert handlers.auto_rollback(dep, report("2", "serving"), 5) is None
-    assert handlers.auto_rollback(dep, report("1"), 5) is None  # not the desired model
-    back = handlers.auto_rollback(dep, report("2"), 5)
+    dep = decisions.activate(decisions.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
+    assert decisions.auto_rollback(dep, report("2", "serving"), 5) is None
+    assert decisions.auto_rollback(dep, report("1"), 5) is None  # not the desired model
+    back = decisions.auto_rollback(dep, report("2"), 5)
     assert back is not None
     assert back.model == ref("1") and back.state == "rolled_back" and back.history == []
     assert "det:2 failed on i1: load: bad weights" in back.reason
-    assert back.reason.startswith(handlers.AUTOMATIC)
+    assert back.reason.startswith(decisions.AUTOMATIC)
     # The same failure reported again (or by a second instance) changes nothing more.
-    assert handlers.auto_rollback(back, report("2", instance="i2"), 6) is None
+    assert decisions.auto_rollback(back, report("2", instance="i2"), 6) is None
 
 
 def test_auto_rollback_without_history_marks_failed_once() -> None:
-    dep = handlers.activate(None, "g", ref("1"), 1)
-    failed = handlers.auto_rollback(dep, report("1"), 5)
+    dep = decisions.activate(None, "g", ref("1"), 1)
+    failed = decisions.auto_rollback(dep, report("1"), 5)
     assert failed is not None and failed.state == "failed" and failed.model == ref("1")
     assert "nothing to roll back to" in failed.reason
-    assert handlers.auto_rollback(failed, report("1", instance="i2"), 6) is None
+    assert decisions.auto_rollback(failed, report("1", instance="i2"), 6) is None
 
 
 def manifest(version: str = "1") -> Manifest:
     sha = "ab" * 32
     return Manifest(
-        name="det", version=version, framework="opencv", task="detection", decoder="ssd",
-        input={"width": 300, "height": 300}, labels=["face"],  # type: ignore[arg-type]
+        name="det",
+        version=version,
+        framework="opencv",
+        task="detection",
+        decoder="ssd",
+        input={"width": 300, "height": 300},  # type: ignore[arg-type]
+        labels=["face"],
         files={"model": {"path": "m.caffemodel", "sha256": sha, "size": 3}},  # type: ignore[dict-item]
-    )  # fmt: skip
+    )
 
 
 def test_model_info_round_trips_through_object_headers() -> None:
     m = manifest()
-    content = handlers.content_sha256(m)
-    headers = handlers.object_headers(m, "cd" * 32, content, 1234)
+    content = model_objects.content_sha256(m)
+    headers = model_objects.object_headers(m, "cd" * 32, content, 1234)
     # As nats-py hands them back, and as a Go client would write them (plain strings).
     import base64
 
     digest = "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex("cd" * 32)).decode()
-    info = handlers.model_info("det/1", 99, digest, "a face detector", headers)
+    info = model_objects.model_info("det/1", 99, digest, "a face detector", headers)
     assert info is not None
-    assert (info.name, info.version, info.framework, info.task) == ("det", "1", "opencv",
-                                                                    "detection")  # fmt: skip
+    assert (info.name, info.version, info.framework, info.task) == (
+        "det",
+        "1",
+        "opencv",
+        "detection",
+    )
     assert (info.size, info.sha256, info.uploaded_ns) == (99, "cd" * 32, 1234)
     assert info.description == "a face detector"
     flat = {k: v[0] for k, v in headers.items()}
-    assert handlers.model_info("det/1", 99, None, None, flat) is not None
+    assert model_objects.model_info("det/1", 99, None, None, flat) is not None
     # Objects lensbus did not put, or whose name does not match, are not models.
-    assert handlers.model_info("other", 1, digest, None, {}) is None
-    assert handlers.model_info("det/2", 99, digest, None, headers) is None
+    assert model_objects.model_info("other", 1, digest, None, {}) is None
+    assert model_objects.model_info("det/2", 99, digest, None, headers) is None
     # Identity is the manifest (files' sha256), not the archive bytes.
-    assert handlers.content_sha256(manifest()) == content
-    assert handlers.content_sha256(manifest("2")) != content
+    assert model_objects.content_sha256(manifest()) == content
+    assert model_objects.content_sha256(manifest("2")) != content
 
 
-def beat(instance: str, group: str, version: str | None, t: int, state: str = "running",
-         interval: float = 1.0) -> Heartbeat:  # fmt: skip
+def beat(
+    instance: str,
+    group: str,
+    version: str | None,
+    t: int,
+    state: str = "running",
+    interval: float = 1.0,
+) -> Heartbeat:
     model = ModelRef(name="det", version=version) if version else None
     status = Status(
-        service="inference", instance=instance, state=state,  # type: ignore[arg-type]
-        version="0.1.0", time_ns=t, interval_s=interval, model=model, detail={"group": group},
-    )  # fmt: skip
+        service="inference",
+        instance=instance,
+        state=state,  # type: ignore[arg-type]
+        version="0.1.0",
+        time_ns=t,
+        interval_s=interval,
+        model=model,
+        detail={"group": group},
+    )
     return Heartbeat(status, t)
 
 
 def test_group_status_merges_deployments_reports_and_heartbeats() -> None:
     now = 100 * 10**9
-    dep = handlers.activate(handlers.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
+    dep = decisions.activate(decisions.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
     reports = [report("2", "failed", t=now - 10**9, instance="i1")]
     beats = [
         beat("i1", "g", "1", now - 10**8),  # still serving v1 after failing v2
@@ -145,24 +171,27 @@ def test_group_status_merges_deployments_reports_and_heartbeats() -> None:
         beat("i3", "g", "2", now - 60 * 10**9),  # silent for a minute
         beat("o1", "other", "1", now),
     ]
-    groups = handlers.group_statuses({"g": dep}, reports, beats, now)
+    groups = decisions.group_statuses({"g": dep}, reports, beats, now)
     assert [g.group for g in groups] == ["g", "other"]
     g = groups[0]
     states = {i.instance: (i.state, i.serving.ref if i.serving else None) for i in g.instances}
-    assert states == {"i1": ("failed", "det:1"), "i2": ("running", "det:2"),
-                      "i3": ("offline", None)}  # fmt: skip
+    assert states == {
+        "i1": ("failed", "det:1"),
+        "i2": ("running", "det:2"),
+        "i3": ("offline", None),
+    }
     assert g.last_failure == "det:2 failed on i1: load: bad weights"
-    assert handlers.group_statuses({"g": dep}, reports, beats, now, only="other")[0].group == (
+    assert decisions.group_statuses({"g": dep}, reports, beats, now, only="other")[0].group == (
         "other"
     )
 
 
 def test_group_status_keeps_failure_after_report_is_overwritten() -> None:
-    dep = handlers.activate(handlers.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
-    back = handlers.auto_rollback(dep, report("2"), 50)
+    dep = decisions.activate(decisions.activate(None, "g", ref("1"), 1), "g", ref("2"), 2)
+    back = decisions.auto_rollback(dep, report("2"), 50)
     assert back is not None
     # After the rollback the instance reports "serving" v1: the failure is in the record.
-    groups = handlers.group_statuses({"g": back}, [report("1", "serving", t=60)], [], 70)
+    groups = decisions.group_statuses({"g": back}, [report("1", "serving", t=60)], [], 70)
     assert "det:2 failed on i1" in groups[0].last_failure
 
 
@@ -170,12 +199,19 @@ def test_latest_is_highest_upload_time() -> None:
     from lensbus.schemas import ModelInfo
 
     def info(v: str, t: int) -> ModelInfo:
-        return ModelInfo(name="det", version=v, framework="opencv", task="detection", size=1,
-                         sha256="", uploaded_ns=t)  # fmt: skip
+        return ModelInfo(
+            name="det",
+            version=v,
+            framework="opencv",
+            task="detection",
+            size=1,
+            sha256="",
+            uploaded_ns=t,
+        )
 
-    latest = handlers.latest([info("10", 1), info("9", 3), info("11", 2)], "det")
+    latest = model_objects.latest([info("10", 1), info("9", 3), info("11", 2)], "det")
     assert latest is not None and latest.version == "9"
-    assert handlers.latest([], "det") is None
+    assert model_objects.latest([], "det") is None
 
 
 # ---- the CLI's `models` group is shared with the inference package ---------------------------
@@ -220,8 +256,12 @@ def test_cli_arguments_are_validated() -> None:
     args = parser.parse_args(["deploy", "det:2", "--group", "lobby"])
     assert args.model == ("det", "2") and args.group == "lobby"
     assert parser.parse_args(["deploy", "det", "-g", "lobby"]).model == ("det", None)
-    for bad in (["deploy", "de t", "-g", "x"], ["deploy", "det", "-g", "a.b"], ["rollback"],
-                ["status", "--prefix", "a..b"]):  # fmt: skip
+    for bad in (
+        ["deploy", "de t", "-g", "x"],
+        ["deploy", "det", "-g", "a.b"],
+        ["rollback"],
+        ["status", "--prefix", "a..b"],
+    ):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(bad)
         assert exc.value.code == 2

@@ -212,7 +212,7 @@ def test_broken_model_exits_naming_the_file(
 
 
 def test_mailbox_keeps_the_newest_frames_per_camera() -> None:
-    from lensbus_inference.handlers import Mailbox, Pending
+    from lensbus_inference.mailbox import Mailbox, Pending
 
     def frame(n: int) -> Pending:
         return Pending(bytes([n]), float(n))
@@ -242,10 +242,17 @@ async def test_model_stream_gives_the_same_detections_in_full_frame_pixels(
     device stream, with boxes in pixels of the full frame."""
     rec_full, rec_small = await recorder("full"), await recorder("small")
     folder = photos(tmp_path)
-    a = start_service("inference", nats.url, model=demo_models[YOLO], cameras="full",
-                      instance="on-device")  # fmt: skip
-    b = start_service("inference", nats.url, model=demo_models[YOLO], cameras="small",
-                      instance="on-model", stream="model")  # fmt: skip
+    a = start_service(
+        "inference", nats.url, model=demo_models[YOLO], cameras="full", instance="on-device"
+    )
+    b = start_service(
+        "inference",
+        nats.url,
+        model=demo_models[YOLO],
+        cameras="small",
+        instance="on-model",
+        stream="model",
+    )
     a.wait_healthy(60)
     b.wait_healthy(60)
     caps = [
@@ -259,7 +266,7 @@ async def test_model_stream_gives_the_same_detections_in_full_frame_pixels(
             width=1280,
             height=960,
             **extra,
-        )  # fmt: skip
+        )
         for cam, extra in (("full", {}), ("small", {"model_height": 480}))
     ]
     await rec_full.wait_results(6, 90)

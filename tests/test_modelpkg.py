@@ -109,8 +109,9 @@ def test_files_in_subfolders(tmp_path: Path) -> None:
     root = tmp_path / "pkg"
     (root / "weights").mkdir(parents=True)
     (root / "weights" / "m.onnx").write_bytes(b"onnx-ish")
-    pkg = write_package(root, {"model": "weights/m.onnx"}, **{
-        **MANIFEST_FIELDS, "framework": "onnx"})  # fmt: skip
+    pkg = write_package(
+        root, {"model": "weights/m.onnx"}, **{**MANIFEST_FIELDS, "framework": "onnx"}
+    )
     assert pkg.path("model").read_bytes() == b"onnx-ish"
 
 
@@ -128,8 +129,10 @@ def test_sha256_mismatch(pkg_dir: Path) -> None:
 def test_size_mismatch(pkg_dir: Path) -> None:
     with open(pkg_dir / "tiny-symbol.json", "ab") as f:
         f.write(b" ")
-    with pytest.raises(PackageError, match=r"'tiny-symbol.json' \(symbol\) is 28 bytes, "
-                                           r"manifest says 27"):  # fmt: skip
+    with pytest.raises(
+        PackageError,
+        match=r"'tiny-symbol.json' \(symbol\) is 28 bytes, manifest says 27",
+    ):
         verify(pkg_dir)
 
 
@@ -165,8 +168,9 @@ def test_manifest_missing_a_field(pkg_dir: Path, field: str) -> None:
         ({"labels": []}, "labels"),
         ({"name": "tiny ssd"}, "name"),
         ({"unknown": 1}, "unknown"),
+        ({"decoder_options": {"layout": "tf"}}, "decoder_options.layout"),
     ],
-)  # fmt: skip
+)
 def test_manifest_with_bad_values(pkg_dir: Path, change: dict[str, Any], fragment: str) -> None:
     (pkg_dir / MANIFEST).write_text(json.dumps(manifest_json(pkg_dir) | change))
     with pytest.raises(PackageError, match=re.escape(fragment)):
@@ -328,7 +332,7 @@ def _evil(kind: str) -> tarfile.TarInfo:
         ("fifo", "not a regular file"),
         ("device", "not a regular file"),
     ],
-)  # fmt: skip
+)
 def test_unsafe_archive_member(tmp_path: Path, pkg_dir: Path, kind: str, fragment: str) -> None:
     evil = _evil(kind)
     payload = b"pwned" if evil.type in (tarfile.REGTYPE, tarfile.AREGTYPE) else None

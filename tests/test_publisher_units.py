@@ -26,8 +26,9 @@ from lensbus.schemas import (
     snapshot_name,
 )
 from lensbus.settings import SettingsError, load_settings
+from lensbus_publisher.camera import Signal
 from lensbus_publisher.config import PublisherSettings, Rule, is_loopback
-from lensbus_publisher.handlers import Hub, Signal
+from lensbus_publisher.hub import Hub
 from lensbus_publisher.render import color_for, line_width, render
 from lensbus_publisher.rules import RuleEngine, best_match
 
@@ -115,15 +116,25 @@ def test_one_server_for_page_and_metrics(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_rules_from_env(clean_env: pytest.MonkeyPatch) -> None:
     rules = [
-        {"name": "dog", "labels": ["dog"], "min_score": 0.6, "consecutive": 2, "cooldown_s": 5,
-         "webhook": "http://127.0.0.1:9/hook"},
+        {
+            "name": "dog",
+            "labels": ["dog"],
+            "min_score": 0.6,
+            "consecutive": 2,
+            "cooldown_s": 5,
+            "webhook": "http://127.0.0.1:9/hook",
+        },
         {"name": "people", "labels": ["person", "face"], "cameras": ["door"]},
-    ]  # fmt: skip
+    ]
     clean_env.setenv("LENSBUS_PUBLISHER_RULES", json.dumps(rules))
     s = load_settings(PublisherSettings)
     assert [r.name for r in s.rules] == ["dog", "people"]
     assert s.rules[1].labels == {"person", "face"} and s.rules[1].cameras == {"door"}
-    assert s.webhook_urls == ["http://127.0.0.1:9/hook"]
+    # Events POST to str(rule.webhook): the URL as given, and no webhook for rule 2.
+    assert [str(r.webhook) if r.webhook else None for r in s.rules] == [
+        "http://127.0.0.1:9/hook",
+        None,
+    ]
     clean_env.setenv("LENSBUS_PUBLISHER_RULES", json.dumps([rules[0], rules[0]]))
     with pytest.raises(SettingsError, match="unique"):
         load_settings(PublisherSettings)
@@ -133,8 +144,10 @@ def test_rules_from_env(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("LENSBUS_PUBLISHER_RULES", json.dumps([{"name": "a.b", "labels": ["x"]}]))
     with pytest.raises(SettingsError, match="rule name"):
         load_settings(PublisherSettings)
-    clean_env.setenv("LENSBUS_PUBLISHER_RULES", json.dumps([{"name": "a", "labels": ["x"],
-                                                             "webhook": "ftp://x/"}]))  # fmt: skip
+    clean_env.setenv(
+        "LENSBUS_PUBLISHER_RULES",
+        json.dumps([{"name": "a", "labels": ["x"], "webhook": "ftp://x/"}]),
+    )
     with pytest.raises(SettingsError, match="webhook"):
         load_settings(PublisherSettings)
 
@@ -237,12 +250,22 @@ def test_render_mask_and_classes() -> None:
     ok, png = cv2.imencode(".png", cmap)
     assert ok
     r = Result(
-        camera="c", seq=1, capture_ns=1, result_ns=2, width=160, height=120, model=MODEL,
-        task="segmentation", mask_png=png.tobytes(),
-        segments=[Segment(label="road", class_id=3, area=0.5,
-                          box=Box.from_normalized(0.5, 0, 1, 1, 160, 120))],
+        camera="c",
+        seq=1,
+        capture_ns=1,
+        result_ns=2,
+        width=160,
+        height=120,
+        model=MODEL,
+        task="segmentation",
+        mask_png=png.tobytes(),
+        segments=[
+            Segment(
+                label="road", class_id=3, area=0.5, box=Box.from_normalized(0.5, 0, 1, 1, 160, 120)
+            )
+        ],
         classes=[ClassScore(label="scene", class_id=0, score=0.9)],
-    )  # fmt: skip
+    )
     out = decode_jpeg(render(encode_jpeg(frame, 95), r, 1).jpeg)
     left, right = out[60:100, 10:60].mean(axis=(0, 1)), out[60:100, 100:150].mean(axis=(0, 1))
     assert np.abs(left - 100).max() < 12  # untouched
@@ -314,6 +337,26 @@ async def test_sse_queue_is_bounded(clean_env: pytest.MonkeyPatch) -> None:
     assert [i.split(b"\n")[0] for i in items if i] == [b"id: 7", b"id: 8", b"id: 9"]
 
 
+async def test_durable_set_up_loop_ends_at_once_on_stop(clean_env: pytest.MonkeyPatch) -> None:
+    """With NATS away the stream set-up waits RETRY_S between tries; a stop cuts that short."""
+    from types import SimpleNamespace
+
+    from lensbus.subjects import Subjects
+    from lensbus_publisher.durable import RETRY_S, Durable
+
+    stop = asyncio.Event()
+    rt = SimpleNamespace(stop=stop, bus=SimpleNamespace(connected=False), subjects=Subjects())
+    durable = Durable(load_settings(PublisherSettings), rt)  # type: ignore[arg-type]
+    task = asyncio.create_task(durable.run())
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    stop.set()
+    await asyncio.wait_for(task, RETRY_S)
+    assert loop.time() - t0 < 0.5 and not durable.ready.is_set()
+
+
 # ---- event schema and watch --------------------------------------------------------------
 
 
@@ -321,9 +364,15 @@ def test_event_schema_round_trip() -> None:
     from lensbus.codec import decode
 
     ev = Event(
-        rule="dog", camera="yard", label="dog", score=0.9, seq=3, capture_ns=5, event_ns=6,
+        rule="dog",
+        camera="yard",
+        label="dog",
+        score=0.9,
+        seq=3,
+        capture_ns=5,
+        event_ns=6,
         snapshot=snapshot_name("yard", 3, 5),
-    )  # fmt: skip
+    )
     assert decode(encode(ev), Event) == ev
     assert ev.snapshot == "yard/5-3.jpg" and ev.snapshot_bucket == "lensbus-snapshots"
 

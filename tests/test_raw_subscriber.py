@@ -39,10 +39,17 @@ def command(*args: str) -> list[str]:
 
 def test_example_imports_no_lensbus() -> None:
     tree = ast.parse(SCRIPT.read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.Import) for alias in node.names}  # fmt: skip
-    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom)}  # fmt: skip
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {
+        (node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    }
     assert "lensbus" not in imported
     assert {"nats", "msgpack"} <= imported
     assert "frame.json" in SCRIPT.read_text()  # it reads the published schema
@@ -56,11 +63,17 @@ def test_runner_really_blocks_lensbus() -> None:
 
 @pytest.mark.slow
 def test_raw_subscriber_reads_real_capture(nats: NatsServer, start_service) -> None:
-    cap = start_service("capture", nats.url, camera="rawcam", source="test", fps=10,
-                        width=320, height=240)  # fmt: skip
+    cap = start_service(
+        "capture", nats.url, camera="rawcam", source="test", fps=10, width=320, height=240
+    )
     cap.wait_healthy()
-    proc = subprocess.run(command(nats.url, "rawcam", "--count", "6", "--timeout", "30"),
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        command(nats.url, "rawcam", "--count", "6", "--timeout", "30"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert cap.stop() == 0
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -80,15 +93,18 @@ async def test_raw_subscriber_skips_bad_messages(nats: NatsServer) -> None:
     camera = "rawbad"
     proc = await asyncio.create_subprocess_exec(
         *command(nats.url, camera, "--count", "2", "--timeout", "20"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-    )  # fmt: skip
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
     assert proc.stderr is not None and proc.stdout is not None
     ready = await asyncio.wait_for(proc.stderr.readline(), 20)
     assert b"listening on lensbus.frames.rawbad" in ready
 
     image = np.zeros((24, 32, 3), np.uint8)
-    good = FrameEnvelope(camera=camera, seq=7, capture_ns=1, width=32, height=24,
-                         data=encode_jpeg(image))  # fmt: skip
+    good = FrameEnvelope(
+        camera=camera, seq=7, capture_ns=1, width=32, height=24, data=encode_jpeg(image)
+    )
     raw = good.model_dump(mode="python")
     bad = [
         b"\xc1 not msgpack",
@@ -116,7 +132,12 @@ async def test_raw_subscriber_skips_bad_messages(nats: NatsServer) -> None:
     assert all(tuple(line["shape"]) == (24, 32, 3) for line in lines)
     errors = err.decode()
     assert errors.count("rejected a message") == len(bad), errors
-    expected = ("v=2", "data: required field missing", "100000 > maximum 8192",
-                "data: expected string (binary), got str", "not a decodable JPEG")  # fmt: skip
+    expected = (
+        "v=2",
+        "data: required field missing",
+        "100000 > maximum 8192",
+        "data: expected string (binary), got str",
+        "not a decodable JPEG",
+    )
     for fragment in expected:
         assert fragment in errors, errors

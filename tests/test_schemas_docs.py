@@ -96,22 +96,41 @@ def test_schema_is_valid_json_schema(name: str) -> None:
 def real_frame() -> FrameEnvelope:
     y, x = np.mgrid[0:240, 0:320]
     image = np.dstack([x % 256, y % 256, (x * y) % 256]).astype(np.uint8)
-    return FrameEnvelope(camera="porch", seq=17, capture_ns=1_764_124_800_000_000_000,
-                         width=320, height=240, data=encode_jpeg(image), source_seq=17)  # fmt: skip
+    return FrameEnvelope(
+        camera="porch",
+        seq=17,
+        capture_ns=1_764_124_800_000_000_000,
+        width=320,
+        height=240,
+        data=encode_jpeg(image),
+        source_seq=17,
+    )
 
 
 def real_result() -> Result:
     return Result(
-        camera="porch", seq=17, capture_ns=1_764_124_800_000_000_000,
-        result_ns=1_764_124_800_031_000_000, width=320, height=240,
+        camera="porch",
+        seq=17,
+        capture_ns=1_764_124_800_000_000_000,
+        result_ns=1_764_124_800_031_000_000,
+        width=320,
+        height=240,
         model=ModelRef(name="yolov3-tiny", version="1", framework="opencv", device="cpu"),
-        task="detection", instance="inf-1",
-        detections=[Detection(label="dog", class_id=16, score=0.87,
-                              box=Box.from_normalized(0.1, 0.3, 0.5, 0.95, 320, 240))],
+        task="detection",
+        instance="inf-1",
+        detections=[
+            Detection(
+                label="dog",
+                class_id=16,
+                score=0.87,
+                box=Box.from_normalized(0.1, 0.3, 0.5, 0.95, 320, 240),
+            )
+        ],
         mask_png=b"\x89PNG\r\n\x1a\n\x00\xff",
-        timings=Timings(queue=0.001, decode=0.002, preprocess=0.001, compute=0.02,
-                        postprocess=0.0005),
-    )  # fmt: skip
+        timings=Timings(
+            queue=0.001, decode=0.002, preprocess=0.001, compute=0.02, postprocess=0.0005
+        ),
+    )
 
 
 def validator(schema: dict[str, Any], bytes_as_string: bool) -> jsonschema.Validator:
@@ -163,9 +182,15 @@ def test_real_message_wire_form_validates(name: str, source: str) -> None:
 
 @pytest.mark.parametrize(
     ("change", "path"),
-    [({"width": 100000}, "width"), ({"camera": "a.b"}, "camera"), ({"seq": -1}, "seq"),
-     ({"encoding": "png"}, "encoding"), ({"extra": 1}, ""), ({"data": None}, "data")],
-)  # fmt: skip
+    [
+        ({"width": 100000}, "width"),
+        ({"camera": "a.b"}, "camera"),
+        ({"seq": -1}, "seq"),
+        ({"encoding": "png"}, "encoding"),
+        ({"extra": 1}, ""),
+        ({"data": None}, "data"),
+    ],
+)
 def test_schema_refuses_what_the_model_refuses(change: dict[str, Any], path: str) -> None:
     """The exported schema is not a rubber stamp: it rejects what decode would reject."""
     schema = json.loads(RENDERED["frame.json"])

@@ -47,7 +47,10 @@ def test_defaults_without_file_or_env() -> None:
 
 
 def test_yaml_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "capture.yaml", """\
+    path = write(
+        tmp_path,
+        "capture.yaml",
+        """\
 camera: porch
 source: rtsp://10.0.0.5/stream1
 fps: 12.5
@@ -57,7 +60,8 @@ jpeg_quality: 70
 loop: false
 nats_url: nats://10.0.0.2:4222,nats://10.0.0.3:4222
 prefix: site1.lensbus
-""")  # fmt: skip
+""",
+    )
     s = load_settings(CaptureSettings, path)
     assert s.camera == "porch" and s.source == "rtsp://10.0.0.5/stream1"
     assert (s.fps, s.width, s.height, s.jpeg_quality) == (12.5, 1280, 720, 70)
@@ -66,16 +70,25 @@ prefix: site1.lensbus
 
 
 def test_toml_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "capture.toml", """\
+    path = write(
+        tmp_path,
+        "capture.toml",
+        """\
 camera = "garage"
 source = "/data/videos/garage.mp4"
 fps = 8
 loop = true
 metrics_port = 9300
-""")  # fmt: skip
+""",
+    )
     s = load_settings(CaptureSettings, path)
     assert (s.camera, s.source, s.fps, s.loop, s.metrics_port) == (
-        "garage", "/data/videos/garage.mp4", 8.0, True, 9300)  # fmt: skip
+        "garage",
+        "/data/videos/garage.mp4",
+        8.0,
+        True,
+        9300,
+    )
 
 
 def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,8 +98,7 @@ def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
-def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                            suffix: str) -> None:  # fmt: skip
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     text = "camera: porch\nfps: 5\n" if suffix == ".yaml" else 'camera = "porch"\nfps = 5\n'
     path = write(tmp_path, f"capture{suffix}", text)
     monkeypatch.setenv("LENSBUS_CAPTURE_FPS", "25")
@@ -153,7 +165,7 @@ def test_env_var_of_another_service_is_not_ours(monkeypatch: pytest.MonkeyPatch)
         ("LENSBUS_CAPTURE_LOG_LEVEL", "LOUD", "log_level"),
         ("LENSBUS_CAPTURE_LOOP", "maybe", "loop"),
     ],
-)  # fmt: skip
+)
 def test_bad_env_value_names_field_and_env_var(
     monkeypatch: pytest.MonkeyPatch, var: str, value: str, field: str
 ) -> None:

@@ -110,9 +110,21 @@ def test_status_and_api_tokens_are_validated_naming_what() -> None:
 
 @pytest.mark.parametrize(
     "prefix",
-    ["", ".lensbus", "lensbus.", "a..b", "lens bus", "lens*", ">", "lensbus.>", "lensbus.*",
-     "préfixe", "lensbus\n", "a." + "b" * 65],
-)  # fmt: skip
+    [
+        "",
+        ".lensbus",
+        "lensbus.",
+        "a..b",
+        "lens bus",
+        "lens*",
+        ">",
+        "lensbus.>",
+        "lensbus.*",
+        "préfixe",
+        "lensbus\n",
+        "a." + "b" * 65,
+    ],
+)
 def test_invalid_prefix_is_refused_naming_it(prefix: str) -> None:
     with pytest.raises(InvalidName) as info:
         validate_prefix(prefix)

@@ -21,7 +21,7 @@ import pytest
 from lensbus import Subjects, decode
 from lensbus.natsserver import free_port
 from lensbus.schemas import Result
-from lensbus_inference.models import read_labels, yolo_assets
+from lensbus_inference.packaging.demo_packages import read_labels, yolo_assets
 
 pytestmark = pytest.mark.slow
 

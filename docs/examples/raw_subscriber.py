@@ -114,8 +114,9 @@ def check_frame(msg: Any, schema: dict[str, Any]) -> list[str]:
         return [f"schema version v={msg.get('v')!r}, this reader knows v={SCHEMA_VERSION}"]
     props: dict[str, Any] = schema.get("properties", {})
     defs: dict[str, Any] = schema.get("$defs", {})
-    problems = [f"{key}: required field missing" for key in schema.get("required", [])
-                if key not in msg]  # fmt: skip
+    problems = [
+        f"{key}: required field missing" for key in schema.get("required", []) if key not in msg
+    ]
     for key, value in msg.items():
         if key not in props:
             if schema.get("additionalProperties") is False:
@@ -153,8 +154,10 @@ async def run(args: argparse.Namespace, schema: dict[str, Any]) -> int:
             try:
                 data = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                print(f"timeout: {printed} of {args.count} frames in {args.timeout:.0f}s",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"timeout: {printed} of {args.count} frames in {args.timeout:.0f}s",
+                    file=sys.stderr,
+                )
                 return 1
             try:
                 msg = msgpack.unpackb(data, raw=False)
@@ -166,9 +169,14 @@ async def run(args: argparse.Namespace, schema: dict[str, Any]) -> int:
                 rejected += 1
                 print(f"rejected a message: {'; '.join(problems)}", file=sys.stderr, flush=True)
                 continue
-            line = {"camera": msg["camera"], "seq": msg["seq"], "capture_ns": msg["capture_ns"],
-                    "width": msg["width"], "height": msg["height"],
-                    "shape": list(shape) if shape is not None else None}  # fmt: skip
+            line = {
+                "camera": msg["camera"],
+                "seq": msg["seq"],
+                "capture_ns": msg["capture_ns"],
+                "width": msg["width"],
+                "height": msg["height"],
+                "shape": list(shape) if shape is not None else None,
+            }
             print(json.dumps(line), flush=True)
             printed += 1
         return 0

@@ -76,9 +76,13 @@ async def watch(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     nc = await nats.connect(
-        args.url, user=args.user, password=args.password, error_cb=on_error,
-        connect_timeout=5, max_reconnect_attempts=-1,
-    )  # fmt: skip
+        args.url,
+        user=args.user,
+        password=args.password,
+        error_cb=on_error,
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+    )
     await nc.subscribe(f"{args.prefix}.results.{args.camera}", cb=on_result)
     await nc.subscribe(f"{args.prefix}.status.>", cb=on_status)
     try:

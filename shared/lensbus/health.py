@@ -66,13 +66,12 @@ class HealthServer:
     async def start(self) -> int:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        if server is not None and self.port == 0:
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        if self.port == 0:
+            # Port 0 let the system pick a free port: report the one it bound.
+            addresses = self._runner.addresses
+            if addresses:
+                self.port = addresses[0][1]
         log.info("metrics and health on http://%s:%d/metrics and /healthz", self.host, self.port)
         return self.port
 

@@ -199,9 +199,15 @@ async def open_package_aside(
     frames lost in a swap).
     """
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD, str(archive), str(workdir), str(max_bytes),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(archive),
+        str(workdir),
+        str(max_bytes),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     if proc.returncode != 0:
         lines = err.decode(errors="replace").strip().splitlines()

@@ -28,8 +28,14 @@ SNAPSHOTS_BUCKET = "lensbus-snapshots"
 
 # Verbs of the deployer's request/reply API (``<prefix>.api.deployer.<verb>``).
 DEPLOYER_VERBS = (
-    "upload_begin", "upload_chunk", "upload_commit", "list", "activate", "rollback", "status",
-)  # fmt: skip
+    "upload_begin",
+    "upload_chunk",
+    "upload_commit",
+    "list",
+    "activate",
+    "rollback",
+    "status",
+)
 
 # The queue group inference instances join so that they split the frames.
 INFERENCE_QUEUE_GROUP = "inference"

@@ -1,23 +1,20 @@
-"""Child processes for ``lensbus up``: start, watch health, restart with back-off, stop.
+"""Child processes for ``lensbus up``: start, watch, restart with back-off, stop.
 
-Each child is a service started as ``python -m lensbus_<name>`` with its settings in
-``LENSBUS_<NAME>_*`` variables, exactly as it would run on its own.
+Each child is a :class:`~lensbus.processes.ServiceProcess` (``python -m lensbus_<name>``
+with its settings in ``LENSBUS_<NAME>_*`` variables, exactly as it would run on its own)
+that also dies with ``lensbus up`` and is restarted when it exits.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-log = logging.getLogger(__name__)
+from lensbus.processes import ServiceProcess
 
 # Restart back-off: doubles from the first delay up to the cap; a child that stayed up this
 # long is considered healthy again and starts over from the first delay.
@@ -36,76 +33,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-@dataclass
-class Child:
+class Child(ServiceProcess):
     """One service process under supervision."""
 
-    name: str
-    settings: dict[str, str]
-    health_port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    started_at: float = 0.0
-    next_start: float = 0.0
-    delay_s: float = FIRST_DELAY_S
-    healthy: bool = False
-    env_extra: dict[str, str] = field(default_factory=dict)
+    def __init__(self, name: str, settings: Mapping[str, object], log_path: Path) -> None:
+        super().__init__(name, settings, log_path)
+        self.restarts = 0
+        self.started_at = 0.0
+        self.next_start: float | None = None  # set while it waits for its restart
+        self.delay_s = FIRST_DELAY_S
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def env(self) -> dict[str, str]:
-        prefix = f"LENSBUS_{self.name.upper()}_"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
-        env.update({f"{prefix}{k.upper()}": v for k, v in self.settings.items()})
-        env.update(self.env_extra)
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"lensbus_{self.name}"],
-                env=self.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
-                preexec_fn=_die_with_parent,
-            )
+    def start(self, **popen: Any) -> Child:
+        super().start(
+            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            preexec_fn=_die_with_parent,
+            **popen,
+        )
         self.started_at = time.monotonic()
-        self.healthy = False
-
-    def check_health(self) -> bool:
-        url = f"http://127.0.0.1:{self.health_port}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as r:
-                self.healthy = r.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            self.healthy = False
-        return self.healthy
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (the service drains and exits), SIGKILL if it does not within timeout."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
-            proc.kill()
-            proc.wait()
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        self.next_start = None
+        return self
 
 
 class Supervisor:
@@ -125,21 +71,19 @@ class Supervisor:
         events = []
         now = time.monotonic()
         for child in self.children:
-            if child.proc is None:  # waiting for its restart
+            if child.next_start is not None:  # waiting for its restart
                 if now >= child.next_start:
                     child.restarts += 1
                     self.restarts_total += 1
                     child.start()
                     events.append(f"{child.name} restarted (restart #{child.restarts})")
                 continue
-            code = child.proc.poll()
+            code = child.returncode
             if code is None:
                 if now - child.started_at > STABLE_S:
                     child.delay_s = FIRST_DELAY_S
                 continue
             tail = child.log_tail(3).replace("\n", " | ")
-            child.proc = None
-            child.healthy = False
             child.next_start = now + child.delay_s
             events.append(
                 f"{child.name} exited with code {code}; restarting in {child.delay_s:.0f} s"
@@ -151,4 +95,5 @@ class Supervisor:
     def stop_all(self) -> None:
         """Stop children in the reverse order of their start."""
         for child in reversed(self.children):
+            child.next_start = None
             child.stop()

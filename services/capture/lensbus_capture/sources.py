@@ -2,7 +2,7 @@
 
 Every source is read from a worker thread (reads block). ``read()`` returns a BGR image,
 ``None`` at the end of a finite source, or raises :class:`SourceError` when a live source
-fails (the app then reopens it with back-off).
+fails (the capture loop then reopens it with back-off).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from lensbus.errors import LensbusError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class SourceError(RuntimeError):
+class SourceError(LensbusError):
     """A source that cannot be opened or stopped delivering frames."""
 
 

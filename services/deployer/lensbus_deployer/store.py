@@ -30,8 +30,9 @@ from lensbus.codec import DecodeError, decode, encode
 from lensbus.schemas import Deployment, Manifest, ModelInfo, SwapReport
 from lensbus.schemas.deploy import group_key, object_name
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
-from lensbus_deployer import handlers
 from lensbus_deployer.config import DeployerSettings
+from lensbus_deployer.errors import StaleRecord
+from lensbus_deployer.model_objects import H_CONTENT, header, model_info, object_headers
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ GROUP_PREFIX = group_key("")  # "group."
 REPORT_PATTERN = "report.>"
 # Longest wait for the initial values of a KV watch (a snapshot).
 SNAPSHOT_TIMEOUT_S = 5.0
-
-
-class StaleRecord(Exception):
-    """The record changed since it was read (compare-and-set lost): read again."""
+# Attempts at a compare-and-set write of a group's record before giving up.
+CAS_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ class Store:
             return []
         models = []
         for o in objects:
-            info = handlers.model_info(o.name, o.size, o.digest, o.description, o.headers)
+            info = model_info(o.name, o.size, o.digest, o.description, o.headers)
             if info is not None:
                 models.append(info)
         models.sort(key=lambda m: (m.name, m.uploaded_ns, m.version))
@@ -132,10 +131,10 @@ class Store:
             o = await self.obs.get_info(object_name(name, version))
         except NotFoundError:
             return None
-        info = handlers.model_info(o.name, o.size, o.digest, o.description, o.headers)
+        info = model_info(o.name, o.size, o.digest, o.description, o.headers)
         if info is None:
             return None
-        return info, handlers.header(o.headers, handlers.H_CONTENT) or ""
+        return info, header(o.headers, H_CONTENT) or ""
 
     async def put_model(
         self, manifest: Manifest, archive: Path, archive_sha256: str, content: str
@@ -144,7 +143,7 @@ class Store:
         meta = api.ObjectMeta(
             name=object_name(manifest.name, manifest.version),
             description=manifest.description,
-            headers=handlers.object_headers(manifest, archive_sha256, content, uploaded_ns),
+            headers=object_headers(manifest, archive_sha256, content, uploaded_ns),
             options=api.ObjectMetaOptions(max_chunk_size=self.s.store_chunk_bytes),
         )
         f = await asyncio.to_thread(open, archive, "rb")
@@ -152,7 +151,7 @@ class Store:
             o = await self.obs.put(meta.name or "", f, meta=meta)
         finally:
             f.close()
-        info = handlers.model_info(o.name, o.size, o.digest, o.description, o.headers)
+        info = model_info(o.name, o.size, o.digest, o.description, o.headers)
         assert info is not None
         if info.sha256 != archive_sha256:  # the bytes stored are not the bytes checked
             await self.obs.delete(o.name)

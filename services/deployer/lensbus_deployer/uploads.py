@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from lensbus_deployer.handlers import Refused
+from lensbus_deployer.errors import Refused
 
 log = logging.getLogger(__name__)
 

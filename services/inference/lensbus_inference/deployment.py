@@ -24,15 +24,17 @@ import nats.errors
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from lensbus.codec import DecodeError, decode, encode
-from lensbus.modelpkg import Package, PackageError, open_package_aside
+from lensbus.codec import decode, encode
+from lensbus.errors import DecodeError, LensbusError, ModelLoadError, PackageError
+from lensbus.modelpkg import Package, open_package_aside
 from lensbus.runtime import Runtime
 from lensbus.schemas import Deployment, ModelVersionRef, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, report_key
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
+from lensbus.waiting import sleep_unless_stopped
 from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
-from lensbus_inference.model import LoadedModel, ModelLoadError, load_model
+from lensbus_inference.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ RECHECK_S = 1.0
 WARMUP_RUNS = 1
 
 
-class SwapFailed(Exception):
+class SwapFailed(LensbusError):
     """Fetching, verifying, loading or warming up a model failed; the old one stays."""
 
     def __init__(self, stage: str, message: str) -> None:
@@ -81,16 +83,30 @@ class Follower:
         # A desired model that failed is not retried until the desired model changes.
         self.failed: tuple[str, str] | None = None
 
-    async def report(self, desired: ModelVersionRef, state: str, reason: str = "",
-                     timings: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:  # fmt: skip
+    async def report(
+        self,
+        desired: ModelVersionRef,
+        state: str,
+        reason: str = "",
+        timings: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ) -> None:
         """Write this instance's SwapReport and mirror it in the heartbeat."""
-        self.rt.detail.update({"swap_state": state, "swap_model": desired.ref,
-                               "swap_reason": reason})  # fmt: skip
+        self.rt.detail.update(
+            {"swap_state": state, "swap_model": desired.ref, "swap_reason": reason}
+        )
+        fetch_s, load_s, warmup_s = timings
         rep = SwapReport(
-            group=self.group, instance=self.s.instance, desired=desired, state=state,
-            reason=reason, serving=version_ref(self._current()), time_ns=time.time_ns(),
-            fetch_s=timings[0], load_s=timings[1], warmup_s=timings[2],
-        )  # fmt: skip
+            group=self.group,
+            instance=self.s.instance,
+            desired=desired,
+            state=state,
+            reason=reason,
+            serving=version_ref(self._current()),
+            time_ns=time.time_ns(),
+            fetch_s=fetch_s,
+            load_s=load_s,
+            warmup_s=warmup_s,
+        )
         try:
             kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
             await kv.put(report_key(self.group, self.s.instance), encode(rep))
@@ -159,8 +175,8 @@ class Follower:
             return
         if self.failed == (desired.name, desired.version):
             return
-        log.info("group %s wants %s (serving %s): loading", self.group, desired.ref,
-                 serving.ref if serving else "nothing")  # fmt: skip
+        serving_ref = serving.ref if serving else "nothing"
+        log.info("group %s wants %s (serving %s): loading", self.group, desired.ref, serving_ref)
         await self.report(desired, "loading")
         t0 = time.perf_counter()
         try:
@@ -174,8 +190,8 @@ class Follower:
         except SwapFailed as exc:
             self.failed = (desired.name, desired.version)
             metrics.SWAPS.labels("failed").inc()
-            log.error("swap to %s failed, keeping %s: %s", desired.ref,
-                      serving.ref if serving else "no model", exc)  # fmt: skip
+            keeping = serving.ref if serving else "no model"
+            log.error("swap to %s failed, keeping %s: %s", desired.ref, keeping, exc)
             # Kept in the heartbeat after the deployer rolls back, until a swap succeeds.
             self.rt.detail["last_failure"] = f"{desired.ref}: {exc}"
             await self.report(desired, "failed", str(exc))
@@ -186,8 +202,13 @@ class Follower:
         await self._swap(model)
         self.failed = None
         metrics.SWAPS.labels("ok").inc()
-        log.info("now serving %s (fetch %.2fs, load %.2fs, warm-up %.2fs)", desired.ref,
-                 fetch_s, load_s, warm_s)  # fmt: skip
+        log.info(
+            "now serving %s (fetch %.2fs, load %.2fs, warm-up %.2fs)",
+            desired.ref,
+            fetch_s,
+            load_s,
+            warm_s,
+        )
         await self.report(desired, "serving", timings=(fetch_s, load_s, warm_s))
 
     async def _read(self, data: bytes, revision: int) -> None:
@@ -213,13 +234,13 @@ class Follower:
                 if not waiting_logged:
                     log.info("waiting for the deployments bucket (%s)", exc)
                     waiting_logged = True
-                await self._sleep(RECHECK_S)
+                await sleep_unless_stopped(self.rt.stop, RECHECK_S)
                 continue
             try:
                 await self._follow(kv, watcher)
             except (nats.errors.Error, OSError) as exc:
                 log.debug("deployment watch interrupted: %s", exc)
-                await self._sleep(RECHECK_S)
+                await sleep_unless_stopped(self.rt.stop, RECHECK_S)
             finally:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
@@ -241,7 +262,3 @@ class Follower:
             if entry is None or not entry.value or entry.operation is not None:
                 continue
             await self._read(entry.value, entry.revision or 0)
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.rt.stop.wait(), seconds)

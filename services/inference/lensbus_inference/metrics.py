@@ -1,8 +1,11 @@
 """Inference metrics (served on the service's /metrics)."""
 
+from __future__ import annotations
+
 from prometheus_client import Counter, Gauge
 
 from lensbus.metrics import latency_histogram
+from lensbus.schemas import ModelRef
 
 FRAMES_RECEIVED = Counter("lensbus_inference_frames_received_total", "Frame messages received")
 FRAMES_PROCESSED = Counter(
@@ -28,3 +31,10 @@ SWAPS = Counter("lensbus_inference_swaps_total", "Live model swaps", ["outcome"]
 SWAP_SECONDS = latency_histogram(
     "lensbus_inference_swap_seconds", "Seconds per swap stage (fetch, load, warmup)", ("stage",)
 )
+
+
+def set_model_info(new: ModelRef, old: ModelRef | None = None) -> None:
+    """Mark ``new`` as the model in service and ``old``, if any, as the one it replaced."""
+    if old is not None:
+        MODEL_INFO.labels(old.name, old.version, old.framework, old.device).set(0)
+    MODEL_INFO.labels(new.name, new.version, new.framework, new.device).set(1)

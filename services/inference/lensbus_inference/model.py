@@ -9,8 +9,9 @@
 ``run`` takes a BGR uint8 image, which may be a reduced-scale decode of a
 ``frame_w x frame_h`` frame (see :attr:`LoadedModel.input_size` and
 ``lensbus.images.reduction_for``); boxes come back normalized and in pixels of the full frame.
-The backend (``backends.BACKENDS``), preprocessing (``preprocess.Preprocessor``) and decoder
-(``decoders.DECODERS``) are chosen from the manifest.
+The backend (:data:`lensbus.backends.BACKENDS`), preprocessing (``preprocess.Preprocessor``)
+and decoder (:data:`lensbus.decoders.DECODERS`) are chosen from the manifest, which was
+validated against those registries (its ``decoder_options`` included) when it was read.
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from lensbus.backends import BACKENDS, Backend, short_error, where
+from lensbus.decoders import Decoder, decoder_for
+from lensbus.errors import ModelLoadError, OutputsError
 from lensbus.modelpkg import Package
 from lensbus.schemas import ClassScore, Detection, Manifest, Segment
-from lensbus_inference.backends import BACKENDS, Backend, ModelLoadError, short_error, where
-from lensbus_inference.decoders import DECODERS, DecodeError, Decoder
 from lensbus_inference.preprocess import Preprocessor
 
 __all__ = ["Inference", "LoadedModel", "ModelLoadError", "load_model"]
-
-# the file a load error is reported against, per framework
-_MAIN_ROLE = {"mxnet": "params", "onnx": "model", "opencv": "model"}
 
 
 @dataclass
@@ -60,6 +59,7 @@ class LoadedModel:
         self._preprocess = preprocess
         self._decoder = decoder
         self._lock = threading.Lock()
+        self._main_file = where(package, type(backend).main_role)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -95,7 +95,7 @@ class LoadedModel:
         (do that first).  A swap runs the steps one at a time between served frames."""
         w, h = self.input_size
         blank = np.zeros((h, w, 3), dtype=np.uint8)
-        file = where(self.package, _MAIN_ROLE[self.manifest.framework])
+        file = self._main_file
         try:
             if check:
                 with self._lock:
@@ -103,7 +103,7 @@ class LoadedModel:
                     self._decoder.check(outputs)
             else:
                 self.run(blank, w, h)
-        except DecodeError as exc:
+        except OutputsError as exc:
             raise ModelLoadError(
                 f"{file}: outputs do not fit decoder {self.manifest.decoder!r}: {exc}"
             ) from None
@@ -125,22 +125,17 @@ def load_model(
     """Load ``package`` on ``device`` (``cpu``, ``gpu``, ``gpu:N``); call ``warmup`` next.
 
     ``threads`` caps the framework's intra-op threads (None: ORT's and OpenCV's default, all
-    cores for MXNet, whose own default leaves one core idle; see ``backends``).
+    cores for MXNet, whose own default leaves one core idle; see ``lensbus.backends.mxnet``).
     ``mask_png``: segmentation results carry the class map as a PNG.
     """
     manifest = package.manifest
     backend_cls = BACKENDS.get(manifest.framework)
-    decoder_cls = DECODERS.get(manifest.decoder)
-    file = where(package, _MAIN_ROLE.get(manifest.framework, "model"))
-    if backend_cls is None:
-        raise ModelLoadError(f"{file}: no backend for framework {manifest.framework!r}")
-    if decoder_cls is None:
-        raise ModelLoadError(f"{file}: no decoder {manifest.decoder!r}")
+    if backend_cls is None:  # the manifest was valid, so its backend was unregistered since
+        raise ModelLoadError(f"{manifest.ref}: no backend for framework {manifest.framework!r}")
     try:
-        decoder = decoder_cls(manifest, mask_png)
-    except (ValueError, TypeError) as exc:  # DecodeError, or an option of the wrong type
-        raise ModelLoadError(
-            f"{file}: bad decoder_options {manifest.decoder_options}: {exc}"
-        ) from None
+        decoder = decoder_for(manifest, mask_png)
+    except OutputsError as exc:  # e.g. more classes than a PNG mask holds
+        file = where(package, backend_cls.main_role)
+        raise ModelLoadError(f"{file}: decoder {manifest.decoder!r}: {exc}") from None
     backend = backend_cls(package, device, threads)
     return LoadedModel(package, backend, Preprocessor(manifest.input), decoder)

@@ -7,14 +7,8 @@ measured ~0.8-1 ms for 1280x720 -> 416x416, NCHW or NHWC, on this 2-core machine
 version (resize, swap, fused multiply-add into one float32 buffer) took ~3.5 ms for NHWC.
 
 ``letterbox`` keeps the aspect ratio: the image is scaled to fit and centred on a grey canvas.
-Where it landed is kept in a :class:`Geometry`, which the decoders use to map boxes from the
-model's input back to the frame.
-
-Coordinates: a decoder works in *normalized* coordinates (0..1 of the model input), and
-:meth:`Geometry.boxes_to_frame` turns them into 0..1 of the image that was passed in.  The
-image may be a reduced-scale decode of the full frame (JPEG DCT scaling); normalized
-coordinates are the same for both, so pixels of the full frame are simply
-``normalized * frame size`` (:meth:`lensbus.schemas.Box.from_normalized`).
+Where it landed is kept in a :class:`lensbus.geometry.Geometry`, which the decoders use to map
+boxes from the model's input back to the frame (in normalized coordinates; see there).
 """
 
 from __future__ import annotations
@@ -25,43 +19,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from lensbus.geometry import STRETCH, Geometry
 from lensbus.schemas import InputSpec
 
 # Letterbox fill, in BGR pixel values: mid grey, as darknet's letterbox (0.5) uses.
 LETTERBOX_FILL = 127
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the image lies inside the model input, as fractions of the input size.
-
-    Stretch fills the whole input: ``Geometry()``.  A letterboxed 16:9 image in a square
-    input has ``pad_y = 0.21875, span_y = 0.5625``.  A point at input-normalized ``x`` is at
-    ``(x - pad_x) / span_x`` of the image width.
-    """
-
-    pad_x: float = 0.0
-    pad_y: float = 0.0
-    span_x: float = 1.0
-    span_y: float = 1.0
-
-    def boxes_to_frame(self, boxes: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
-        """``(N, 4)`` ``[xmin, ymin, xmax, ymax]`` input-normalized -> image-normalized."""
-        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-        out[:, 0::2] = (out[:, 0::2] - self.pad_x) / self.span_x
-        out[:, 1::2] = (out[:, 1::2] - self.pad_y) / self.span_y
-        return out
-
-    def content_slice(self, width: int, height: int) -> tuple[slice, slice]:
-        """Rows and columns of a ``height x width`` map (in input space) that hold the image."""
-        x0 = int(round(self.pad_x * width))
-        x1 = int(round((self.pad_x + self.span_x) * width))
-        y0 = int(round(self.pad_y * height))
-        y1 = int(round((self.pad_y + self.span_y) * height))
-        return slice(y0, max(y1, y0 + 1)), slice(x0, max(x1, x0 + 1))
-
-
-STRETCH = Geometry()
 
 
 def letterbox_layout(

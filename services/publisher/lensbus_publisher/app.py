@@ -15,7 +15,7 @@ from lensbus.runtime import Runtime
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.durable import Durable
 from lensbus_publisher.events import Events
-from lensbus_publisher.handlers import Hub
+from lensbus_publisher.hub import Hub
 from lensbus_publisher.project import ProjectRenderer
 from lensbus_publisher.web import Web
 from lensbus_publisher.webhooks import Webhooks
@@ -84,9 +84,13 @@ class Publisher:
         for rule in self.s.rules:
             log.info(
                 "rule %s: %s score >= %.2f, %d in a row, cooldown %.0f s%s",
-                rule.name, ",".join(sorted(rule.labels)), rule.min_score, rule.consecutive,
-                rule.cooldown_s, " -> webhook" if rule.webhook else "",
-            )  # fmt: skip
+                rule.name,
+                ",".join(sorted(rule.labels)),
+                rule.min_score,
+                rule.consecutive,
+                rule.cooldown_s,
+                " -> webhook" if rule.webhook else "",
+            )
 
     async def stop(self) -> None:
         """Stop taking messages, end every stream, finish what is queued (briefly)."""

@@ -183,7 +183,3 @@ class PublisherSettings(ServiceSettings):
         self.metrics_port = self.port
         self.metrics_host = self.host
         return self
-
-    @property
-    def webhook_urls(self) -> list[str]:
-        return sorted({str(r.webhook) for r in self.rules if r.webhook is not None})

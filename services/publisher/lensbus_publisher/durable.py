@@ -7,7 +7,6 @@ from time to time, so a NATS server that lost its store gets them back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from nats.js import api
@@ -16,6 +15,7 @@ from nats.js.object_store import ObjectStore
 
 from lensbus.runtime import Runtime
 from lensbus.subjects import RESULTS_STREAM, SNAPSHOTS_BUCKET
+from lensbus.waiting import sleep_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings
 
@@ -57,9 +57,11 @@ class Durable:
             await js.add_stream(config)
             log.info(
                 "created stream %s over %s (max age %.0f s, max %d bytes)",
-                RESULTS_STREAM, ", ".join(self.subjects), self.s.stream_max_age_s,
+                RESULTS_STREAM,
+                ", ".join(self.subjects),
+                self.s.stream_max_age_s,
                 self.s.stream_max_bytes,
-            )  # fmt: skip
+            )
         else:
             have = info.config
             if (
@@ -104,5 +106,4 @@ class Durable:
                     self.rt.health.set("results_stream", None)
             else:
                 wait = RETRY_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.rt.stop.wait(), wait)
+            await sleep_unless_stopped(self.rt.stop, wait)

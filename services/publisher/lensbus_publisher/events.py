@@ -17,9 +17,10 @@ from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import Event, Result, snapshot_name
 from lensbus_publisher import metrics
+from lensbus_publisher.camera import FrameItem
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.durable import Durable
-from lensbus_publisher.handlers import FrameItem, Hub
+from lensbus_publisher.hub import Hub
 from lensbus_publisher.rules import Firing, RuleEngine
 from lensbus_publisher.webhooks import Webhooks
 
@@ -57,9 +58,13 @@ class Events:
             except asyncio.QueueFull:
                 metrics.EVENTS_DROPPED.labels("queue_full").inc()
                 log_limited(
-                    log, self._limit, "queue_full", logging.WARNING,
-                    "event of rule %s dropped: queue full", firing.rule.name,
-                )  # fmt: skip
+                    log,
+                    self._limit,
+                    "queue_full",
+                    logging.WARNING,
+                    "event of rule %s dropped: queue full",
+                    firing.rule.name,
+                )
 
     async def _snapshot(self, result: Result, frame: FrameItem | None) -> str:
         if frame is None:
@@ -107,8 +112,12 @@ class Events:
             metrics.EVENTS_RAISED.labels(event.rule).inc()
             log.info(
                 "event %s: %s %.2f on %s #%d",
-                event.rule, event.label, event.score, event.camera, event.seq,
-            )  # fmt: skip
+                event.rule,
+                event.label,
+                event.score,
+                event.camera,
+                event.seq,
+            )
         self.hub.on_event(event)
         if firing.rule.webhook is not None:
             body = json.dumps(event.model_dump(mode="json"), separators=(",", ":")).encode()

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lensbus.logs import RateLimit, log_limited
 from lensbus_publisher import metrics
+from lensbus_publisher.camera import Camera, FrameItem, ProjectFrame
 from lensbus_publisher.config import PublisherSettings
-from lensbus_publisher.handlers import Camera, FrameItem, Hub, ProjectFrame
+from lensbus_publisher.hub import Hub
 from lensbus_publisher.render import render
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,15 @@ class ProjectRenderer:
             except Exception as exc:  # a frame that does not decode: skip it, keep going
                 metrics.RENDER_ERRORS.labels(cam.id).inc()
                 log_limited(
-                    log, self._limit, cam.id, logging.WARNING,
-                    "camera %s: frame #%d not drawn: %s", cam.id, frame.seq, exc,
-                )  # fmt: skip
+                    log,
+                    self._limit,
+                    cam.id,
+                    logging.WARNING,
+                    "camera %s: frame #%d not drawn: %s",
+                    cam.id,
+                    frame.seq,
+                    exc,
+                )
                 continue
             metrics.RENDER_SECONDS.observe(out.total_s)
             metrics.FRAMES_RENDERED.labels(cam.id).inc()

@@ -19,11 +19,14 @@ from importlib import resources
 from aiohttp import web
 
 from lensbus import __version__
+from lensbus.errors import LensbusError
 from lensbus.logs import RateLimit, log_limited
 from lensbus_publisher import metrics
+from lensbus_publisher.camera import Camera, Signal
 from lensbus_publisher.config import PublisherSettings
-from lensbus_publisher.handlers import Camera, Hub, Signal, Subscribers
+from lensbus_publisher.hub import Hub
 from lensbus_publisher.project import ProjectRenderer
+from lensbus_publisher.sse import Subscribers
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ STREAM_HEADERS = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Stalled(Exception):
+class Stalled(LensbusError):
     """A viewer took no data for viewer_stall_s."""
 
 
@@ -161,10 +164,15 @@ class Web:
     def _cut_off(self, request: web.Request, stream: str, camera: str) -> None:
         metrics.VIEWER_DROPS.labels(stream, "stalled").inc()
         log_limited(
-            log, self._limit, f"stall:{stream}", logging.WARNING,
+            log,
+            self._limit,
+            f"stall:{stream}",
+            logging.WARNING,
             "cut off a %s viewer of %s: took nothing for %.0f s",
-            stream, camera, self.s.viewer_stall_s,
-        )  # fmt: skip
+            stream,
+            camera,
+            self.s.viewer_stall_s,
+        )
         if request.transport is not None:
             request.transport.abort()
 

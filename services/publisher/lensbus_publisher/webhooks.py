@@ -127,9 +127,13 @@ class Webhooks:
         except asyncio.QueueFull:
             metrics.WEBHOOK_DELIVERIES.labels("dropped").inc()
             log_limited(
-                log, self._limit, f"full:{lane.host}", logging.WARNING,
-                "webhook %s: queue full, event dropped", lane.host,
-            )  # fmt: skip
+                log,
+                self._limit,
+                f"full:{lane.host}",
+                logging.WARNING,
+                "webhook %s: queue full, event dropped",
+                lane.host,
+            )
             return False
         return True
 

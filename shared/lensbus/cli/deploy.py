@@ -113,9 +113,16 @@ def _print_models(models: list[ModelInfo]) -> None:
     rows = [("NAME", "VERSION", "FRAMEWORK", "TASK", "SIZE", "UPLOADED", "SHA256")]
     for m in models:
         rows.append(
-            (m.name, m.version, m.framework, m.task, human_bytes(m.size), when(m.uploaded_ns),
-             m.sha256[:12])
-        )  # fmt: skip
+            (
+                m.name,
+                m.version,
+                m.framework,
+                m.task,
+                human_bytes(m.size),
+                when(m.uploaded_ns),
+                m.sha256[:12],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -195,8 +202,10 @@ async def _deploy(dc: DeployClient, args: argparse.Namespace) -> int:
     name, version = args.model
     dep = await dc.activate(args.group, name, version)
     print(_describe(dep))
-    print(f"inference instances of group {dep.group} swap to it live; watch with: "
-          f"lensbus status --group {dep.group}")  # fmt: skip
+    print(
+        f"inference instances of group {dep.group} swap to it live; watch with: "
+        f"lensbus status --group {dep.group}"
+    )
     return EXIT_OK
 
 
@@ -222,8 +231,10 @@ def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]
 
     def main(args: argparse.Namespace) -> int:
         if title == "models upload" and not Path(args.path).exists():
-            print(f"lensbus {title}: {args.path}: no such package folder or .tar.gz file",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"lensbus {title}: {args.path}: no such package folder or .tar.gz file",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         try:
             return asyncio.run(run(args))

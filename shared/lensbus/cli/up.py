@@ -28,7 +28,9 @@ from lensbus import natsauth
 from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import DeployClient, DeployError
+from lensbus.errors import LensbusError
 from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port
+from lensbus.processes import ServiceFailed
 from lensbus.schemas import Result
 from lensbus.subjects import InvalidName, Subjects, validate_camera_id
 from lensbus.supervisor import Child, Supervisor
@@ -41,7 +43,7 @@ BACKENDS = ("onnx", "mxnet", "opencv")
 SERVICES = ("deployer", "inference", "capture", "publisher")
 
 
-class UpError(Exception):
+class UpError(LensbusError):
     """Something that stops ``lensbus up`` from starting, with what to do about it."""
 
 
@@ -163,31 +165,22 @@ class Up:
         return {**common, "host": "127.0.0.1", "port": str(a.port), "metrics_port": str(a.port)}
 
     def start_service(self, name: str) -> Child:
-        s = self.settings(name)
-        child = Child(
-            name=name,
-            settings=s,
-            health_port=int(s["metrics_port"]),
-            log_path=self.logs / f"{name}.log",
-        )
-        self.sup.add(child)
-        return child
+        return self.sup.add(Child(name, self.settings(name), self.logs / f"{name}.log"))
 
     def wait_healthy(self, child: Child, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.stopping:
-            if not child.running:
-                code = child.proc.returncode if child.proc else "?"
+        try:
+            # Short looks: a signal sets self.stopping, which ends the wait.
+            if child.wait_healthy(timeout, 0.2, abandon=lambda: self.stopping):
+                say(f"{child.name} healthy (/metrics and /healthz on :{child.port})")
+        except ServiceFailed as exc:
+            if exc.returncode is None:
                 raise UpError(
-                    f"{child.name} exited at start (code {code}); "
-                    f"its log {child.log_path} ends with:\n{child.log_tail(8)}"
-                )
-            if child.check_health():
-                say(f"{child.name} healthy (/metrics and /healthz on :{child.health_port})")
-                return
-            time.sleep(0.2)
-        if not self.stopping:
-            raise UpError(f"{child.name} not healthy after {timeout:.0f} s; see {child.log_path}")
+                    f"{child.name} not healthy after {timeout:.0f} s; see {child.log_path}"
+                ) from None
+            raise UpError(
+                f"{child.name} exited at start (code {exc.returncode}); "
+                f"its log {child.log_path} ends with:\n{child.log_tail(8)}"
+            ) from None
 
     # ---- model -----------------------------------------------------------------------------
 

@@ -18,12 +18,14 @@ import json
 import re
 import signal
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from lensbus.bus import connect
@@ -95,6 +97,86 @@ def as_text(message: Result | Event) -> str:
     return f"{head} {model} {message.latency_s * 1000:.0f} ms  {labels}"
 
 
+def _subject(prefix: str, camera: str, events: bool) -> str:
+    subjects = Subjects(prefix)
+    if events:
+        return subjects.all_events() if camera == "*" else subjects.events(camera)
+    return subjects.all_results() if camera == "*" else subjects.results(camera)
+
+
+def _consumer_config(since: datetime | None) -> api.ConsumerConfig:
+    """Replay from ``since``; live only when there is no ``since`` or it lies ahead."""
+    if since is None or since > datetime.now(UTC):
+        return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+    return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since)
+
+
+@contextlib.contextmanager
+def _signals_end(done: asyncio.Event) -> Iterator[None]:
+    """Ctrl-C or SIGTERM ends the watch like --count does: unsubscribe, close, exit 0.  (As a
+    cancellation it could land inside nats-py's message handling and leave close() waiting.)"""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, done.set)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+@dataclass
+class _Printer:
+    """Prints each message as it comes and says when the watch is done."""
+
+    schema: type[Result] | type[Event]
+    json_lines: bool
+    follow: bool
+    count: int | None
+    out: TextIO
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    printed: int = 0
+    rejected: int = 0
+
+    async def on_msg(self, msg: Msg) -> None:
+        if self.done.is_set():  # already finished: what is still buffered is not wanted
+            return
+        try:
+            message = decode(msg.data, self.schema)
+        except DecodeError:
+            self.rejected += 1
+        else:
+            line = json.dumps(as_json(message)) if self.json_lines else as_text(message)
+            print(line, file=self.out, flush=True)
+            self.printed += 1
+        if self.count is not None and self.printed >= self.count:
+            self.done.set()
+        elif not self.follow and msg.metadata.num_pending == 0:
+            self.done.set()
+
+
+async def _follow(js: JetStreamContext, subject: str, since: datetime | None, p: _Printer) -> None:
+    sub = await js.subscribe(
+        subject,
+        stream=RESULTS_STREAM,
+        cb=p.on_msg,
+        ordered_consumer=True,
+        config=_consumer_config(since),
+    )
+    if not p.follow:
+        # Nothing to replay at all: no message will come to say we caught up.
+        info = await sub.consumer_info()
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        if info.num_pending == 0 and not delivered:
+            p.done.set()
+    await p.done.wait()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sub.unsubscribe(), CLOSE_TIMEOUT_S)
+
+
 async def watch(
     servers: list[str],
     camera: str,
@@ -108,13 +190,6 @@ async def watch(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    subjects = Subjects(prefix)
-    if events:
-        subject = subjects.all_events() if camera == "*" else subjects.events(camera)
-    else:
-        subject = subjects.all_results() if camera == "*" else subjects.results(camera)
-    schema: type[Result] | type[Event] = Event if events else Result
-
     try:
         # Reconnect forever once connected (a watch runs for hours); but the first
         # connection must fail fast, and nats-py would retry that one forever too.
@@ -126,69 +201,23 @@ async def watch(
             file=err,
         )
         return EXIT_UNREACHABLE
-    printed = 0
-    rejected = 0
-    done = asyncio.Event()
-    # Ctrl-C or SIGTERM ends the watch like --count does: unsubscribe, close, exit 0.  (As a
-    # cancellation it could land inside nats-py's message handling and leave close() waiting.)
-    loop = asyncio.get_running_loop()
-    signals = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, done.set)
-            signals.append(sig)
+    printer = _Printer(Event if events else Result, json_lines, follow, count, out)
     try:
-        js = nc.jetstream()
-        try:
-            await js.stream_info(RESULTS_STREAM)
-        except NotFoundError:
-            print(
-                f"lensbus watch: no stream {RESULTS_STREAM} on this NATS (does a publisher run?)",
-                file=err,
-            )
-            return EXIT_NO_STREAM
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_TIME if since else api.DeliverPolicy.NEW,
-            opt_start_time=since,
-        )
-        if since is not None and since > datetime.now(UTC):
-            config.deliver_policy = api.DeliverPolicy.NEW
-            config.opt_start_time = None
-
-        async def on_msg(msg: Msg) -> None:
-            nonlocal printed, rejected
-            if done.is_set():  # already finished: what is still buffered is not wanted
-                return
+        with _signals_end(printer.done):
+            js = nc.jetstream()
             try:
-                message = decode(msg.data, schema)
-            except DecodeError:
-                rejected += 1
-            else:
-                line = json.dumps(as_json(message)) if json_lines else as_text(message)
-                print(line, file=out, flush=True)
-                printed += 1
-            if count is not None and printed >= count:
-                done.set()
-            elif not follow and msg.metadata.num_pending == 0:
-                done.set()
-
-        sub = await js.subscribe(
-            subject, stream=RESULTS_STREAM, cb=on_msg, ordered_consumer=True, config=config
-        )
-        if not follow:
-            # Nothing to replay at all: no message will come to say we caught up.
-            info = await sub.consumer_info()
-            delivered = info.delivered.consumer_seq if info.delivered else 0
-            if info.num_pending == 0 and not delivered:
-                done.set()
-        await done.wait()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sub.unsubscribe(), CLOSE_TIMEOUT_S)
+                await js.stream_info(RESULTS_STREAM)
+            except NotFoundError:
+                print(
+                    f"lensbus watch: no stream {RESULTS_STREAM} on this NATS "
+                    "(does a publisher run?)",
+                    file=err,
+                )
+                return EXIT_NO_STREAM
+            await _follow(js, _subject(prefix, camera, events), since, printer)
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        if rejected:
-            print(f"lensbus watch: skipped {rejected} unreadable messages", file=err)
+        if printer.rejected:
+            print(f"lensbus watch: skipped {printer.rejected} unreadable messages", file=err)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
     return EXIT_OK

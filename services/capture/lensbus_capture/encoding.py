@@ -1,4 +1,5 @@
-"""The per-frame work of capture: resize to the output size and encode as JPEG."""
+"""The per-frame pixel work of capture: resize to the output size (and the model stream's),
+encode as JPEG, wrap in the frame message."""
 
 from __future__ import annotations
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from lensbus.codec import DecodeError, decode
-from lensbus.images import ImageError, decode_jpeg, reduction_for
+from lensbus.codec import decode
+from lensbus.errors import DecodeError, ImageError, Rejected
+from lensbus.images import decode_jpeg, reduction_for
 from lensbus.schemas import FrameEnvelope, ModelRef, Result, Timings
+from lensbus_inference.mailbox import Pending
 from lensbus_inference.model import LoadedModel
 
 # A large frame that capture encoded in strips is decoded in this many strips at once when it
@@ -20,24 +21,8 @@ from lensbus_inference.model import LoadedModel
 DECODE_THREADS = min(2, os.cpu_count() or 1)
 
 
-class Rejected(Exception):
-    """A frame message that cannot be processed; ``reason`` labels the metric."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(eq=False)
-class Pending:
-    """A frame message waiting in the mailbox, with when it arrived."""
-
-    data: bytes
-    arrived: float  # time.perf_counter()
-
-
 @dataclass(frozen=True, eq=False)
-class Decoded:
+class DecodedFrame:
     """A frame decoded and checked, ready for the model."""
 
     env: FrameEnvelope
@@ -48,40 +33,10 @@ class Decoded:
     finished: float
 
 
-class Mailbox:
-    """The newest ``depth`` frames per camera: a frame that arrives while the model is busy
-    and finds ``depth`` frames of its camera waiting replaces the oldest of them (returned,
-    so it can be counted).  Depth 1 (the default) keeps only the newest frame; depth 2 also
-    rides out one slow frame (a swap loading beside the model, a burst) without losing a
-    frame, for one more frame of latency while frames come faster than the model runs."""
-
-    def __init__(self, depth: int = 1) -> None:
-        self.depth = depth
-        self._waiting: OrderedDict[str, deque[Pending]] = OrderedDict()
-
-    def put(self, camera: str, item: Pending) -> Pending | None:
-        frames = self._waiting.setdefault(camera, deque())
-        frames.append(item)
-        if len(frames) <= self.depth:
-            return None
-        # Moved to the end: cameras are served in the order their oldest frames came in.
-        self._waiting.move_to_end(camera)
-        return frames.popleft()
-
-    def take(self) -> tuple[str, Pending] | None:
-        """The camera that has waited longest and its oldest waiting frame."""
-        if not self._waiting:
-            return None
-        camera, frames = next(iter(self._waiting.items()))
-        item = frames.popleft()
-        if frames:
-            self._waiting.move_to_end(camera)  # the other cameras' turn first
-        else:
-            del self._waiting[camera]
-        return camera, item
-
-    def __len__(self) -> int:
-        return sum(len(frames) for frames in self._waiting.values())
+def model_ref(model: LoadedModel) -> ModelRef:
+    """How results, the heartbeat and the metrics name ``model``."""
+    m = model.manifest
+    return ModelRef(name=m.name, version=m.version, framework=m.framework, device=model.device)
 
 
 def decode_frame(
@@ -90,10 +45,10 @@ def decode_frame(
     max_bytes: int,
     reduced: bool,
     threads: int = DECODE_THREADS,
-) -> Decoded:
+) -> DecodedFrame:
     """Unpack the frame message and decode its JPEG at the largest reduction that still
     leaves ``input_size`` (the model's input) pixels, in ``threads`` strips where the JPEG
-    allows it.  Raises :class:`Rejected`."""
+    allows it.  Raises :class:`~lensbus.errors.Rejected`."""
     t0 = time.perf_counter()
     if len(item.data) > max_bytes:
         raise Rejected("too_large", f"frame message of {len(item.data)} bytes > {max_bytes}")
@@ -113,10 +68,10 @@ def decode_frame(
             f"frame {env.camera}#{env.seq} says {env.width}x{env.height}, "
             f"JPEG is {w * factor}x{h * factor}",
         )
-    return Decoded(env, image, factor, item.arrived, t0, time.perf_counter())
+    return DecodedFrame(env, image, factor, item.arrived, t0, time.perf_counter())
 
 
-def run_model(frame: Decoded, model: LoadedModel, instance: str) -> Result:
+def run_model(frame: DecodedFrame, model: LoadedModel, instance: str) -> Result:
     """Run a decoded frame through the model and describe the result."""
     t0 = time.perf_counter()
     # Queue: every wait between arrival and the model, before and after the decode.
@@ -124,7 +79,6 @@ def run_model(frame: Decoded, model: LoadedModel, instance: str) -> Result:
     env = frame.env
     width, height = env.frame_size  # a model-stream frame's boxes are in full-frame pixels
     out = model.run(frame.image, width, height)
-    m = model.manifest
     return Result(
         camera=env.camera,
         seq=env.seq,
@@ -132,8 +86,8 @@ def run_model(frame: Decoded, model: LoadedModel, instance: str) -> Result:
         result_ns=time.time_ns(),
         width=width,
         height=height,
-        model=ModelRef(name=m.name, version=m.version, framework=m.framework, device=model.device),
-        task=m.task,
+        model=model_ref(model),
+        task=model.manifest.task,
         instance=instance,
         detections=out.detections,
         classes=out.classes,
@@ -157,6 +111,7 @@ def process(
     reduced: bool,
     threads: int = DECODE_THREADS,
 ) -> Result:
-    """Decode, run and describe one frame. Raises :class:`Rejected` for bad input."""
+    """Decode, run and describe one frame. Raises :class:`~lensbus.errors.Rejected` for bad
+    input."""
     frame = decode_frame(item, model.input_size, max_bytes, reduced, threads)
     return run_model(frame, model, instance)

@@ -1,0 +1,150 @@
+"""The publisher's view of the bus: every camera it has seen and the heartbeats of every
+service. Messages come in decoded here, bad ones are rejected (counted, logged); nothing
+here does I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from lensbus import metrics as shared_metrics
+from lensbus.codec import DecodeError, decode
+from lensbus.errors import Rejected
+from lensbus.logs import RateLimit, log_limited
+from lensbus.schemas import Event, FrameEnvelope, Result, Status
+from lensbus_publisher import metrics
+from lensbus_publisher.camera import Camera, FrameItem, ResultItem
+from lensbus_publisher.config import PublisherSettings
+from lensbus_publisher.sse import Subscribers, result_json, sse
+
+log = logging.getLogger(__name__)
+
+
+class Hub:
+    """Every camera the publisher has seen, and every service's last heartbeat."""
+
+    def __init__(self, settings: PublisherSettings) -> None:
+        self.s = settings
+        self.cameras: dict[str, Camera] = {}
+        self.statuses: dict[tuple[str, str], tuple[Status, float]] = {}
+        self.all_results = Subscribers()  # SSE clients of every camera
+        self.closing = False
+        self.rejected = 0
+        self._limit = RateLimit(60.0)
+
+    # ---- bad input ---------------------------------------------------------------------
+
+    def reject(self, reason: str, what: str, exc: Exception) -> None:
+        self.rejected += 1
+        shared_metrics.MESSAGES_REJECTED.labels(reason).inc()
+        log_limited(
+            log,
+            self._limit,
+            f"{what}:{reason}",
+            logging.WARNING,
+            "rejected a %s (%s): %s",
+            what,
+            reason,
+            exc,
+        )
+
+    def camera(self, camera_id: str, create: bool = False) -> Camera | None:
+        cam = self.cameras.get(camera_id)
+        if cam is None and create:
+            if len(self.cameras) >= self.s.max_cameras:
+                raise Rejected("too_many_cameras", f"over max_cameras={self.s.max_cameras}")
+            cam = Camera(camera_id, self.s.frame_ring, self.s.result_ring)
+            self.cameras[camera_id] = cam
+            for stream in metrics.STREAMS:
+                metrics.VIEWERS.labels(camera_id, stream).set(0)
+            log.info("new camera %s", camera_id)
+        return cam
+
+    def _camera_of_message(self, camera: str, subject_camera: str) -> Camera:
+        """The camera a message names (created when new); the subject must name it too."""
+        if camera != subject_camera:
+            raise Rejected("camera_mismatch", f"{camera!r} on {subject_camera!r}")
+        cam = self.camera(camera, create=True)
+        assert cam is not None
+        return cam
+
+    # ---- messages ----------------------------------------------------------------------
+
+    def on_frame(self, subject_camera: str, data: bytes) -> tuple[Camera, bool] | None:
+        """File a frame message; returns its camera and whether the capture restarted."""
+        try:
+            env = decode(data, FrameEnvelope)
+            cam = self._camera_of_message(env.camera, subject_camera)
+        except (DecodeError, Rejected) as exc:
+            self.reject(exc.reason, "frame", exc)
+            return None
+        item = FrameItem(env.seq, env.capture_ns, env.width, env.height, env.data, time.monotonic())
+        restarted = cam.add_frame(item)
+        metrics.FRAMES_RECEIVED.labels(cam.id).inc()
+        return cam, restarted
+
+    def on_result(self, subject_camera: str, data: bytes) -> tuple[Camera, Result] | None:
+        try:
+            result = decode(data, Result)
+            cam = self._camera_of_message(result.camera, subject_camera)
+            body = result_json(result)
+        except (DecodeError, Rejected) as exc:
+            self.reject(exc.reason, "result", exc)
+            return None
+        item = ResultItem(result, time.monotonic(), sse("result", result.seq, body))
+        cam.add_result(item)
+        self.all_results.send(item.sse)
+        metrics.RESULTS_RECEIVED.labels(cam.id).inc()
+        return cam, result
+
+    def on_event(self, event: Event) -> None:
+        """An event this publisher raised: to the SSE clients of its camera and of all."""
+        item = sse("event", event.seq, event.model_dump(mode="json"))
+        cam = self.cameras.get(event.camera)
+        if cam is not None:
+            cam.subscribers.send(item)
+        self.all_results.send(item)
+
+    def on_status(self, data: bytes) -> None:
+        try:
+            status = decode(data, Status)
+        except DecodeError as exc:
+            self.reject(exc.reason, "heartbeat", exc)
+            return
+        key = (status.service, status.instance)
+        if key not in self.statuses and len(self.statuses) >= 4096:
+            self.reject("too_many_services", "heartbeat", ValueError("over 4096 instances"))
+            return
+        self.statuses[key] = (status, time.monotonic())
+
+    # ---- views -------------------------------------------------------------------------
+
+    def status_view(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        for key in [k for k, (_, t) in self.statuses.items() if now - t > self.s.status_forget_s]:
+            del self.statuses[key]
+        out = []
+        for _, (st, seen) in sorted(self.statuses.items(), key=lambda kv: kv[0]):
+            age = now - seen
+            item = st.model_dump(mode="json")
+            item["age_s"] = round(age, 3)
+            # Three missed heartbeats: the service is probably gone.
+            item["stale"] = age > 3 * st.interval_s + 1.0
+            out.append(item)
+        return out
+
+    def cameras_view(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [cam.summary(now) for _, cam in sorted(self.cameras.items())]
+
+    def close(self) -> None:
+        """Wake every stream so that it ends."""
+        self.closing = True
+        for cam in self.cameras.values():
+            cam.frame_signal.notify()
+            cam.changed.notify()
+            cam.project_signal.notify()
+            cam.subscribers.send(None)
+        self.all_results.send(None)
