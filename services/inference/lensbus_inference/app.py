@@ -20,7 +20,6 @@ from lensbus.runtime import Runtime
 from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
 from lensbus_inference.deployment import Follower
-from lensbus_inference.frames import model_ref
 from lensbus_inference.model import LoadedModel, load_model
 from lensbus_inference.worker import Worker
 
@@ -72,7 +71,7 @@ async def run(settings: InferenceSettings) -> int:
         log.error("cannot load model %s: %s", settings.model, exc)
         return EXIT_MODEL
     if model is not None:
-        ref = model_ref(model)
+        ref = model.ref
         metrics.set_model_info(ref)
         log.info("serving %s:%s (%s on %s)", ref.name, ref.version, ref.framework, ref.device)
     worker: Worker | None = None
@@ -81,7 +80,7 @@ async def run(settings: InferenceSettings) -> int:
             if rt.bus.nc is None:  # stopped before NATS was reachable
                 return 0
             worker = Worker(settings, rt, model)
-            rt.model = model_ref(model) if model else None
+            rt.model = model.ref if model else None
             tasks = [asyncio.create_task(worker.run(), name="worker")]
             if settings.group is not None:
                 rt.detail["group"] = settings.group

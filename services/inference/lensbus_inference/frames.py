@@ -12,7 +12,7 @@ import numpy as np
 from lensbus.codec import decode
 from lensbus.errors import DecodeError, ImageError, Rejected
 from lensbus.images import decode_jpeg, reduction_for
-from lensbus.schemas import FrameEnvelope, ModelRef, Result, Timings
+from lensbus.schemas import FrameEnvelope, Result, Timings
 from lensbus_inference.mailbox import Pending
 from lensbus_inference.model import LoadedModel
 
@@ -31,12 +31,6 @@ class DecodedFrame:
     arrived: float  # perf_counter() stamps: message arrival, decode start and end
     started: float
     finished: float
-
-
-def model_ref(model: LoadedModel) -> ModelRef:
-    """How results, the heartbeat and the metrics name ``model``."""
-    m = model.manifest
-    return ModelRef(name=m.name, version=m.version, framework=m.framework, device=model.device)
 
 
 def decode_frame(
@@ -86,7 +80,7 @@ def run_model(frame: DecodedFrame, model: LoadedModel, instance: str) -> Result:
         result_ns=time.time_ns(),
         width=width,
         height=height,
-        model=model_ref(model),
+        model=model.ref,
         task=model.manifest.task,
         instance=instance,
         detections=out.detections,

@@ -27,7 +27,7 @@ from lensbus.backends import BACKENDS, Backend, short_error, where
 from lensbus.decoders import Decoder, decoder_for
 from lensbus.errors import ModelLoadError, OutputsError
 from lensbus.modelpkg import Package
-from lensbus.schemas import ClassScore, Detection, Manifest, Segment
+from lensbus.schemas import ClassScore, Detection, Manifest, ModelRef, Segment
 from lensbus_inference.preprocess import Preprocessor
 
 __all__ = ["Inference", "LoadedModel", "ModelLoadError", "load_model"]
@@ -60,6 +60,12 @@ class LoadedModel:
         self._decoder = decoder
         self._lock = threading.Lock()
         self._main_file = where(package, type(backend).main_role)
+
+    @property
+    def ref(self) -> ModelRef:
+        """How results, the heartbeat and the metrics name this model."""
+        m = self.manifest
+        return ModelRef(name=m.name, version=m.version, framework=m.framework, device=self.device)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from lensbus.schemas import Result
 from lensbus.waiting import wait_unless_stopped
 from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
-from lensbus_inference.frames import model_ref, process
+from lensbus_inference.frames import process
 from lensbus_inference.mailbox import Mailbox, Pending
 from lensbus_inference.model import LoadedModel
 
@@ -175,7 +175,7 @@ class Worker:
         """Put ``new`` in service between two frames, then free the old model."""
         async with self.busy:
             old, self.model = self.model, new
-            self.rt.model = model_ref(new)
-        metrics.set_model_info(model_ref(new), model_ref(old) if old is not None else None)
+            self.rt.model = new.ref
+        metrics.set_model_info(new.ref, old.ref if old is not None else None)
         if old is not None:
             await asyncio.to_thread(old.close)

@@ -1,12 +1,16 @@
 """Backends, one per framework, collected in :data:`BACKENDS` by their ``framework`` key.
 
 Adding a framework is one module: subclass :class:`Backend`, set ``framework``, ``roles``
-and ``main_role``, decorate it with :func:`register`, and import the module here.  The
+and ``main_role``, decorate it with :func:`register`.  Every module of this package
+is imported with it (below), so the new one registers itself in every process that reads
+manifests.  The
 frameworks themselves (MXNet, onnxruntime, OpenCV) are imported when a model loads, so
 validating a manifest does not load them.
 """
 
-from lensbus.backends import mxnet, onnx, opencv  # noqa: F401  (they register themselves)
+import importlib
+import pkgutil
+
 from lensbus.backends.base import (
     BACKENDS,
     Array,
@@ -32,3 +36,7 @@ __all__ = [
     "unregister",
     "where",
 ]
+
+# Importing a backend's module registers it: import every one.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

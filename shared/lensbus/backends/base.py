@@ -26,19 +26,6 @@ if TYPE_CHECKING:
 
 Array = npt.NDArray[Any]
 
-__all__ = [
-    "BACKENDS",
-    "Array",
-    "Backend",
-    "DeviceError",
-    "input_shape",
-    "parse_device",
-    "register",
-    "short_error",
-    "unregister",
-    "where",
-]
-
 
 class Backend(ABC):
     """One framework's way of loading a package and running it.

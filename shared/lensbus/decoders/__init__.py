@@ -2,11 +2,15 @@
 
 Adding a decoder is one module: subclass :class:`Decoder`, set ``key`` and ``tasks``, give it
 an ``Options`` model (a :class:`DecoderOptions` with ``decoder: Literal["<key>"] = "<key>"``
-and its options, each with a default and a description), decorate it with :func:`register`,
-and import the module here.  The manifest validates ``decoder_options`` with that model, so
-a bad option is refused wherever a manifest is read (the deployer's upload included), and
-``docs/schemas/manifest.json`` documents it.
+and its options, each with a default and a description), decorate it with :func:`register`.
+Every module of this package is imported with it (below), so the new one registers itself in
+every process that reads manifests: the deployer and inference alike.  The manifest
+validates ``decoder_options`` with that model, so a bad option is refused wherever a manifest
+is read (the deployer's upload included), and ``docs/schemas/manifest.json`` documents it.
 """
+
+import importlib
+import pkgutil
 
 from lensbus.decoders.base import (
     DECODERS,
@@ -18,8 +22,6 @@ from lensbus.decoders.base import (
     register,
     unregister,
 )
-
-# Importing the built-in decoders registers them.
 from lensbus.decoders.classification import ClassificationDecoder, ClassificationOptions
 from lensbus.decoders.segmentation import SegmentationDecoder, SegmentationOptions
 from lensbus.decoders.ssd import SSDDecoder, SSDOptions
@@ -44,3 +46,7 @@ __all__ = [
     "register",
     "unregister",
 ]
+
+# Importing a decoder's module registers it: import every one, the built-ins above included.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
