@@ -6,7 +6,7 @@
 #
 #   sudo scripts/compose-smoke.sh          (root: apt-get, rootful podman)
 #
-# It follows ../shared/DESIGN.md, "Running the compose set without a registry":
+# How it runs without a registry (docs/architecture.md, "Images"):
 # - apt-get install podman runc debootstrap; podman-compose (and nats-py, msgpack for the
 #   subscriber) in a virtualenv of its own;
 # - containers.conf with default_ulimits = [] and runtime = "runc" (crun cannot set rlimits
