@@ -25,6 +25,8 @@ MODELS_BUCKET = "lensbus-models"
 DEPLOYMENTS_BUCKET = "lensbus-deployments"
 RESULTS_STREAM = "LENSBUS_RESULTS"
 SNAPSHOTS_BUCKET = "lensbus-snapshots"
+CAMERAS_BUCKET = "lensbus-cameras"
+CLIPS_BUCKET = "lensbus-clips"
 
 # Verbs of the deployer's request/reply API (``<prefix>.api.deployer.<verb>``).
 DEPLOYER_VERBS = (

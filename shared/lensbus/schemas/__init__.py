@@ -1,6 +1,7 @@
 """Message schemas: pydantic models, exported as JSON Schema to ``docs/schemas/``."""
 
 from lensbus.schemas.base import SCHEMA_VERSION, CameraId, Message, Part
+from lensbus.schemas.camera import CameraConfig, CameraState, SourceOptions
 from lensbus.schemas.deploy import (
     ActivateRequest,
     Deployment,
@@ -46,9 +47,14 @@ EXPORTED: dict[str, type[Message]] = {
     "deployment": Deployment,
     "swap_report": SwapReport,
     "event": Event,
+    "camera": CameraConfig,
+    "camera_state": CameraState,
 }
 
 __all__ = [
+    "CameraConfig",
+    "CameraState",
+    "SourceOptions",
     "ActivateRequest",
     "Deployment",
     "DeploymentReply",
