@@ -147,6 +147,12 @@ class CpuMeter:
 # ------------------------------------------------------------------------------ processes
 
 
+def family_total(samples: dict[str, float], name: str) -> float:
+    """The sum of every sample of one metric family, whatever its labels (capture's metrics
+    carry a ``camera`` label since one process serves several cameras)."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
 def by_label(samples: dict[str, float], name: str, label: str) -> dict[str, float]:
     """``{label value: sample}`` of one metric family (``name{label="x"}``)."""
     pattern = re.compile(rf'^{re.escape(name)}\{{.*{label}="([^"]*)".*\}}$')

@@ -24,6 +24,7 @@ from pipeline_lab import (
     bare_loop,
     by_label,
     describe,
+    family_total,
     load_bare_model,
     log,
     merge_bare,
@@ -159,7 +160,7 @@ class Bench:
         cd, idl = deltas["capture"], deltas["inference"]
         desc["offered_fps"] = round(fps, 2)
         desc["published_fps"] = round(
-            cd.get("lensbus_capture_frames_published_total", 0.0) / seconds, 2
+            family_total(cd, "lensbus_capture_frames_published_total") / seconds, 2
         )
         desc["inference_received"] = idl.get("lensbus_inference_frames_received_total", 0.0)
         desc["dropped_stale"] = idl.get(
@@ -467,7 +468,7 @@ class Bench:
             return {k: round(b[k] - a.get(k, 0.0)) for k in b if b[k] - a.get(k, 0.0)}
 
         def count(svc: str, name: str) -> float:
-            return m1[svc].get(name, 0.0) - m0[svc].get(name, 0.0)
+            return family_total(m1[svc], name) - family_total(m0[svc], name)
 
         published = count("capture", "lensbus_capture_frames_published_total")
         received = count("inference", "lensbus_inference_frames_received_total")
@@ -563,7 +564,7 @@ class Bench:
                 if k.startswith("inference")
             )
             desc["published_fps"] = round(
-                deltas["capture"].get("lensbus_capture_frames_published_total", 0.0)
+                family_total(deltas["capture"], "lensbus_capture_frames_published_total")
                 / self.win.workers_s,
                 2,
             )

@@ -15,7 +15,7 @@ import pytest
 
 from lensbus import Subjects, decode
 from lensbus.images import decode_jpeg
-from lensbus.natsserver import NatsServer
+from lensbus.natsserver import NatsServer, free_port
 from lensbus.schemas import FrameEnvelope
 
 pytestmark = pytest.mark.slow
@@ -153,7 +153,9 @@ async def test_nats_restart_mid_run(fresh_nats: NatsServer, start_service) -> No
     assert cap.proc.poll() is None, "capture must keep running without NATS"
     code, body = cap.healthz()
     assert code == 503 and "nats" in body["problems"]  # type: ignore[operator]
-    assert cap.metric("lensbus_capture_frames_dropped_total", 'reason="nats_down"') > 0
+    assert (
+        cap.metric("lensbus_capture_frames_dropped_total", 'camera="resil",reason="nats_down"') > 0
+    )
 
     fresh_nats.start()
     restarted = time.time()
@@ -257,7 +259,9 @@ async def test_a_stalled_server_costs_frames_not_memory(
     try:
         await asyncio.sleep(4.0)
         grown = rss_mb(cap.proc.pid) - before
-        dropped = cap.metric("lensbus_capture_frames_dropped_total", 'reason="backpressure"')
+        dropped = cap.metric(
+            "lensbus_capture_frames_dropped_total", 'camera="stall",reason="backpressure"'
+        )
     finally:
         os.kill(fresh_nats.proc.pid, signal.SIGCONT)
     assert dropped > 0
@@ -265,3 +269,71 @@ async def test_a_stalled_server_costs_frames_not_memory(
     frames = await collect(fresh_nats.url, "stall", 1.5)
     assert frames, "frames flow again once the server runs"
     assert cap.stop() == 0
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_cameras_added_and_removed_while_others_stream(
+    nats: NatsServer, tmp_path: Path
+) -> None:
+    """Three cameras in one process (two test patterns and a live MJPEG camera); one is
+    removed and one added while all stream: the others lose no frame, the removed one stops
+    within 2 s, the new one publishes within 5 s; a camera whose source cannot be opened is
+    retried with its reason shown, and disturbs nothing."""
+    from live_sources import MjpegServer
+
+    from lensbus.runtime import Runtime
+    from lensbus.schemas.camera import CameraConfig, CameraState
+    from lensbus_capture import metrics
+    from lensbus_capture.cameras import Cameras
+    from lensbus_capture.config import CaptureSettings
+
+    def config(cam: str, source: str) -> CameraConfig:
+        return CameraConfig(id=cam, source=source, fps=10, width=320, height=240)
+
+    arrivals: dict[str, list[tuple[float, int]]] = {}
+    nc = await nats_py.connect(nats.url)
+
+    async def on_frame(msg: nats_py.aio.msg.Msg) -> None:
+        env = decode(msg.data, FrameEnvelope)
+        arrivals.setdefault(env.camera, []).append((time.monotonic(), env.seq))
+
+    await nc.subscribe(Subjects().all_frames(), cb=on_frame)
+    await nc.flush()
+    states: list[CameraState] = []
+    settings = CaptureSettings(nats_url=nats.url, metrics_port=0, reopen_max_s=0.5)
+    with MjpegServer(free_port(), 320, 240, tmp_path / "mjpeg.log") as server:
+        async with Runtime(settings) as rt:
+            cameras = Cameras(rt, settings, on_state=states.append)
+            first = {c.id: c for c in (config("a", "test"), config("b", server.url))}
+            first["c"] = config("c", "test")
+            await cameras.apply(first)
+            await wait_until(lambda: all(len(arrivals.get(c, [])) >= 5 for c in first), 20, "3")
+            changed = time.monotonic()
+            dead = f"rtsp://127.0.0.1:{free_port()}/nothing"
+            later = {"a": first["a"], "b": first["b"], "d": config("d", "test")}
+            later["e"] = config("e", dead)
+            await cameras.apply(later)
+            await wait_until(lambda: len(arrivals.get("d", [])) >= 1, 5, "the new camera")
+            new_after = arrivals["d"][0][0] - changed
+            reopens = metrics.SOURCE_REOPENS.labels("e")
+            await wait_until(lambda: reopens._value.get() >= 2, 10, "retries of the dead one")
+            n = {c: len(arrivals[c]) for c in "abd"}
+            await wait_until(lambda: all(len(arrivals[c]) >= n[c] + 10 for c in "abd"), 10, "more")
+            assert cameras.states()["e"].state == "retrying"
+            assert dead in cameras.states()["e"].reason
+            assert {s.state for s in cameras.states().values() if s.camera != "e"} == {"running"}
+            await cameras.stop()
+    await nc.close()
+    assert new_after <= 5.0
+    assert arrivals["c"][-1][0] - changed <= 2.0, "the removed camera kept publishing"
+    assert [s.state for s in states if s.camera == "c"][-1] == "stopped"
+    for cam in "abd":
+        seqs = [seq for _, seq in arrivals[cam]]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"camera {cam} lost frames"

@@ -108,8 +108,8 @@ async def test_dropped_stream_is_reopened(
         states.append(decode(msg.data, Status))
 
     await nc.subscribe("lensbus.status.capture.>", cb=on_status)
-    published = "lensbus_capture_frames_published_total"
-    await wait_for(lambda: cap.metric(published) >= 10, 15, "frames from the stream")
+    published, cam = "lensbus_capture_frames_published_total", 'camera="ipcam"'
+    await wait_for(lambda: cap.metric(published, cam) >= 10, 15, "frames from the stream")
 
     camera.stop()  # the camera is unplugged
     await wait_for(lambda: cap.healthz()[0] == 503, 20, "/healthz to report the lost source")
@@ -118,13 +118,13 @@ async def test_dropped_stream_is_reopened(
     await wait_for(lambda: any(s.state == "degraded" for s in states), 5, "a degraded heartbeat")
     assert "source lost" in next(s for s in states if s.state == "degraded").reason
     await asyncio.sleep(2.0)  # a few failed reopen attempts while it is away
-    assert cap.metric("lensbus_capture_source_reopens_total") >= 2
+    assert cap.metric("lensbus_capture_source_reopens_total", cam) >= 2
     assert cap.proc.poll() is None, "capture keeps running while the camera is away"
-    count_while_down = cap.metric(published)
+    count_while_down = cap.metric(published, cam)
 
     camera.start()  # plugged back in
     await wait_for(lambda: cap.healthz()[0] == 200, 20, "/healthz to recover")
-    await wait_for(lambda: cap.metric(published) >= count_while_down + 10, 15, "frames again")
-    assert cap.metric("lensbus_capture_source_up") == 1
+    await wait_for(lambda: cap.metric(published, cam) >= count_while_down + 10, 15, "frames again")
+    assert cap.metric("lensbus_capture_source_up", cam) == 1
     await nc.close()
     assert cap.stop() == 0

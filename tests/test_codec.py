@@ -163,6 +163,41 @@ def samples() -> dict[str, Message]:
             "box": Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080).model_dump(),
             "snapshot": f"front-door/{NOW}-1234.jpg",
         },
+        # The cameras bucket's records and a kept clip's description.
+        "camera": {
+            "id": "front-door",
+            "source": "rtsp://127.0.0.1:8554/door",
+            "fps": 5.0,
+            "model_height": 416,
+            "group": "lobby",
+            "node": "edge-01",
+            "options": {"rtsp_transport": "tcp", "read_timeout_s": 3.0},
+        },
+        "camera_state": {
+            "camera": "front-door",
+            "state": "retrying",
+            "reason": "cannot open source 'rtsp://127.0.0.1:8554/door'",
+            "instance": "capture-edge-01-77",
+            "node": "edge-01",
+            "since_ns": NOW,
+            "frames": 1200,
+        },
+        "clip": {
+            "id": f"front-door-{NOW}-1234",
+            "camera": "front-door",
+            "rule": "dog-at-door",
+            "label": "dog",
+            "event_seq": 1234,
+            "event_capture_ns": NOW,
+            "start_ns": NOW - 5_000_000_000,
+            "end_ns": NOW + 5_000_000_000,
+            "frames": 150,
+            "fps": 15.0,
+            "width": 1920,
+            "height": 1080,
+            "pre_s": 5.0,
+            "post_s": 5.0,
+        },
     }
     for name, value in wire.items():
         if name in EXPORTED:

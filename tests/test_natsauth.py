@@ -22,6 +22,7 @@ from nats.js.errors import KeyNotFoundError
 from photos import photos
 
 from lensbus import DecodeError, Subjects, decode
+from lensbus.cameras import CamerasBucket
 from lensbus.deployclient import DeployClient
 from lensbus.natsauth import (
     PASSWORD_PATTERN,
@@ -34,8 +35,11 @@ from lensbus.natsauth import (
 )
 from lensbus.natsserver import NatsServer
 from lensbus.schemas import Event, Result, Status
+from lensbus.schemas.camera import CameraConfig, CameraState, camera_key, state_key
 from lensbus.schemas.deploy import group_key, report_key
 from lensbus.subjects import (
+    CAMERAS_BUCKET,
+    CLIPS_BUCKET,
     DEPLOYMENTS_BUCKET,
     MODELS_BUCKET,
     RESULTS_STREAM,
@@ -224,6 +228,11 @@ FORBIDDEN_PUBLISH = [
     ("capture", "lensbus.api.deployer.activate"),
     ("capture", f"$O.{MODELS_BUCKET}.M.x"),
     ("capture", f"$JS.API.STREAM.DELETE.KV_{DEPLOYMENTS_BUCKET}"),
+    ("capture", f"$JS.API.STREAM.DELETE.KV_{CAMERAS_BUCKET}"),
+    ("capture", f"$JS.API.STREAM.PURGE.KV_{CAMERAS_BUCKET}"),
+    ("capture", f"$JS.API.STREAM.UPDATE.KV_{CAMERAS_BUCKET}"),
+    ("capture", f"$KV.{CAMERAS_BUCKET}.camera.cam1"),
+    ("capture", f"$O.{CLIPS_BUCKET}.C.x"),
     ("inference", "lensbus.frames.cam1"),
     ("inference", "lensbus.model-frames.cam1"),
     ("inference", "lensbus.events.cam1"),
@@ -246,6 +255,16 @@ FORBIDDEN_PUBLISH = [
     ("client", f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
     ("client", f"$JS.API.STREAM.DELETE.{RESULTS_STREAM}"),
     ("client", f"$JS.API.STREAM.CREATE.{RESULTS_STREAM}"),
+    ("client", f"$KV.{CAMERAS_BUCKET}.state.cam1"),
+    ("client", f"$JS.API.STREAM.DELETE.KV_{CAMERAS_BUCKET}"),
+    ("client", f"$JS.API.STREAM.PURGE.KV_{CAMERAS_BUCKET}"),
+    ("client", f"$O.{CLIPS_BUCKET}.C.x"),
+    ("client", f"$JS.API.STREAM.PURGE.OBJ_{CLIPS_BUCKET}"),
+    ("publisher", f"$KV.{CAMERAS_BUCKET}.camera.cam1"),
+    ("publisher", f"$KV.{CAMERAS_BUCKET}.state.cam1"),
+    ("publisher", f"$JS.API.STREAM.CREATE.KV_{CAMERAS_BUCKET}"),
+    ("inference", f"$KV.{CAMERAS_BUCKET}.camera.cam1"),
+    ("inference", f"$O.{CLIPS_BUCKET}.C.x"),
 ]
 # ... and what it must not subscribe to (answering the deployer's API, reading frames).
 FORBIDDEN_SUBSCRIBE = [
@@ -436,3 +455,71 @@ async def _end_to_end(
     for svc in (cap, pub, inf, dep):
         assert svc.stop() == 0, svc.log
     assert auth.violations() == [], "a service was denied something it needs"
+
+
+# ---- the cameras bucket and the clips object store (issue 12) ---------------------------------
+
+
+async def _denied_write(js: Any, subject: str) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - the server drops it: no ack, a timeout
+        await js.publish(subject, b"forged", timeout=1)
+
+
+async def test_cameras_bucket_capture_writes_states_client_writes_configs(
+    auth_nats: AuthServer,
+) -> None:
+    # The client (lensbus cameras add) comes first: it may create the bucket and add a camera.
+    client_errors: list[str] = []
+    client_js = (await auth_nats.connect("client", client_errors)).jetstream(timeout=2)
+    client = await CamerasBucket.open(client_js)
+    await client.add(CameraConfig(id="cam1", source="test"))
+
+    # Capture binds it, reads the configs, writes (and clears) its states; no config.
+    cap_errors: list[str] = []
+    cap_js = (await auth_nats.connect("capture", cap_errors)).jetstream(timeout=2)
+    cap = await CamerasBucket.open(cap_js)
+    assert set((await cap.view()).configs) == {"cam1"}
+    async for watched in cap.views(asyncio.Event(), states=False):  # capture's own watch
+        assert set(watched.configs) == {"cam1"} and watched.states == {}
+        break
+    state = CameraState(camera="cam1", state="running", instance="cap1", since_ns=1)
+    await cap.put_state(state)
+    await _denied_write(cap_js, f"$KV.{CAMERAS_BUCKET}.{camera_key('cam1')}")
+    assert denied(cap_errors, "Publish", f"$KV.{CAMERAS_BUCKET}.camera.cam1"), cap_errors
+
+    # The client reads both and cannot forge a state.
+    view = await client.view()
+    assert view.states == {"cam1": state} and set(view.configs) == {"cam1"}
+    await _denied_write(client_js, f"$KV.{CAMERAS_BUCKET}.{state_key('cam1')}")
+    assert denied(client_errors, "Publish", f"$KV.{CAMERAS_BUCKET}.state.cam1"), client_errors
+    assert await cap.clear_state("cam1", "cap1")
+    assert (await client.view()).states == {}
+
+    # The publisher reads the bucket (the page) and writes neither kind of key.
+    pub_errors: list[str] = []
+    pub_js = (await auth_nats.connect("publisher", pub_errors)).jetstream(timeout=2)
+    assert set((await (await CamerasBucket.open(pub_js, create=False)).view()).configs) == {"cam1"}
+    for key in (camera_key("cam1"), state_key("cam1")):
+        await _denied_write(pub_js, f"$KV.{CAMERAS_BUCKET}.{key}")
+        assert denied(pub_errors, "Publish", f"$KV.{CAMERAS_BUCKET}.{key}"), pub_errors
+    # Nothing else was denied: the JetStream API calls each needs are all allowed.
+    forged = f'"$KV.{CAMERAS_BUCKET}.'
+    assert [v for v in auth_nats.violations() if forged not in v] == []
+
+
+async def test_clips_store_publisher_writes_client_reads(auth_nats: AuthServer) -> None:
+    pub_js = (await auth_nats.connect("publisher")).jetstream(timeout=2)
+    store = await pub_js.create_object_store(CLIPS_BUCKET)
+    await store.put("clip-1", b"\x00" * 300_000)
+    client_errors: list[str] = []
+    client_js = (await auth_nats.connect("client", client_errors)).jetstream(timeout=2)
+    got = await (await client_js.object_store(CLIPS_BUCKET)).get("clip-1")
+    assert got.data == b"\x00" * 300_000
+    await _denied_write(client_js, f"$O.{CLIPS_BUCKET}.M.forged")
+    assert denied(client_errors, "Publish", f"$O.{CLIPS_BUCKET}.M.forged"), client_errors
+    # Capture has nothing to do with clips.
+    cap_errors: list[str] = []
+    cap_js = (await auth_nats.connect("capture", cap_errors)).jetstream(timeout=1)
+    with pytest.raises(Exception):  # noqa: B017 - denied: no answer
+        await cap_js.object_store(CLIPS_BUCKET)
+    assert denied(cap_errors, "Publish", f"$JS.API.STREAM.INFO.OBJ_{CLIPS_BUCKET}"), cap_errors

@@ -42,7 +42,8 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def test_defaults_without_file_or_env() -> None:
     s = load_settings(CaptureSettings)
     assert (s.camera, s.source, s.fps, s.jpeg_quality) == ("cam1", "test", 15.0, 85)
-    assert (s.width, s.height) == (640, 480)  # the test pattern's default size
+    cam = s.camera_config()  # the camera these settings describe
+    assert (cam.width, cam.height) == (640, 480)  # the test pattern's default size
     assert s.nats_servers == ["nats://127.0.0.1:4222"] and s.prefix == "lensbus"
 
 

@@ -4,18 +4,21 @@
 ``lensbus up`` give each service its own NATS user, allowed only its own subjects and
 JetStream resources:
 
-- ``capture`` publishes frames (device and model streams) and its heartbeats; nothing else
-  (not results, not buckets).
+- ``capture`` publishes frames (device and model streams) and its heartbeats; in the KV
+  ``lensbus-cameras`` it reads every key, writes only the ``state.*`` keys (what it reports
+  about its cameras), and may create the bucket; nothing else (not results, no other bucket).
 - ``inference`` reads frames (either stream), publishes results, reads the desired models (KV
   ``lensbus-deployments``) and the model store, and writes only its own swap reports
   (``report.>`` keys), never the ``group.*`` keys.
 - ``deployer`` answers ``<prefix>.api.deployer.*``, reads heartbeats, and is the only one
   that writes the model store and the ``group.*`` keys.
-- ``publisher`` reads frames, results and heartbeats, publishes events, and manages the
-  results stream and the snapshots bucket.
+- ``publisher`` reads frames, results and heartbeats, publishes events, manages the
+  results stream and the snapshots and clips object stores, and reads the cameras bucket.
 - ``client`` (programs, the ``lensbus`` command): reads frames, results, events and
-  heartbeats, calls the deployer's API, reads the results stream and the snapshots; it
-  publishes no frames, results or events and writes no bucket.
+  heartbeats, calls the deployer's API, reads the results stream, the snapshots, the clips
+  and the cameras bucket, and writes the ``camera.*`` keys of the cameras bucket (``lensbus
+  cameras add/update/remove``; it may create that bucket); it publishes no frames, results or
+  events and writes no other bucket.
 
 The JetStream API subjects were found by running every service with its own user against a
 real ``nats-server`` (``tests/test_natsauth.py`` does it again on every run).
@@ -36,7 +39,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from lensbus.schemas.camera import camera_key, state_key
 from lensbus.subjects import (
+    CAMERAS_BUCKET,
+    CLIPS_BUCKET,
     DEFAULT_PREFIX,
     DEPLOYMENTS_BUCKET,
     MODELS_BUCKET,
@@ -52,6 +58,8 @@ USERS: tuple[str, ...] = ("capture", "inference", "deployer", "publisher", "clie
 DEPLOYMENTS_STREAM = f"KV_{DEPLOYMENTS_BUCKET}"
 MODELS_STREAM = f"OBJ_{MODELS_BUCKET}"
 SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
+CAMERAS_STREAM = f"KV_{CAMERAS_BUCKET}"
+CLIPS_STREAM = f"OBJ_{CLIPS_BUCKET}"
 
 JS_API = "$JS.API"
 # Replies to requests (the JetStream API's, the deployer's) come to the requester's inbox.
@@ -101,12 +109,27 @@ def stream_admin(stream: str) -> list[str]:
     ]
 
 
+def cameras_bucket(keys: str) -> list[str]:
+    """Writing the ``keys`` of the cameras bucket, reading all of it, and creating it where
+    missing (capture and the CLI both may come first); never updating its limits, purging
+    or deleting it."""
+    return [
+        f"$KV.{CAMERAS_BUCKET}.{keys}",
+        f"{JS_API}.STREAM.CREATE.{CAMERAS_STREAM}",
+        *stream_read(CAMERAS_STREAM),
+    ]
+
+
+def object_store(bucket: str) -> list[str]:
+    """Writing (chunks, meta) and managing the object store ``bucket``."""
+    return [f"$O.{bucket}.>", *stream_admin(f"OBJ_{bucket}")]
+
+
 def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     """NATS permissions of one lensbus user under a subject prefix.
 
-    ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}}``; the deployer's also
-    has ``"allow_responses": True`` (it answers requests on their reply subjects, and
-    may publish to no other inbox).
+    ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}}``; the deployer's also has
+    ``"allow_responses": True`` (it answers on reply subjects, and no other inbox).
     """
     p = validate_prefix(prefix)
     frames, results, events = f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*"
@@ -114,7 +137,7 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     status, api = f"{p}.status.>", f"{p}.api.deployer.*"
     heartbeat = f"{p}.status.{user}.>"
     if user == "capture":
-        pub, sub = [frames, model_frames, heartbeat], [INBOX]
+        pub, sub = [frames, model_frames, heartbeat, *cameras_bucket(state_key("*"))], [INBOX]
     elif user == "inference":
         pub = [
             results,
@@ -129,9 +152,8 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             heartbeat,
             f"{JS_API}.INFO",
             f"$KV.{DEPLOYMENTS_BUCKET}.>",
-            f"$O.{MODELS_BUCKET}.>",
             *stream_admin(DEPLOYMENTS_STREAM),
-            *stream_admin(MODELS_STREAM),
+            *object_store(MODELS_BUCKET),
         ]
         sub = [api, status, INBOX]
         return {
@@ -144,9 +166,10 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             events,
             heartbeat,
             f"{JS_API}.INFO",
-            f"$O.{SNAPSHOTS_BUCKET}.>",
             *stream_admin(RESULTS_STREAM),
-            *stream_admin(SNAPSHOTS_STREAM),
+            *object_store(SNAPSHOTS_BUCKET),
+            *object_store(CLIPS_BUCKET),
+            *stream_read(CAMERAS_STREAM),
         ]
         sub = [frames, results, events, status, INBOX]
     elif user == "client":
@@ -155,6 +178,8 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             f"{JS_API}.INFO",
             *stream_read(RESULTS_STREAM),
             *stream_read(SNAPSHOTS_STREAM),
+            *stream_read(CLIPS_STREAM),
+            *cameras_bucket(camera_key("*")),
         ]
         sub = [frames, results, events, status, INBOX]
     else:

@@ -1,19 +1,27 @@
-"""The capture loop: read a frame, encode it (and its model-stream copy), publish it now or
-drop it, pace to the fps cap; a live source that fails is reopened with back-off."""
+"""One camera's capture: open the source (retried with back-off), take a frame, encode it
+(and its model-stream copy), publish it now or drop it, pace to the fps cap.
+
+A live source is drained by its reader thread (``reader.py``) and each tick takes the newest
+frame; a file or folder is read frame by frame at its pace.  What the camera is doing is
+reported as a :class:`CameraState` through ``on_state``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 from lensbus.codec import encode
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import FrameEnvelope
+from lensbus.schemas.camera import CameraConfig, CameraState, CameraStateName
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_capture import metrics
-from lensbus_capture.config import CaptureSettings
 from lensbus_capture.encoding import (
     Encoded,
     encode_for_model,
@@ -23,34 +31,152 @@ from lensbus_capture.encoding import (
     output_size,
     scale_frame,
 )
-from lensbus_capture.sources import Source, SourceError
+from lensbus_capture.reader import LiveReader
+from lensbus_capture.sources import Source, SourceError, VideoSource, make_source
 
 log = logging.getLogger(__name__)
 
 # Unsent frame bytes in the NATS client above which a new frame is dropped (nats-py's own
 # default pending size: where it forces a flush).
 MAX_PENDING_BYTES = 2 * 1024 * 1024
+FIRST_RETRY_S = 0.5
 
 
 class Capture:
-    """Reads frames from a source and publishes them; newest-first, never queued."""
+    """Reads one camera's frames and publishes them; newest-first, never queued."""
 
-    def __init__(self, settings: CaptureSettings, source: Source, rt: Runtime) -> None:
-        self.s = settings
-        self.source = source
+    def __init__(
+        self,
+        config: CameraConfig,
+        rt: Runtime,
+        reopen_max_s: float,
+        on_state: Callable[[CameraState], None],
+        seq: int = 0,
+        source: Source | None = None,
+    ) -> None:
+        """``seq``: the first sequence number (a restarted camera continues its own);
+        ``source``: one already open (the single-camera service opens it before starting)."""
+        self.c = config
         self.rt = rt
-        self.subject = rt.subjects.frames(settings.camera)
-        self.model_subject = rt.subjects.model_frames(settings.camera)
-        self.seq = 0
-        self.captured = 0
-        self.published = 0
-        self.dropped = 0
+        self.reopen_max_s = reopen_max_s
+        self.on_state = on_state
+        self.stop = asyncio.Event()
+        self.source = source or make_source(config)
+        self._open = source is not None
+        self.reader: LiveReader | None = None
+        self.subject = rt.subjects.frames(config.id)
+        self.model_subject = rt.subjects.model_frames(config.id)
+        self.seq = seq
+        self.captured = self.published = self.dropped = 0
+        self.state: CameraState | None = None
         self._limit = RateLimit(60.0)
+        cam = config.id
+        self._m_captured = metrics.FRAMES_CAPTURED.labels(cam)
+        self._m_published = metrics.FRAMES_PUBLISHED.labels(cam)
+        self._m_read = metrics.READ_SECONDS.labels(cam)
+        self._m_encode = metrics.ENCODE_SECONDS.labels(cam)
+        self._m_up = metrics.SOURCE_UP.labels(cam)
+        self._m_reopens = metrics.SOURCE_REOPENS.labels(cam)
+
+    def request_stop(self) -> None:
+        """Stop soon: a reader waiting for a frame is woken at once."""
+        self.stop.set()
+        if self.reader is not None:
+            self.reader.close()
 
     def counters(self) -> dict[str, float]:
         return {"captured": self.captured, "published": self.published, "dropped": self.dropped}
 
-    def _read_and_encode(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int, Encoded] | None:
+    def _report(self, state: CameraStateName, reason: str = "") -> None:
+        if self.state is not None and (self.state.state, self.state.reason) == (state, reason):
+            return
+        self.state = CameraState(
+            camera=self.c.id,
+            state=state,
+            reason=reason,
+            instance=self.rt.settings.instance,
+            node=self.c.node,
+            since_ns=time.time_ns(),
+            frames=self.published,
+        )
+        self.on_state(self.state)
+
+    async def run(self) -> int:
+        """Capture until stopped (0), the end of a file or folder (0) or its failure (1)."""
+        delay, lost = FIRST_RETRY_S, ""
+        try:
+            while not self.stop.is_set():
+                if not self._open:
+                    if await self._try_open(lost):
+                        delay = FIRST_RETRY_S
+                    elif await sleep_unless_stopped(self.stop, delay):
+                        break
+                    else:
+                        delay = min(delay * 2, self.reopen_max_s)
+                        continue
+                code, lost = await self._stream()
+                if code is not None:
+                    return code
+                await self._close()
+                if await sleep_unless_stopped(self.stop, FIRST_RETRY_S):
+                    break
+        finally:
+            await self._close()
+            self._m_up.set(0)
+            if self.stop.is_set():
+                self._report("stopped")
+        return 0
+
+    async def _try_open(self, lost: str) -> bool:
+        """Open the source; False (state retrying, with the reason) if it cannot be."""
+        if self.state is None:
+            self._report("opening")
+        else:
+            self._m_reopens.inc()
+        try:
+            await asyncio.to_thread(self.source.open)
+        except SourceError as exc:
+            reason = f"{lost}; {exc}" if lost else str(exc)
+            log_limited(log, self._limit, "open", logging.WARNING, "%s; retrying", reason)
+            self._report("retrying", reason)
+            return False
+        if lost:
+            log.info("source %s reopened", self.source.name)
+        self._open = True
+        return True
+
+    async def _close(self) -> None:
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            # A grab returns within a frame, or at the source's read timeout.
+            wait_s = self.c.options.read_timeout_s + 1.0
+            if not await asyncio.to_thread(reader.close, wait_s):
+                log.warning("camera %s: reader still blocked in the source", self.c.id)
+        if self._open:
+            self._open = False
+            await asyncio.to_thread(self.source.close)
+
+    def _next_frame(self) -> tuple[np.ndarray, int] | None:
+        """(image, capture time) of the next frame to publish, None at a file's end."""
+        if self.reader is not None:
+            before = self.reader.grabbed
+            got = self.reader.take(self.c.options.read_timeout_s)
+            grabbed = self.reader.grabbed - before
+            self.captured += grabbed
+            self._m_captured.inc(grabbed)
+            self._m_read.observe(got.retrieve_s)
+            return got.image, got.capture_ns
+        t0 = time.perf_counter()
+        image = self.source.read()
+        if image is None:
+            return None
+        capture_ns = time.time_ns()
+        self._m_read.observe(time.perf_counter() - t0)
+        self.captured += 1
+        self._m_captured.inc()
+        return image, capture_ns
+
+    def _take_and_encode(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int, Encoded] | None:
         """(seq, capture_ns, device-stream JPEG) of the next frame, None at the source's end.
 
         One hop to a worker thread per frame: the read blocks and the encodes are CPU work,
@@ -58,36 +184,42 @@ class Capture:
         its small copy is published from here as soon as it is encoded: inference starts on
         the frame while the device stream's larger JPEG is still being encoded.
         """
-        t0 = time.perf_counter()
-        image = self.source.read()
-        if image is None:
+        frame = self._next_frame()
+        if frame is None:
             return None
-        capture_ns = time.time_ns()
-        metrics.READ_SECONDS.observe(time.perf_counter() - t0)
+        image, capture_ns = frame
+        c = self.c
         h, w = image.shape[:2]
-        out_w, out_h = output_size(w, h, self.s.width, self.s.height)
+        out_w, out_h = output_size(w, h, c.width, c.height)
         scaled = None
         seq = self.seq
         self.seq += 1
-        if self.s.model_height:
+        if c.model_height:
             # Made from the image as read unless the device stream shrinks it: one resample
             # instead of two, and no wait for an upscale the model does not need.
             if h > out_h:
-                scaled = scale_frame(image, self.s.width, self.s.height)
+                scaled = scale_frame(image, c.width, c.height)
             base = image if scaled is None else scaled
-            size = model_size(out_w, out_h, self.s.model_height)
-            small = encode_for_model(base, size, self.s.jpeg_quality)
-            msg = envelope(self.s.camera, seq, capture_ns, small, (out_w, out_h))
+            size = model_size(out_w, out_h, c.model_height)
+            small = encode_for_model(base, size, c.jpeg_quality)
+            msg = envelope(c.id, seq, capture_ns, small, (out_w, out_h))
             asyncio.run_coroutine_threadsafe(self._publish(self.model_subject, msg), loop)
         if scaled is None:
-            scaled = scale_frame(image, self.s.width, self.s.height)
-        return seq, capture_ns, encode_frame(scaled, None, None, self.s.jpeg_quality)
+            scaled = scale_frame(image, c.width, c.height)
+        return seq, capture_ns, encode_frame(scaled, None, None, c.jpeg_quality)
 
     def _drop(self, reason: str, detail: str = "") -> None:
         self.dropped += 1
-        metrics.FRAMES_DROPPED.labels(reason).inc()
+        metrics.FRAMES_DROPPED.labels(self.c.id, reason).inc()
         log_limited(
-            log, self._limit, reason, logging.WARNING, "dropping frames (%s) %s", reason, detail
+            log,
+            self._limit,
+            reason,
+            logging.WARNING,
+            "camera %s: dropping frames (%s) %s",
+            self.c.id,
+            reason,
+            detail,
         )
 
     async def _publish(self, subject: str, msg: FrameEnvelope) -> bool:
@@ -109,67 +241,46 @@ class Capture:
             return False
         return True
 
-    async def _reopen(self, cause: SourceError) -> None:
-        """Reopen a live source with doubling back-off until it works or we stop."""
-        metrics.SOURCE_UP.set(0)
-        self.rt.set_state("degraded", f"source lost: {cause}")
-        delay = 0.5
-        while not self.rt.stop.is_set():
-            await asyncio.to_thread(self.source.close)
-            if await sleep_unless_stopped(self.rt.stop, delay):
-                return
-            metrics.SOURCE_REOPENS.inc()
-            try:
-                await asyncio.to_thread(self.source.open)
-            except SourceError as exc:
-                log_limited(
-                    log,
-                    self._limit,
-                    "reopen",
-                    logging.WARNING,
-                    "%s; retrying in up to %.1f s",
-                    exc,
-                    self.s.reopen_max_s,
-                )
-                self.rt.set_state("degraded", str(exc))
-                delay = min(delay * 2, self.s.reopen_max_s)
-                continue
-            log.info("source %s reopened", self.source.name)
-            metrics.SOURCE_UP.set(1)
-            self.rt.set_state("running")
-            return
-
-    async def loop(self) -> int:
+    async def _stream(self) -> tuple[int | None, str]:
+        """Publish from the open source until stopped or it ends: (exit code, "") or, a live
+        source lost, (None, why)."""
+        if self.source.live and isinstance(self.source, VideoSource):
+            self.reader = LiveReader(self.source.detach(), self.source.name)
+        self._m_up.set(1)
+        self._report("running")
         loop = asyncio.get_running_loop()
-        interval = 1.0 / self.s.fps
+        interval = 1.0 / self.c.fps
         next_t = time.monotonic()
-        while not self.rt.stop.is_set():
+        while not self.stop.is_set():
             try:
-                item = await asyncio.to_thread(self._read_and_encode, loop)
+                item = await asyncio.to_thread(self._take_and_encode, loop)
             except SourceError as exc:
+                if self.stop.is_set():
+                    break
+                self._m_up.set(0)
                 if not self.source.live:
                     log.error("%s", exc)
-                    return 1
+                    self._report("ended", str(exc))
+                    return 1, ""
                 log.warning("%s; reopening", exc)
-                await self._reopen(exc)
-                next_t = time.monotonic()
-                continue
+                self._report("retrying", f"source lost: {exc}")
+                return None, f"source lost: {exc}"
             if item is None:
-                log.info("end of %s after %d frames; stopping", self.source.name, self.captured)
-                return 0
-            self.captured += 1
-            metrics.FRAMES_CAPTURED.inc()
+                log.info("end of %s after %d frames", self.source.name, self.captured)
+                self._m_up.set(0)
+                self._report("ended")
+                return 0, ""
             seq, capture_ns, enc = item
-            metrics.ENCODE_SECONDS.observe(enc.encode_s)
-            if await self._publish(self.subject, envelope(self.s.camera, seq, capture_ns, enc)):
+            self._m_encode.observe(enc.encode_s)
+            if await self._publish(self.subject, envelope(self.c.id, seq, capture_ns, enc)):
                 self.published += 1
-                metrics.FRAMES_PUBLISHED.inc()
+                self._m_published.inc()
             # Pace to the fps cap on a fixed schedule; after a stall, start a new schedule
             # instead of bursting to catch up.
             next_t += interval
             delay = next_t - time.monotonic()
             if delay > 0:
-                await sleep_unless_stopped(self.rt.stop, delay)
+                await sleep_unless_stopped(self.stop, delay)
             elif delay < -interval:
                 next_t = time.monotonic()
-        return 0
+        return 0, ""

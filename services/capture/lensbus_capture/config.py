@@ -2,41 +2,59 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from lensbus.schemas import MAX_SIDE, CameraId
+from lensbus.schemas import CameraId
+from lensbus.schemas.camera import CameraConfig, SourceOptions
 from lensbus.settings import ServiceSettings
+
+
+def _camera_field(name: str, default: Any = None) -> Any:
+    """``CameraConfig``'s field ``name`` (type rules, bounds, description) for a setting."""
+    field = copy.copy(CameraConfig.model_fields[name])
+    if default is not None:
+        field.default = default
+    return field
 
 
 class CaptureSettings(ServiceSettings):
     service: ClassVar[str] = "capture"
 
     camera: CameraId = Field(default="cam1", description="camera id used in subjects")
-    source: str = Field(
-        default="test",
-        description="'test' (synthetic pattern), a camera index or /dev/videoN, "
-        "an rtsp:// or http(s):// URL, a video file, or a folder of images",
+    # The camera's fields and their rules are CameraConfig's (the bucket's cameras), once.
+    source: str = _camera_field("source", "test")
+    fps: float = _camera_field("fps")
+    width: int | None = _camera_field("width")
+    height: int | None = _camera_field("height")
+    jpeg_quality: int = _camera_field("jpeg_quality")
+    model_height: int | None = _camera_field("model_height")
+    loop: bool = _camera_field("loop")
+    options: SourceOptions = _camera_field("options")
+    cameras_from: Literal["settings", "bucket", "both"] = Field(
+        default="settings",
+        description="settings: the one camera above; bucket: the cameras of this node in the "
+        "lensbus-cameras KV bucket, added and removed at run time; both",
     )
-    fps: float = Field(default=15.0, gt=0, le=240, description="frames per second, at most")
-    width: int | None = Field(default=None, gt=0, le=MAX_SIDE, description="output width")
-    height: int | None = Field(default=None, gt=0, le=MAX_SIDE, description="output height")
-    jpeg_quality: int = Field(default=85, ge=1, le=100, description="JPEG quality 1-100")
-    model_height: int | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_SIDE,
-        description="also publish every frame at this height (aspect kept) on the model "
-        "stream, for inference (its stream='model'); unset: no model stream",
-    )
-    loop: bool = Field(default=False, description="restart a video file or folder at its end")
+    # this instance runs the bucket's cameras whose node is this one
+    node: str = _camera_field("node")
     reopen_max_s: float = Field(default=5.0, gt=0, le=300, description="longest reopen back-off")
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="0 picks a free port")
 
-    @model_validator(mode="after")
-    def _test_pattern_size(self) -> CaptureSettings:
-        # The test pattern has no size of its own: default to VGA.
-        if self.source == "test" and self.width is None and self.height is None:
-            self.width, self.height = 640, 480
-        return self
+    def camera_config(self) -> CameraConfig:
+        """The one camera these settings describe (``CameraConfig`` applies its own rules,
+        the test pattern's default size among them)."""
+        return CameraConfig(
+            id=self.camera,
+            source=self.source,
+            fps=self.fps,
+            width=self.width,
+            height=self.height,
+            jpeg_quality=self.jpeg_quality,
+            model_height=self.model_height,
+            loop=self.loop,
+            node=self.node,
+            options=self.options,
+        )

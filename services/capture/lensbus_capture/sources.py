@@ -1,14 +1,16 @@
 """Frame sources: test pattern, camera (index or /dev/videoN), URL, video file, folder.
 
-Every source is read from a worker thread (reads block). ``read()`` returns a BGR image,
-``None`` at the end of a finite source, or raises :class:`SourceError` when a live source
-fails (the capture loop then reopens it with back-off).
+Every source is opened and read from a worker thread (both block). ``read()`` returns a BGR
+image, ``None`` at the end of a finite source, or raises :class:`SourceError`.  A live source
+(camera, stream URL) is not read with ``read()`` but drained by a reader thread
+(``reader.py``); when it fails the camera reopens it with back-off.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +19,7 @@ import cv2
 import numpy as np
 
 from lensbus.errors import LensbusError
+from lensbus.schemas.camera import CameraConfig, SourceOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -97,26 +100,48 @@ class TestPattern:
 
 
 class VideoSource:
-    """A camera, stream URL or video file read through OpenCV's VideoCapture."""
+    """A camera, stream URL or video file read through OpenCV's VideoCapture.
 
-    def __init__(self, target: str | int, live: bool, loop: bool = False) -> None:
+    A file is read with :meth:`read` (every frame, in order).  A live source is drained by
+    a :class:`lensbus_capture.reader.LiveReader`, which takes the open capture over
+    (:meth:`detach`) and calls ``grab()`` on every frame and ``retrieve()`` on the few that
+    are published.
+    """
+
+    def __init__(
+        self,
+        target: str | int,
+        live: bool,
+        loop: bool = False,
+        options: SourceOptions | None = None,
+    ) -> None:
         self.target = target
         self.name = f"camera {target}" if isinstance(target, int) else str(target)
         self.live = live
         self.loop = loop
+        self.options = options or SourceOptions()
         self.cap: cv2.VideoCapture | None = None
 
     def open(self) -> None:
         if not self.live and not Path(str(self.target)).is_file():
             raise SourceError(f"cannot open source {self.name!r}: no such file")
-        cap = cv2.VideoCapture(self.target)
+        if isinstance(self.target, str) and "://" in self.target:
+            cap = _open_url(self.target, self.options)
+        elif self.live:
+            cap = _open_device(self.target, self.options)
+        else:
+            cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot open source {self.name!r}: OpenCV could not open it")
-        if self.live:
-            # Keep the driver's queue short so a frame read is a recent one.
-            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         self.cap = cap
+
+    def detach(self) -> cv2.VideoCapture:
+        """Hand the open capture over to its reader thread, which closes it."""
+        if self.cap is None:
+            raise SourceError(f"source {self.name!r} is not open")
+        cap, self.cap = self.cap, None
+        return cap
 
     def read(self) -> np.ndarray | None:
         if self.cap is None:
@@ -138,6 +163,52 @@ class VideoSource:
         if self.cap is not None:
             self.cap.release()
             self.cap = None
+
+
+# FFmpeg takes its RTSP transport only from this process-wide variable, read while a
+# capture opens: set it for one open at a time.
+_FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_ffmpeg_env = threading.Lock()
+
+
+def _open_url(url: str, options: SourceOptions) -> cv2.VideoCapture:
+    """A network stream through FFmpeg, with the open and read timeouts (a read that
+    times out makes ``grab()`` fail: the source is then reopened)."""
+    params = [
+        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+        int(options.open_timeout_s * 1000),
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+        int(options.read_timeout_s * 1000),
+    ]
+    if options.rtsp_transport is None or not url.startswith("rtsp"):
+        return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+    with _ffmpeg_env:
+        before = os.environ.get(_FFMPEG_OPTIONS)
+        extra = f"rtsp_transport;{options.rtsp_transport}"
+        os.environ[_FFMPEG_OPTIONS] = f"{before}|{extra}" if before else extra
+        try:
+            return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+        finally:
+            if before is None:
+                del os.environ[_FFMPEG_OPTIONS]
+            else:
+                os.environ[_FFMPEG_OPTIONS] = before
+
+
+def _open_device(target: str | int, options: SourceOptions) -> cv2.VideoCapture:
+    """A V4L2 camera, asked for the pixel format and size set (FOURCC first: the sizes a
+    camera offers depend on it)."""
+    cap = cv2.VideoCapture(target)
+    if cap.isOpened():
+        if options.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*options.fourcc))
+        if options.capture_width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, options.capture_width)
+        if options.capture_height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, options.capture_height)
+        # Keep the driver's queue short: the reader drains it anyway.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+    return cap
 
 
 class FolderSource:
@@ -178,17 +249,16 @@ class FolderSource:
         pass
 
 
-def make_source(spec: str, width: int | None, height: int | None, loop: bool) -> Source:
-    """Build the source a settings string names."""
+def make_source(config: CameraConfig) -> Source:
+    """Build the source a camera's config names."""
+    spec, options = config.source, config.options
     if spec == "test":
-        return TestPattern(width or 640, height or 480)
+        return TestPattern(config.width or 640, config.height or 480)
     if spec.isdigit():
-        return VideoSource(int(spec), live=True)
-    if spec.startswith("/dev/video"):
-        return VideoSource(spec, live=True)
-    if "://" in spec:
-        return VideoSource(spec, live=True)
+        return VideoSource(int(spec), live=True, options=options)
+    if spec.startswith("/dev/video") or "://" in spec:
+        return VideoSource(spec, live=True, options=options)
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
-        return FolderSource(path, loop=loop)
-    return VideoSource(str(path), live=False, loop=loop)
+        return FolderSource(path, loop=config.loop)
+    return VideoSource(str(path), live=False, loop=config.loop, options=options)

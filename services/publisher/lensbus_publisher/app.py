@@ -12,7 +12,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from lensbus.runtime import Runtime
+from lensbus_publisher.clips import Clips
 from lensbus_publisher.config import PublisherSettings
+from lensbus_publisher.directory import follow
 from lensbus_publisher.durable import Durable
 from lensbus_publisher.events import Events
 from lensbus_publisher.hub import Hub
@@ -37,6 +39,7 @@ class Publisher:
         self.subs: list[Subscription] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.events: Events | None = None
+        self.clips: Clips | None = None
 
     def counters(self) -> dict[str, float]:
         cams = self.hub.cameras.values()
@@ -47,14 +50,20 @@ class Publisher:
             "frames_rendered": sum(c.frames_rendered for c in cams),
             "open_streams": self.web.open_streams,
             "events": self.events.raised if self.events else 0,
+            "clips": self.clips.kept if self.clips else 0,
             "webhook_failures": self.webhooks.failed,
             "rejected": self.hub.rejected,
         }
 
     async def _on_frame(self, msg: Msg) -> None:
         got = self.hub.on_frame(self.rt.subjects.camera_of(msg.subject), msg.data)
-        if got is not None and got[1] and self.events is not None:
-            self.events.engine.forget(got[0].id)
+        if got is None:
+            return
+        cam, restarted = got
+        if restarted and self.events is not None:
+            self.events.engine.forget(cam.id)
+        if self.clips is not None and cam.newest is not None:
+            self.clips.on_frame(cam.id, cam.newest)
 
     async def _on_result(self, msg: Msg) -> None:
         got = self.hub.on_result(self.rt.subjects.camera_of(msg.subject), msg.data)
@@ -68,11 +77,16 @@ class Publisher:
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         durable = Durable(self.s, rt)
-        self.events = Events(self.s, rt, self.hub, durable, self.webhooks)
+        self.clips = Clips(self.s, rt, durable) if self.s.rules else None
+        self.web.media.bind(durable, self.clips)
+        self.events = Events(self.s, rt, self.hub, durable, self.webhooks, self.clips)
         self.tasks = [
             asyncio.create_task(durable.run(), name="durable"),
             asyncio.create_task(self.events.run(), name="events"),
+            asyncio.create_task(follow(rt, self.hub), name="cameras"),
         ]
+        if self.clips is not None:
+            self.tasks.append(asyncio.create_task(self.clips.run(), name="clips"))
         nc, subjects = rt.nc, rt.subjects
         self.subs = [
             await nc.subscribe(
@@ -102,6 +116,10 @@ class Publisher:
         if self.events is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.events.queue.join(), 2.0)
+        if self.clips is not None:  # keep what the clips in progress have so far
+            self.clips.expire(float("inf"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.clips.queue.join(), 3.0)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -141,6 +141,31 @@ class PublisherSettings(ServiceSettings):
     )
     webhook_queue: int = Field(default=100, gt=0, description="deliveries waiting per URL")
 
+    # Clips around events (only cameras some rule watches are buffered).
+    clip_pre_s: float = Field(
+        default=5.0, ge=0.0, le=300.0, description="seconds of a clip before the event's frame"
+    )
+    clip_post_s: float = Field(
+        default=5.0, ge=0.0, le=600.0, description="seconds of a clip after the event's frame"
+    )
+    clip_buffer_bytes: int = Field(
+        default=64 * 1024**2,
+        gt=0,
+        description="pre-event buffer per camera, at most (oldest frames dropped first)",
+    )
+    clip_max_bytes: int = Field(
+        default=128 * 1024**2,
+        gt=0,
+        le=512 * 1024**2,
+        description="one clip at most; a clip reaching it is kept as it is",
+    )
+    clips_max_age_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="clips older than this are dropped"
+    )
+    clips_max_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="size limit of the clips store (oldest go first)"
+    )
+
     @field_validator("token")
     @classmethod
     def _token_off_loopback(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
@@ -162,6 +187,15 @@ class PublisherSettings(ServiceSettings):
         if dupes:
             raise ValueError(f"rule names must be unique: {dupes}")
         return v
+
+    @model_validator(mode="after")
+    def _clip_fits(self) -> PublisherSettings:
+        if self.clip_max_bytes > self.clips_max_bytes:
+            raise ValueError(
+                f"clip_max_bytes ({self.clip_max_bytes}) is over clips_max_bytes "
+                f"({self.clips_max_bytes}): one clip must fit in the store"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_server(self) -> PublisherSettings:

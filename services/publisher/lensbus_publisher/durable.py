@@ -1,7 +1,8 @@
 """The JetStream resources the publisher owns: the results stream (results and events, with
-age and size limits, so a program that was offline can replay what it missed) and the object
-store of event snapshots. Both are created when missing (file storage) and checked again
-from time to time, so a NATS server that lost its store gets them back.
+age and size limits, so a program that was offline can replay what it missed), the object
+store of event snapshots and the object store of clips around events. They are created when
+missing (file storage) and checked again from time to time, so a NATS server that lost its
+store gets them back.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from lensbus.runtime import Runtime
-from lensbus.subjects import RESULTS_STREAM, SNAPSHOTS_BUCKET
+from lensbus.subjects import CLIPS_BUCKET, RESULTS_STREAM, SNAPSHOTS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings
@@ -30,6 +31,7 @@ class Durable:
         self.s = settings
         self.rt = rt
         self.snapshots: ObjectStore | None = None
+        self.clips: ObjectStore | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -86,6 +88,27 @@ class Durable:
                 )
                 log.info("created object store %s", SNAPSHOTS_BUCKET)
 
+    async def ensure_clips(self) -> None:
+        """The clips bucket, with age and byte limits. Its stream refuses new data when full
+        (nats-py's object stores discard new), so :func:`lensbus.clips.put_clip` deletes the
+        oldest clips to make room: the byte limit here is a backstop."""
+        if self.clips is not None:
+            return
+        js = self.rt.nc.jetstream()
+        try:
+            self.clips = await js.object_store(CLIPS_BUCKET)
+        except BucketNotFoundError:
+            self.clips = await js.create_object_store(
+                CLIPS_BUCKET,
+                config=api.ObjectStoreConfig(
+                    description="lensbus clips around events (<camera>-<capture_ns>-<seq>, AVI)",
+                    storage=api.StorageType.FILE,
+                    max_bytes=self.s.clips_max_bytes,
+                    ttl=self.s.clips_max_age_s,
+                ),
+            )
+            log.info("created object store %s", CLIPS_BUCKET)
+
     async def run(self) -> None:
         """Keep the stream and the bucket in place until stopped."""
         while not self.rt.stop.is_set():
@@ -104,6 +127,12 @@ class Durable:
                     self.ready.set()
                     metrics.STREAM_READY.set(1)
                     self.rt.health.set("results_stream", None)
+                if self.s.rules:
+                    try:
+                        await self.ensure_clips()
+                    except Exception as exc:  # clips wait; results and events go on
+                        log.warning("clips store %s not in place: %s", CLIPS_BUCKET, exc)
+                        wait = RETRY_S
             else:
                 wait = RETRY_S
             await sleep_unless_stopped(self.rt.stop, wait)

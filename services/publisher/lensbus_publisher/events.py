@@ -18,6 +18,7 @@ from lensbus.runtime import Runtime
 from lensbus.schemas import Event, Result, snapshot_name
 from lensbus_publisher import metrics
 from lensbus_publisher.camera import FrameItem
+from lensbus_publisher.clips import Clips
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.durable import Durable
 from lensbus_publisher.hub import Hub
@@ -35,12 +36,14 @@ class Events:
         hub: Hub,
         durable: Durable,
         webhooks: Webhooks,
+        clips: Clips | None = None,
     ) -> None:
         self.s = settings
         self.rt = rt
         self.hub = hub
         self.durable = durable
         self.webhooks = webhooks
+        self.clips = clips
         self.engine = RuleEngine(settings.rules)
         self.queue: asyncio.Queue[tuple[Firing, Result, FrameItem | None, int]] = asyncio.Queue(
             maxsize=settings.event_queue
@@ -118,6 +121,8 @@ class Events:
                 event.camera,
                 event.seq,
             )
+        if self.clips is not None:
+            self.clips.start(event)
         self.hub.on_event(event)
         if firing.rule.webhook is not None:
             body = json.dumps(event.model_dump(mode="json"), separators=(",", ":")).encode()

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from lensbus import metrics as shared_metrics
+from lensbus.cameras import View
 from lensbus.codec import DecodeError, decode
 from lensbus.errors import Rejected
 from lensbus.logs import RateLimit, log_limited
-from lensbus.schemas import Event, FrameEnvelope, Result, Status
+from lensbus.schemas import Event, FrameEnvelope, Result, Status, clip_id
 from lensbus_publisher import metrics
 from lensbus_publisher.camera import Camera, FrameItem, ResultItem
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.sse import Subscribers, result_json, sse
 
 log = logging.getLogger(__name__)
+
+EVENTS_KEPT = 100  # recent events /api/events lists
 
 
 class Hub:
@@ -32,6 +36,9 @@ class Hub:
         self.all_results = Subscribers()  # SSE clients of every camera
         self.closing = False
         self.rejected = 0
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)  # newest last, for the page
+        self.directory: View | None = None  # the cameras bucket, once it is followed
+        self._listed: set[str] = set()  # cameras the bucket has named
         self._limit = RateLimit(60.0)
 
     # ---- bad input ---------------------------------------------------------------------
@@ -101,6 +108,7 @@ class Hub:
 
     def on_event(self, event: Event) -> None:
         """An event this publisher raised: to the SSE clients of its camera and of all."""
+        self.events.append(event)
         item = sse("event", event.seq, event.model_dump(mode="json"))
         cam = self.cameras.get(event.camera)
         if cam is not None:
@@ -136,8 +144,45 @@ class Hub:
         return out
 
     def cameras_view(self) -> list[dict[str, Any]]:
+        """The cameras whose frames came, joined with the cameras bucket: a camera asked for
+        there shows its config and reported state (also before or without any frame); one
+        removed from there leaves the list (its frames stop within seconds)."""
         now = time.monotonic()
-        return [cam.summary(now) for _, cam in sorted(self.cameras.items())]
+        view = {cid: cam.summary(now) for cid, cam in self.cameras.items()}
+        d = self.directory
+        if d is not None:
+            self._listed.update(d.configs)
+            for cid in set(d.configs) | set(d.states):
+                item = view.get(cid) or Camera(cid, 2, 2).summary(now)
+                cfg, st = d.configs.get(cid), d.states.get(cid)
+                item["config"] = None if cfg is None else cfg.model_dump(mode="json")
+                item["state"] = None if st is None else st.model_dump(mode="json")
+                view[cid] = item
+            # Removed from the bucket: its state says stopped, or its keys are gone.
+            for cid in list(view):
+                st = d.states.get(cid)
+                if cid not in d.configs and (st is None or st.state == "stopped"):
+                    # (a capture of its own, with env settings, the bucket never named,
+                    # stays listed)
+                    if "config" in view[cid] or cid in self._listed:
+                        del view[cid]
+        return [view[cid] for cid in sorted(view)]
+
+    def events_view(self, clip_states: dict[str, str]) -> list[dict[str, Any]]:
+        """Recent events, newest first, with where their snapshot and clip are."""
+        out = []
+        for ev in reversed(self.events):
+            item = ev.model_dump(mode="json")
+            cid = clip_id(ev.camera, ev.seq, ev.capture_ns)
+            item["snapshot_url"] = f"/snapshots/{ev.snapshot}" if ev.snapshot else None
+            item["clip"] = {
+                "id": cid,
+                "state": clip_states.get(cid, "none"),
+                "url": f"/clips/{cid}",
+                "play": f"/clips/{cid}/play.mjpeg",
+            }
+            out.append(item)
+        return out
 
     def close(self) -> None:
         """Wake every stream so that it ends."""

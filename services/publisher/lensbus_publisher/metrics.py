@@ -58,3 +58,24 @@ UNAUTHORIZED = Counter(
 STREAM_READY = Gauge(
     "lensbus_publisher_results_stream_ready", "1 while the JetStream results stream is in place"
 )
+CLIPS_KEPT = Counter(
+    "lensbus_publisher_clips_kept_total",
+    "Clips stored, by how they ended (complete, frames_stopped, max_bytes)",
+    ["ended"],
+)
+CLIPS_DROPPED = Counter(
+    "lensbus_publisher_clips_dropped_total",
+    "Clips not stored or deleted, by reason (no_frames, too_many, queue_full, no_store, "
+    "too_large, failed; evicted: deleted to make room, retention by bytes)",
+    ["reason"],
+)
+CLIP_BYTES = Counter("lensbus_publisher_clip_bytes_total", "Bytes of the clips stored")
+CLIP_SECONDS = latency_histogram(
+    "lensbus_publisher_clip_store_seconds", "Writing one clip: the AVI, then the object store"
+)
+CLIP_BUFFER_BYTES = Gauge(
+    "lensbus_publisher_clip_buffer_bytes", "JPEG bytes in a camera's pre-event buffer", ["camera"]
+)
+CLIP_RECORDING_BYTES = Gauge(
+    "lensbus_publisher_clip_recording_bytes", "JPEG bytes held by clips being recorded"
+)

@@ -25,6 +25,7 @@ from lensbus_publisher import metrics
 from lensbus_publisher.camera import Camera, Signal
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.hub import Hub
+from lensbus_publisher.media import Media
 from lensbus_publisher.project import ProjectRenderer
 from lensbus_publisher.sse import Subscribers
 
@@ -74,6 +75,7 @@ class Web:
         self.s = settings
         self.hub = hub
         self.renderer = renderer
+        self.media = Media(settings, hub)  # events, snapshots, clips (bound once started)
         self.open_streams = 0
         self.started = time.monotonic()
         self._page = page_html()
@@ -93,6 +95,7 @@ class Web:
         r.add_get("/cameras/{camera}/device.mjpeg", self.device, allow_head=False)
         r.add_get("/cameras/{camera}/project.mjpeg", self.project, allow_head=False)
         r.add_get("/cameras/{camera}/results", self.results, allow_head=False)
+        self.media.install(app)
 
     # ---- cross-cutting -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 from lensbus import __version__
-from lensbus.cli import deploy, schemas, up, watch
+from lensbus.cli import cameras, clips, deploy, schemas, up, watch
 
 # Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.register(sub)
     watch.register(sub)
     up.register(sub)
+    cameras.register(sub)
+    clips.register(sub)
     for ep in sorted(entry_points(group="lensbus.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)

@@ -159,6 +159,8 @@ class Up:
                 "source": source,
                 "fps": str(a.fps),
                 "loop": str(loop).lower(),
+                # Its own camera plus those `lensbus cameras add` puts in the bucket.
+                "cameras_from": "both",
                 **extra,
             }
         # The publisher serves /metrics and /healthz on its own web port.
@@ -266,12 +268,21 @@ class Up:
             seen = ", ".join(f"{d.label} {d.score:.2f}" for d in result.detections[:5]) or "-"
             say(f"first result after {time.monotonic() - t0:.1f} s ({result.model.name}: {seen})")
         say(f"open {page}  (Ctrl-C stops everything)")
+        say(self.cameras_hint())
         while not self.stopping:
             for event in self.sup.tick():
                 say(event)
             time.sleep(0.5)
         self.stop()
         return 0
+
+    def cameras_hint(self) -> str:
+        """How to add a camera to the running set (the CLI connects as the client user)."""
+        url = self.url
+        if self.passwords:
+            secrets = self.data / "secrets.json"
+            url = url.replace("nats://", "nats://client:<passwords.client in " + f"{secrets}>@")
+        return f"more cameras, live: lensbus cameras add ID SOURCE --nats-url {url}"
 
     def stop(self) -> None:
         self.stopping = True

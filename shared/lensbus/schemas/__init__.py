@@ -23,7 +23,7 @@ from lensbus.schemas.deploy import (
     UploadCommit,
     UploadStarted,
 )
-from lensbus.schemas.event import Event, snapshot_name
+from lensbus.schemas.event import ClipInfo, Event, clip_id, parse_clip_id, snapshot_name
 from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
 from lensbus.schemas.manifest import DecoderOptions, InputSpec, Manifest, ModelFile
 from lensbus.schemas.result import (
@@ -47,6 +47,7 @@ EXPORTED: dict[str, type[Message]] = {
     "deployment": Deployment,
     "swap_report": SwapReport,
     "event": Event,
+    "clip": ClipInfo,
     "camera": CameraConfig,
     "camera_state": CameraState,
 }
@@ -97,4 +98,7 @@ __all__ = [
     "Task",
     "Timings",
     "snapshot_name",
+    "ClipInfo",
+    "clip_id",
+    "parse_clip_id",
 ]

@@ -3,22 +3,48 @@
 A rule fires when a label it watches is seen with enough score (optionally on N results in a
 row), at most once per cooldown. The JPEG of the frame that fired it is kept in the JetStream
 object store ``lensbus-snapshots`` under the name in :attr:`Event.snapshot`.
+
+The publisher also keeps a clip of the camera around the event (``clip_pre_s`` before to
+``clip_post_s`` after the event's frame) as an MJPEG AVI in the object store ``lensbus-clips``,
+named :func:`clip_id` of the event's camera, seq and capture time, and described by the
+:class:`ClipInfo` in its ``Lensbus-Clip`` object header. The name is derived, not carried in
+the event, so an event stays readable by every reader of schema version 1 (``Message``
+refuses unknown fields) and is published at once, seconds before its clip is complete.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from lensbus.schemas.base import CameraId, Message
 from lensbus.schemas.result import Box, ModelRef
-from lensbus.subjects import SNAPSHOTS_BUCKET
+from lensbus.subjects import CLIPS_BUCKET, SNAPSHOTS_BUCKET, validate_camera_id
 
 
 def snapshot_name(camera: str, seq: int, capture_ns: int) -> str:
     """Object name of a frame's snapshot in the snapshots bucket."""
     return f"{camera}/{capture_ns}-{seq}.jpg"
+
+
+def clip_id(camera: str, seq: int, capture_ns: int) -> str:
+    """Id (and object name in the clips bucket) of the clip around an event's frame: one
+    token, safe in a URL and a file name (``<camera>-<capture_ns>-<seq>``)."""
+    return f"{camera}-{capture_ns}-{seq}"
+
+
+def parse_clip_id(value: str) -> tuple[str, int, int]:
+    """``(camera, capture_ns, seq)`` of a clip id; ValueError when it is not one."""
+    camera, _, rest = value.rpartition("-")
+    camera, _, ns = camera.rpartition("-")
+    if not (ns.isdigit() and rest.isdigit()):
+        raise ValueError(f"not a clip id {value!r}: expected <camera>-<capture_ns>-<seq>")
+    try:
+        validate_camera_id(camera)
+    except ValueError as exc:
+        raise ValueError(f"not a clip id {value!r}: {exc}") from None
+    return camera, int(ns), int(rest)
 
 
 class Event(Message):
@@ -40,3 +66,36 @@ class Event(Message):
         default="", description="object name of the frame's JPEG in snapshot_bucket; '' if none"
     )
     snapshot_bucket: str = Field(default=SNAPSHOTS_BUCKET, description="JetStream object store")
+
+
+ClipEnd = Literal["complete", "frames_stopped", "max_bytes"]
+
+
+class ClipInfo(Message):
+    """What a kept clip holds: stored as JSON in its object's ``Lensbus-Clip`` header."""
+
+    kind: ClassVar[str] = "clip"
+
+    id: str = Field(description="clip_id(camera, event seq, event capture_ns)")
+    camera: CameraId
+    rule: str = Field(description="the rule whose event the clip is around")
+    label: str = Field(default="", description="the label the event saw")
+    event_seq: int = Field(ge=0, description="seq of the event's frame")
+    event_capture_ns: int = Field(ge=0, description="capture time of the event's frame")
+    start_ns: int = Field(ge=0, description="capture time of the clip's first frame")
+    end_ns: int = Field(ge=0, description="capture time of the clip's last frame")
+    frames: int = Field(ge=1, description="JPEG frames in the clip")
+    fps: float = Field(gt=0, description="frame rate in the AVI header (frames over the span)")
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    pre_s: float = Field(ge=0, description="seconds asked for before the event's frame")
+    post_s: float = Field(ge=0, description="seconds asked for after it")
+    ended: ClipEnd = Field(
+        default="complete",
+        description="complete; frames_stopped (the camera sent nothing more); max_bytes "
+        "(cut at clip_max_bytes)",
+    )
+    container: Literal["avi-mjpeg"] = Field(
+        default="avi-mjpeg", description="the stored JPEGs, as they arrived, in a RIFF AVI"
+    )
+    bucket: str = Field(default=CLIPS_BUCKET, description="JetStream object store")

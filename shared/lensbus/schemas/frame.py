@@ -21,7 +21,11 @@ class FrameEnvelope(Message):
 
     camera: CameraId = Field(description="camera id (NATS token characters)")
     seq: int = Field(ge=0, description="per-camera sequence number, strictly increasing")
-    capture_ns: int = Field(ge=0, description="capture time, wall clock, ns since the Unix epoch")
+    capture_ns: int = Field(
+        ge=0,
+        description="when the frame was read from the source (a live source: when its reader "
+        "thread grabbed it), wall clock, ns since the Unix epoch",
+    )
     width: int = Field(gt=0, le=MAX_SIDE, description="image width in pixels")
     height: int = Field(gt=0, le=MAX_SIDE, description="image height in pixels")
     encoding: Literal["jpeg"] = Field(default="jpeg", description="image encoding of data")
