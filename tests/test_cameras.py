@@ -88,6 +88,26 @@ async def until_listed(
         await asyncio.sleep(0.2)
 
 
+async def until_page(
+    pub: Any, check: Callable[[dict[str, dict[str, Any]]], bool], what: str, timeout: float = 30
+) -> dict[str, dict[str, Any]]:
+    """Poll the publisher's ``/api/cameras`` (what the page shows) until ``check`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = await asyncio.to_thread(pub.http, "/api/cameras")
+        cams = {c["id"]: c for c in json.loads(body)["cameras"]} if code == 200 else {}
+        if check(cams):
+            return cams
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; /api/cameras: {cams}")
+        await asyncio.sleep(0.2)
+
+
+def page_state(cams: dict[str, dict[str, Any]], camera: str) -> str | None:
+    st = cams.get(camera, {}).get("state")
+    return st["state"] if st else None
+
+
 def state(rows: dict[str, dict[str, Any]], camera: str) -> str | None:
     st = rows.get(camera, {}).get("state")
     return st["state"] if st else None
@@ -277,9 +297,11 @@ async def test_a_source_that_cannot_open_is_retrying_with_its_reason(
     fresh_nats: NatsServer, start_service
 ) -> None:
     url = fresh_nats.url
+    pub = start_service("publisher", url)  # the page shows the bucket's cameras and states
     await ok(url, "add", "good", "test", "--fps", str(FPS), "--width", "320", "--height", "240")
     frames = await Frames().start(url, ["good"])
     cap = start_capture(start_service, url)
+    pub.wait_healthy(60)
     await until(lambda: frames.count("good") >= 3, 30, "frames of good")
     await ok(url, "add", "gone", "/dev/video97", "--fps", "5")
     await ok(url, "add", "nowhere", "rtsp://127.0.0.1:9/none", "--open-timeout", "2")
@@ -295,6 +317,11 @@ async def test_a_source_that_cannot_open_is_retrying_with_its_reason(
     assert "/dev/video97" in rows["gone"]["state"]["reason"]
     table = await ok(url, "list")
     assert "retrying" in table and "gone:" in table
+    # The page's camera list shows the same, live: state and reason; a removed camera leaves it.
+    page = await until_page(pub, lambda c: page_state(c, "gone") == "retrying", "gone on the page")
+    assert "/dev/video97" in page["gone"]["state"]["reason"]
+    await ok(url, "remove", "gone")
+    await until_page(pub, lambda c: "gone" not in c and "good" in c, "gone off the page")
     # ... and retried, while good streams on, without a lost frame.
     good_then = frames.count("good")
     await until(lambda: frames.count("good") >= good_then + 2 * FPS, 30, "2 s more of good")
@@ -302,6 +329,7 @@ async def test_a_source_that_cannot_open_is_retrying_with_its_reason(
     frames.assert_contiguous("good")
     await frames.close()
     assert cap.stop() == 0, cap.log
+    assert pub.stop() == 0, pub.log
 
 
 @pytest.mark.slow
