@@ -315,6 +315,10 @@ async def test_a_source_that_cannot_open_is_retrying_with_its_reason(
         reason = rows[camera]["state"]["reason"]
         assert reason, f"{camera} retrying without a reason"
     assert "/dev/video97" in rows["gone"]["state"]["reason"]
+    # Bad cameras beside a good one do not make capture unhealthy (a healthcheck restart cannot
+    # mend a bad URL); they are named in its health detail instead.
+    code, health = cap.healthz()
+    assert code == 200, f"capture unhealthy while 'good' runs: {health}"
     table = await ok(url, "list")
     assert "retrying" in table and "gone:" in table
     # The page's camera list shows the same, live: state and reason; a removed camera leaves it.

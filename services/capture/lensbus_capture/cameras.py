@@ -131,17 +131,27 @@ class Cameras:
             log.exception("camera state listener failed")
 
     def _health(self) -> None:
-        """The service is degraded while any camera is retrying (its reason in /healthz)."""
+        """The service is degraded (heartbeat, /healthz 503) only while every camera it runs
+        is retrying: one bad URL among working cameras must not make a healthcheck restart
+        capture (which cannot fix it) or keep `lensbus up` from starting. The retrying ones
+        are named in the heartbeat's detail either way, and in their states and metrics."""
         retrying = [s for s in self._states.values() if s.state == "retrying"]
+        reason = "; ".join(f"camera {s.camera}: {s.reason}" for s in retrying)
         if retrying:
-            reason = "; ".join(f"camera {s.camera}: {s.reason}" for s in retrying)
+            self.rt.detail["retrying"] = reason
+        else:
+            self.rt.detail.pop("retrying", None)
+        if retrying and len(retrying) == len(self._states):
             self.rt.set_state("degraded", reason)
         else:
             self.rt.set_state("running")
 
     def _describe(self) -> None:
         cams = sorted(self._running)
+        retrying = self.rt.detail.get("retrying")
         self.rt.detail = {"cameras": ",".join(cams)}
+        if retrying:
+            self.rt.detail["retrying"] = retrying
         if len(cams) == 1:
             config = self._running[cams[0]][0]
             self.rt.detail.update(camera=config.id, source=config.source)
