@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -74,19 +74,13 @@ class Durable:
                 await js.update_stream(config)
                 log.info("updated stream %s limits", RESULTS_STREAM)
         if self.snapshots is None:
-            try:
-                self.snapshots = await js.object_store(SNAPSHOTS_BUCKET)
-            except BucketNotFoundError:
-                self.snapshots = await js.create_object_store(
-                    SNAPSHOTS_BUCKET,
-                    config=api.ObjectStoreConfig(
-                        description="lensbus event snapshots (<camera>/<capture_ns>-<seq>.jpg)",
-                        storage=api.StorageType.FILE,
-                        max_bytes=self.s.snapshots_max_bytes,
-                        ttl=self.s.snapshots_max_age_s,
-                    ),
-                )
-                log.info("created object store %s", SNAPSHOTS_BUCKET)
+            self.snapshots = await _object_store(
+                js,
+                SNAPSHOTS_BUCKET,
+                "lensbus event snapshots (<camera>/<capture_ns>-<seq>.jpg)",
+                self.s.snapshots_max_bytes,
+                self.s.snapshots_max_age_s,
+            )
 
     async def ensure_clips(self) -> None:
         """The clips bucket, with age and byte limits. Its stream refuses new data when full
@@ -94,20 +88,13 @@ class Durable:
         oldest clips to make room: the byte limit here is a backstop."""
         if self.clips is not None:
             return
-        js = self.rt.nc.jetstream()
-        try:
-            self.clips = await js.object_store(CLIPS_BUCKET)
-        except BucketNotFoundError:
-            self.clips = await js.create_object_store(
-                CLIPS_BUCKET,
-                config=api.ObjectStoreConfig(
-                    description="lensbus clips around events (<camera>-<capture_ns>-<seq>, AVI)",
-                    storage=api.StorageType.FILE,
-                    max_bytes=self.s.clips_max_bytes,
-                    ttl=self.s.clips_max_age_s,
-                ),
-            )
-            log.info("created object store %s", CLIPS_BUCKET)
+        self.clips = await _object_store(
+            self.rt.nc.jetstream(),
+            CLIPS_BUCKET,
+            "lensbus clips around events (<camera>-<capture_ns>-<seq>, AVI)",
+            self.s.clips_max_bytes,
+            self.s.clips_max_age_s,
+        )
 
     async def run(self) -> None:
         """Keep the stream and the bucket in place until stopped."""
@@ -136,3 +123,23 @@ class Durable:
             else:
                 wait = RETRY_S
             await sleep_unless_stopped(self.rt.stop, wait)
+
+
+async def _object_store(
+    js: JetStreamContext, bucket: str, description: str, max_bytes: int, max_age_s: float
+) -> ObjectStore:
+    """Bind ``bucket``, or create it with these limits (they apply at creation only)."""
+    try:
+        return await js.object_store(bucket)
+    except BucketNotFoundError:
+        store = await js.create_object_store(
+            bucket,
+            config=api.ObjectStoreConfig(
+                description=description,
+                storage=api.StorageType.FILE,
+                max_bytes=max_bytes,
+                ttl=max_age_s,
+            ),
+        )
+        log.info("created object store %s", bucket)
+        return store
