@@ -222,6 +222,7 @@ class Page:
         self.events = browser.listen(session)
         self.console: list[str] = []
         self.errors: list[str] = []
+        self.log: list[str] = []  # the browser's own messages: CSP refusals, failed loads
 
     async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self.browser.send(method, params, session=self.session)
@@ -229,6 +230,7 @@ class Page:
     async def start(self, width: int, height: int) -> None:
         await self.send("Page.enable")
         await self.send("Runtime.enable")
+        await self.send("Log.enable")
         await self.send(
             "Emulation.setDeviceMetricsOverride",
             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
@@ -240,6 +242,9 @@ class Page:
             args = params.get("args", [])
             text = " ".join(str(a.get("value", a.get("description", ""))) for a in args)
             self.console.append(f"{params.get('type')}: {text}")
+        elif method == "Log.entryAdded":
+            entry = params.get("entry", {})
+            self.log.append(f"{entry.get('level')} {entry.get('source')}: {entry.get('text')}")
         elif method == "Runtime.exceptionThrown":
             d = params["exceptionDetails"]
             self.errors.append(d.get("exception", {}).get("description") or d.get("text", ""))
@@ -284,6 +289,11 @@ class Page:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"{expression!r} still {last!r} after {timeout}s")
             await asyncio.sleep(every)
+
+    def csp_violations(self) -> list[str]:
+        """What the Content-Security-Policy refused so far (Chromium logs each refusal)."""
+        self._collect()
+        return [m for m in self.log + self.console if "Content Security Policy" in m]
 
     async def screenshot(self) -> bytes:
         res = await self.send("Page.captureScreenshot", {"format": "png"})

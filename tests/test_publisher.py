@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -814,6 +815,53 @@ async def test_off_loopback_needs_a_token(nats: NatsServer, start_service) -> No
         timeout=5,
     ) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    assert pub.stop() == 0
+    assert secret not in pub.log, "the token was logged"
+
+
+def fetch_all(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, dict(e.headers), e.read()
+
+
+async def test_the_page_needs_no_inline_script_or_style(nats: NatsServer, start_service) -> None:
+    """A strict CSP: no 'unsafe-inline', so an injected <script> or style= never runs; the
+    page's own script and styles are files, fetched with the page's ?token=."""
+    secret = "tok-" + secrets.token_hex(12)
+    pub = start_service("publisher", nats.url, host="0.0.0.0", token=secret)
+    pub.wait_healthy(30)
+    status, headers, html = fetch_all(pub.port, f"/?token={secret}")
+    assert status == 200
+    csp = dict(d.strip().split(" ", 1) for d in headers["Content-Security-Policy"].split(";"))
+    assert "unsafe-inline" not in headers["Content-Security-Policy"], csp
+    assert csp["script-src"] == "'self'" and csp["style-src"] == "'self'", csp
+    page = html.decode()
+    assert "<style" not in page and " style=" not in page, "inline styles"
+    assert not re.search(r"<script(?![^>]*\bsrc=)", page), "an inline <script>"
+    assert not re.search(r"\son[a-z]+\s*=", page), "an inline event handler"
+    # The assets carry the token the page came with (the browser sends nothing else).
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert {a.split("?")[0] for a in assets} == {"/static/app.js", "/static/app.css"}, assets
+    for asset in assets:
+        assert asset.endswith(f"?token={secret}"), asset
+        status, headers, body = fetch_all(pub.port, asset)
+        assert status == 200 and len(body) > 500, (asset, status)
+        kind = "javascript" if asset.startswith("/static/app.js") else "css"
+        assert kind in headers["Content-Type"], headers
+        assert "unsafe-inline" not in headers["Content-Security-Policy"]
+        assert fetch_all(pub.port, asset.split("?")[0])[0] == 401, "an asset without the token"
+    assert fetch_all(pub.port, "/static/nothing.js?token=" + secret)[0] == 404
+    assert fetch_all(pub.port, "/static/../web.py?token=" + secret)[0] == 404
+    # A page fetched with the header (a proxy adds it) puts no token into the HTML.
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{pub.port}/", headers={"Authorization": f"Bearer {secret}"}
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert secret not in r.read().decode()
     assert pub.stop() == 0
     assert secret not in pub.log, "the token was logged"
 

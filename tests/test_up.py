@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 class UpProcess:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *extra: str) -> None:
         self.data = tmp_path / "data"
         self.port = free_port()
         self.nats_port = free_port()
@@ -47,6 +47,7 @@ class UpProcess:
                     str(self.nats_port),
                     "--fps",
                     "5",
+                    *extra,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

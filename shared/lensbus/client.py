@@ -121,7 +121,7 @@ class Client:
         async for msg in self._messages(self.subjects.frames(camera), newest_only):
             try:
                 env = decode(msg.data, FrameEnvelope)
-                image = decode_jpeg(env.data)
+                image = decode_jpeg(env.data, size=(env.width, env.height))
             except (DecodeError, ImageError) as exc:
                 self._reject(exc)
                 continue

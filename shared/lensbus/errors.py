@@ -64,7 +64,12 @@ class Rejected(LensbusError):
 
 
 class ImageError(LensbusError, ValueError):
-    """Bytes that are not a decodable image."""
+    """Bytes that are not a decodable image, or an image refused before decoding (too large,
+    not the size its message says); ``reason`` labels the rejection in metrics."""
+
+    def __init__(self, message: str, reason: str = "corrupt_image") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PackageError(LensbusError, ValueError):

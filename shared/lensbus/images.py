@@ -16,6 +16,12 @@ Large frames can be encoded and decoded in horizontal strips on several threads
   (at full scale the chroma upsampling looks across the cut, so a full-scale decode is never
   split).  Anything else (no or other restart intervals, progressive, other chroma
   subsampling) is decoded whole, as before.
+
+Every decode reads the JPEG's own frame header (its SOF segment) first, without decoding:
+a few KB of JPEG may declare 30000x30000, and libjpeg would allocate gigabytes for it.  What
+declares more than ``max_pixels`` (``image_too_large``), not the size its message says
+(``size_mismatch``), or has no readable header (``corrupt_image``) is refused as an
+:class:`ImageError` whose ``reason`` labels the rejection.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import cv2
@@ -44,11 +51,18 @@ MCU = 16
 # Smaller images are encoded and decoded whole: a second thread saves less than it costs.
 STRIP_MIN_PIXELS = 1_000_000
 MAX_RESTART = 65535  # the restart interval is a 16-bit count of MCUs
+# The most pixels a JPEG may declare to be decoded (unless the caller says otherwise): a 4K
+# frame is 8.3 MP; 40 MP keeps one decoded BGR image under 120 MB (libjpeg also holds the
+# whole coefficient array of a progressive JPEG, ~2 bytes per pixel and component).
+MAX_PIXELS = 40_000_000
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _SOF_BASELINE = (0xC0, 0xC1)
 _DRI, _SOS = 0xDD, 0xDA
 _NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC share the 0xC0-0xCF range with the SOFs
+_ANY_SOF = frozenset(range(0xC0, 0xD0)) - frozenset(_NOT_SOF)
+_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)
+_NO_LENGTH = frozenset((0x01, *range(0xD0, 0xD8)))  # TEM and RSTn stand alone
 
 T = TypeVar("T")
 _pool: ThreadPoolExecutor | None = None
@@ -207,18 +221,103 @@ def _strips(data: bytes, threads: int) -> list[bytes] | None:
     return out
 
 
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's frame header (SOF segment) declares."""
+
+    width: int
+    height: int
+    components: int
+    progressive: bool
+
+
+def _corrupt(why: str) -> ImageError:
+    return ImageError(f"not a readable JPEG: {why}", "corrupt_image")
+
+
+def _sof(data: bytes, i: int, marker: int) -> JpegHeader:
+    """The frame header whose segment (after its marker) starts at ``data[i]``."""
+    if i + 8 > len(data):
+        raise _corrupt("truncated in its frame header")
+    height = (data[i + 3] << 8) | data[i + 4]
+    width = (data[i + 5] << 8) | data[i + 6]
+    components = data[i + 7]
+    if not width or not height:
+        raise _corrupt(f"its frame header says {width}x{height}")
+    if components not in (1, 3, 4):
+        raise _corrupt(f"{components} colour components")
+    return JpegHeader(width, height, components, marker in _PROGRESSIVE)
+
+
+def read_jpeg_header(data: bytes) -> JpegHeader:
+    """The JPEG's frame header, read from its marker segments up to the SOF, decoding nothing.
+    Raises :class:`ImageError` (``corrupt_image``) for what is not a JPEG, has no SOF before
+    its first scan, or ends first."""
+    if not data.startswith(_SOI):
+        raise _corrupt("no SOI marker")
+    i, n = 2, len(data)
+    while i < n:
+        if data[i] != 0xFF:
+            raise _corrupt(f"no marker at byte {i}")
+        while i < n and data[i] == 0xFF:  # fill bytes may pad before a marker
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in _NO_LENGTH:
+            continue
+        if marker in (_SOS, 0xD8, 0xD9):
+            raise _corrupt(f"marker 0x{marker:02X} before a frame header")
+        if i + 2 > n:
+            break
+        if marker in _ANY_SOF:
+            return _sof(data, i, marker)
+        length = (data[i] << 8) | data[i + 1]
+        if length < 2:
+            raise _corrupt(f"segment length {length} at byte {i}")
+        i += length
+    raise _corrupt("ends before its frame header")
+
+
+def check_jpeg(
+    data: bytes, size: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS
+) -> JpegHeader:
+    """The JPEG's header, if it may be decoded: at most ``max_pixels``, and ``size`` (width,
+    height) where given.  Raises :class:`ImageError` with ``reason`` ``corrupt_image``,
+    ``image_too_large`` or ``size_mismatch``."""
+    head = read_jpeg_header(data)
+    w, h = head.width, head.height
+    if w * h > max_pixels:
+        raise ImageError(f"JPEG declares {w}x{h}, over {max_pixels} pixels", "image_too_large")
+    if size is not None and (w, h) != tuple(size):
+        said = f"{size[0]}x{size[1]}"
+        raise ImageError(f"JPEG is {w}x{h}, its message says {said}", "size_mismatch")
+    return head
+
+
 def _imdecode(data: bytes, flag: int) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
 
 
-def decode_jpeg(data: bytes, reduction: int = 1, threads: int = 1) -> np.ndarray:
+def decode_jpeg(
+    data: bytes,
+    reduction: int = 1,
+    threads: int = 1,
+    *,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
     """Decode JPEG bytes to a BGR image, optionally at 1/2, 1/4 or 1/8 scale.
 
-    With ``threads`` > 1 and a reduced scale, a large JPEG with a restart marker after every
-    MCU row (what :func:`encode_jpeg` makes with threads) is decoded in strips at once: the
-    same pixels, sooner."""
+    Its header is checked first (:func:`check_jpeg`: ``size`` and ``max_pixels``), so a
+    JPEG bomb is refused before anything is allocated for it.  With ``threads`` > 1 and a
+    reduced scale, a large JPEG with a restart marker after every MCU row (what
+    :func:`encode_jpeg` makes with threads) is decoded in strips at once: the same pixels,
+    sooner."""
     if not data:
         raise ImageError("empty image")
+    check_jpeg(data, size, max_pixels)
     flag = _REDUCED[reduction]
     parts = _strips(data, threads) if threads > 1 and reduction > 1 else None
     if parts:

@@ -11,11 +11,34 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Frames travel as JPEG (1080p is ~0.3 MB) but 4K frames and model chunks need headroom
 # over NATS's 1 MB default.
 MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` for its owner only (mode 0600) from the first byte.
+
+    For every file holding a secret (the server's config, ``secrets.json``): the text goes
+    to a new file created 0600 (O_EXCL) in the same folder, which then replaces ``path`` in
+    one rename, so the file never exists with wider permissions (whatever the umask) nor
+    half written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crashed writer whose pid was ours
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def find_binary() -> str:
@@ -78,15 +101,21 @@ class NatsServer:
 
     def write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
+        # It may hold every user's password.
+        write_private(
+            self.config_path,
             f'listen: "{self.host}:{self.port}"\n'
             f"max_payload: {self.max_payload}\n"
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n}}\n'
-            f"{self.extra_config}\n"
+            f"{self.extra_config}\n",
         )
         return self.config_path
 
-    def start(self, timeout: float = 10.0) -> NatsServer:
+    def start(
+        self, timeout: float = 10.0, preexec_fn: Callable[[], None] | None = None
+    ) -> NatsServer:
+        """Start it (again, after it exited: same port, same JetStream folder);
+        ``preexec_fn`` runs in the child before exec (with a log file only)."""
         if self.proc is not None and self.proc.poll() is None:
             return self
         config = self.write_config()
@@ -97,6 +126,7 @@ class NatsServer:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # a Ctrl-C is for our owner, who stops us last
+                    preexec_fn=preexec_fn,
                 )
         else:
             self.proc = subprocess.Popen(

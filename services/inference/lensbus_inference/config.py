@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lensbus.backends import parse_device
+from lensbus.images import MAX_PIXELS
 from lensbus.settings import ServiceSettings
 from lensbus.subjects import INFERENCE_QUEUE_GROUP, validate_camera_id, validate_token
 
@@ -53,6 +54,12 @@ class InferenceSettings(ServiceSettings):
     mask_png: bool = Field(default=False, description="attach segmentation masks as PNG")
     max_frame_bytes: int = Field(
         default=16 * 1024 * 1024, gt=0, description="larger frame messages are rejected"
+    )
+    max_frame_pixels: int = Field(
+        default=MAX_PIXELS,
+        gt=0,
+        description="frames whose JPEG header declares more pixels are rejected before "
+        "decoding (image_too_large)",
     )
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 picks a free port")
 

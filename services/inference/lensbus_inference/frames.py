@@ -11,7 +11,7 @@ import numpy as np
 
 from lensbus.codec import decode
 from lensbus.errors import DecodeError, ImageError, Rejected
-from lensbus.images import decode_jpeg, reduction_for
+from lensbus.images import MAX_PIXELS, decode_jpeg, reduction_for
 from lensbus.schemas import FrameEnvelope, Result, Timings
 from lensbus_inference.mailbox import Pending
 from lensbus_inference.model import LoadedModel
@@ -39,10 +39,13 @@ def decode_frame(
     max_bytes: int,
     reduced: bool,
     threads: int = DECODE_THREADS,
+    max_pixels: int = MAX_PIXELS,
 ) -> DecodedFrame:
     """Unpack the frame message and decode its JPEG at the largest reduction that still
     leaves ``input_size`` (the model's input) pixels, in ``threads`` strips where the JPEG
-    allows it.  Raises :class:`~lensbus.errors.Rejected`."""
+    allows it.  The JPEG's own header must say the envelope's size and at most
+    ``max_pixels`` before anything is decoded (the scale is chosen from the envelope).
+    Raises :class:`~lensbus.errors.Rejected`."""
     t0 = time.perf_counter()
     if len(item.data) > max_bytes:
         raise Rejected("too_large", f"frame message of {len(item.data)} bytes > {max_bytes}")
@@ -52,10 +55,12 @@ def decode_frame(
         raise Rejected(exc.reason, str(exc)) from None
     factor = reduction_for(env.width, env.height, *input_size) if reduced else 1
     try:
-        image = decode_jpeg(env.data, factor, threads)
+        size = (env.width, env.height)
+        image = decode_jpeg(env.data, factor, threads, size=size, max_pixels=max_pixels)
     except ImageError as exc:
-        raise Rejected("corrupt_image", f"frame {env.camera}#{env.seq}: {exc}") from None
+        raise Rejected(exc.reason, f"frame {env.camera}#{env.seq}: {exc}") from None
     h, w = image.shape[:2]
+    # The header said the envelope's size; libjpeg's output must agree.
     if (w, h) != (math.ceil(env.width / factor), math.ceil(env.height / factor)):
         raise Rejected(
             "size_mismatch",
@@ -104,8 +109,9 @@ def process(
     max_bytes: int,
     reduced: bool,
     threads: int = DECODE_THREADS,
+    max_pixels: int = MAX_PIXELS,
 ) -> Result:
     """Decode, run and describe one frame. Raises :class:`~lensbus.errors.Rejected` for bad
     input."""
-    frame = decode_frame(item, model.input_size, max_bytes, reduced, threads)
+    frame = decode_frame(item, model.input_size, max_bytes, reduced, threads, max_pixels)
     return run_model(frame, model, instance)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -92,21 +93,30 @@ class LoadedModel:
         )
 
     def warmup(self, runs: int = 2) -> None:
-        """Run a blank frame ``runs`` + 1 times: allocates, tunes, and checks the outputs fit."""
+        """Run a blank frame ``runs`` + 1 times: allocates, tunes, and checks the outputs fit
+        the decoder and are not degenerate (see :func:`degenerate`)."""
         for i in range(runs + 1):
             self.warmup_step(check=i == 0)
 
     def warmup_step(self, check: bool) -> None:
         """One warm-up run of a blank frame; ``check``: also check the outputs fit the decoder
-        (do that first).  A swap runs the steps one at a time between served frames."""
+        and run a noise frame to check they are not degenerate (do that first).  A swap runs
+        the steps one at a time between served frames."""
         w, h = self.input_size
         blank = np.zeros((h, w, 3), dtype=np.uint8)
         file = self._main_file
         try:
             if check:
                 with self._lock:
-                    outputs = self._backend.forward(self._preprocess(blank).tensor)
+                    # a copy: a backend may hand out its own buffers, reused by the next run
+                    outputs = [
+                        np.array(o) for o in self._backend.forward(self._preprocess(blank).tensor)
+                    ]
                     self._decoder.check(outputs)
+                    other = self._backend.forward(self._preprocess(_noise(w, h)).tensor)
+                problem = degenerate(outputs, list(other))
+                if problem:
+                    raise ModelLoadError(f"{file}: degenerate outputs at warm-up: {problem}")
             else:
                 self.run(blank, w, h)
         except OutputsError as exc:
@@ -123,6 +133,32 @@ class LoadedModel:
     def close(self) -> None:
         with self._lock:
             self._backend.close()
+
+
+def _noise(w: int, h: int) -> npt.NDArray[np.uint8]:
+    """A frame as unlike a blank one as a frame gets; seeded, so a failure repeats."""
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def degenerate(blank: list[npt.NDArray[Any]], noise: list[npt.NDArray[Any]]) -> str | None:
+    """Why outputs for a blank and a noise frame show broken weights, or ``None``.
+
+    NaN or Inf anywhere is never a real output.  All outputs exactly equal for two so
+    different inputs means the input does not reach them (zeroed or constant weights): a
+    blank frame alone may rightly give nothing, so the two are compared, not either judged.
+    """
+    for name, outs in (("a blank", blank), ("a noise", noise)):
+        for i, out in enumerate(outs):
+            arr = np.asarray(out)
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                bad = int(arr.size - np.isfinite(arr).sum())
+                return f"output {i} holds {bad} NaN/Inf of {arr.size} values on {name} frame"
+    same = len(blank) == len(noise) and all(
+        np.array_equal(a, b) for a, b in zip(blank, noise, strict=True)
+    )
+    if same:
+        return "identical for a blank and a noise frame (weights zeroed, constant or broken)"
+    return None
 
 
 def load_model(

@@ -133,7 +133,13 @@ class Worker:
                 raise NoModelInService
             s = self.s
             return await asyncio.to_thread(
-                process, item, model, s.instance, s.max_frame_bytes, s.reduced_decode
+                process,
+                item,
+                model,
+                s.instance,
+                s.max_frame_bytes,
+                s.reduced_decode,
+                max_pixels=s.max_frame_pixels,
             )
 
     def _reject(self, exc: Rejected) -> None:

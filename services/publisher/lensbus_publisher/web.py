@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -34,11 +35,13 @@ log = logging.getLogger(__name__)
 BOUNDARY = "lensbusframe"
 OPEN_PATHS = frozenset({"/healthz"})  # health probes carry no token
 GONE_CHECK_S = 5.0  # how often a stream waiting for its next frame checks its viewer is there
+# No 'unsafe-inline': the page's script and styles are files (static/), so markup that got
+# into the page some other way can neither run script nor restyle it.
 CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; "
-    "base-uri 'none'; form-action 'none'"
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
+ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}  # served under /static/
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-store, must-revalidate",
     "Pragma": "no-cache",
@@ -58,8 +61,12 @@ def part_head(length: int, headers: dict[str, object]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def static_file(name: str) -> bytes:
+    return resources.files("lensbus_publisher").joinpath("static", name).read_bytes()
+
+
 def page_html() -> bytes:
-    return resources.files("lensbus_publisher").joinpath("static/index.html").read_bytes()
+    return static_file("index.html")
 
 
 def token_of(request: web.Request) -> str | None:
@@ -79,6 +86,7 @@ class Web:
         self.open_streams = 0
         self.started = time.monotonic()
         self._page = page_html()
+        self._assets = {name: static_file(name) for name in ASSETS}
         self._token = settings.token.get_secret_value().encode() if settings.token else None
         self._limit = RateLimit(60.0)
 
@@ -88,6 +96,7 @@ class Web:
         app.on_response_prepare.append(self._headers)
         r = app.router
         r.add_get("/", self.page)
+        r.add_get("/static/{name}", self.asset)
         r.add_get("/api/cameras", self.api_cameras)
         r.add_get("/api/status", self.api_status)
         # Streams answer GET only: a HEAD would hold a handler that never writes a byte.
@@ -183,8 +192,35 @@ class Web:
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=self._page,
+            body=self._page_for(request),
             content_type="text/html",
+            charset="utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    def _page_for(self, request: web.Request) -> bytes:
+        """The page; opened with ?token=, its script and styles URLs carry that token too
+        (a browser sends nothing else with them). Only the right token goes in, URL-quoted:
+        it is in the address bar already, and no markup can come from it."""
+        given = request.query.get("token")
+        if self._token is None or not given:
+            return self._page
+        if not hmac.compare_digest(given.encode(), self._token):
+            return self._page  # the header let this request in, not the query's value
+        page, tail = self._page, "?token=" + quote(given, safe="")
+        for name in ASSETS:
+            page = page.replace(f'"/static/{name}"'.encode(), f'"/static/{name}{tail}"'.encode())
+        return page
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in ASSETS:
+            raise web.HTTPNotFound(
+                text='{"error": "no such file"}', content_type="application/json"
+            )
+        return web.Response(
+            body=self._assets[name],
+            content_type=ASSETS[name],
             charset="utf-8",
             headers={"Cache-Control": "no-cache"},
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lensbus.backends.base import Array, Backend, parse_device, register, short_error, where
+from lensbus.darknet import weights_size_problem
 from lensbus.errors import ModelLoadError
 from lensbus.modelpkg import Package
 
@@ -28,7 +29,16 @@ def _darknet(model: Path, config: Path | None) -> Any:
 
     if config is None:
         raise ValueError("darknet weights need their .cfg as the 'config' file")
+    # readNetFromDarknet loads a short (or another cfg's) weights file without a word and the
+    # model then serves garbage, so the size is checked against the cfg first.
+    problem = weights_size_problem(config, model)
+    if problem:
+        raise _WrongWeights(problem)
     return cv2.dnn.readNetFromDarknet(str(config), str(model))
+
+
+class _WrongWeights(ValueError):
+    """A weights file whose size does not fit its cfg: reported as it is, not as OpenCV's."""
 
 
 def _tflite(model: Path, config: Path | None) -> Any:
@@ -83,6 +93,10 @@ class OpenCVBackend(Backend):
             cv2.setNumThreads(int(threads))
         try:
             self.net = reader(model, config)
+        except _WrongWeights as exc:
+            raise ModelLoadError(
+                f"{where(package, 'model')}: refused before loading: {exc}"
+            ) from None
         except (cv2.error, ValueError) as exc:
             raise ModelLoadError(
                 f"{where(package, 'model')}: OpenCV cannot read it: {short_error(exc)}"

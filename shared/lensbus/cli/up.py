@@ -4,8 +4,8 @@ Starts an embedded nats-server (JetStream in ``.lensbus/``, each service with it
 user and permissions), then the deployer, inference, capture and publisher as child
 processes with their normal settings. When no model is deployed yet it builds the demo
 packages from the installed PyPI packages and uploads and activates YOLOv3-tiny through the
-deployer, as a user would. Children that die are restarted with back-off; Ctrl-C or SIGTERM
-stops them in order and leaves nothing running.
+deployer, as a user would. Children that die, nats-server included, are restarted with
+back-off; Ctrl-C or SIGTERM stops them in order and leaves nothing running.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import DeployClient, DeployError
 from lensbus.errors import LensbusError
-from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port
+from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, write_private
 from lensbus.processes import ServiceFailed
 from lensbus.schemas import Result
 from lensbus.subjects import InvalidName, Subjects, validate_camera_id
@@ -80,8 +80,7 @@ def load_secrets(path: Path) -> dict[str, Any]:
         if set(data.get("passwords", {})) == set(natsauth.USERS):
             return data
     data = {"passwords": natsauth.generate_passwords()}
-    path.write_text(json.dumps(data, indent=2))
-    path.chmod(0o600)
+    write_private(path, json.dumps(data, indent=2))
     return data
 
 
@@ -117,7 +116,7 @@ class Up:
             log_file=self.logs / "nats-server.log",
         )
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.server.start()
+        self.sup.watch_server(self.server)
         self.url = self.server.url
         say(f"nats-server listening on {self.url} (JetStream in {self.data / 'nats'})")
 

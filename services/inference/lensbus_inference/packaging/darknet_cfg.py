@@ -1,70 +1,42 @@
 """Darknet's files: the ``.cfg`` (sections of options) and the ``.weights`` (a header, then
 every layer's floats in one flat array).  Plain Python and numpy: reading a cfg needs no MXNet.
+
+The cfg reader and the weights' size rules live in :mod:`lensbus.darknet` (shared, so the
+OpenCV backend checks a ``.weights`` file by the same rules before loading it); they are
+re-exported here for the importer.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-Section = dict[str, str]
+from lensbus.darknet import (
+    Section,
+    float_option,
+    header_size,
+    int_list,
+    int_option,
+    parse_cfg,
+    weight_count,
+)
+
+__all__ = [
+    "FloatArray",
+    "Section",
+    "WeightsHeader",
+    "float_option",
+    "int_list",
+    "int_option",
+    "parse_cfg",
+    "read_weights",
+    "weight_count",
+]
+
 FloatArray = npt.NDArray[np.float32]
-
-
-# --------------------------------------------------------------------------------------------
-# cfg parsing
-# --------------------------------------------------------------------------------------------
-
-
-def parse_cfg(path: str | Path) -> list[Section]:
-    """Parse a darknet cfg into a list of sections, in file order.
-
-    Each section is a dict of the raw string options plus ``"type"`` holding the section name
-    (``"net"``, ``"convolutional"``, ...).  Like darknet, whitespace anywhere in a line is
-    ignored (``saturation = 1.5`` is ``saturation=1.5``) and lines starting with ``#`` or ``;``
-    are comments; unlike darknet, a trailing ``# comment`` after an option is tolerated too.
-    """
-    path = Path(path)
-    sections: list[Section] = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = re.sub(r"\s+", "", raw.split("#", 1)[0])
-        if not line or line.startswith(";"):
-            continue
-        if line.startswith("["):
-            if not line.endswith("]") or len(line) < 3:
-                raise ValueError(f"{path}:{lineno}: malformed section header {raw!r}")
-            sections.append({"type": line[1:-1].lower()})
-            continue
-        if not sections:
-            raise ValueError(f"{path}:{lineno}: option {raw!r} before the first [section]")
-        key, sep, value = line.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{path}:{lineno}: expected key=value, got {raw!r}")
-        # darknet's option_find returns the first match, so a repeated key keeps its first value
-        sections[-1].setdefault(key, value)
-    if not sections or sections[0]["type"] not in ("net", "network"):
-        raise ValueError(f"{path}: a darknet cfg must start with a [net] section")
-    return sections
-
-
-def int_option(section: Section, key: str, default: int | None = None) -> int:
-    if key in section:
-        return int(section[key])
-    if default is None:
-        raise ValueError(f"[{section['type']}] is missing required option {key!r}")
-    return default
-
-
-def float_option(section: Section, key: str, default: float) -> float:
-    return float(section[key]) if key in section else default
-
-
-def int_list(section: Section, key: str) -> list[int]:
-    return [int(v) for v in section[key].split(",") if v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,11 +67,9 @@ def read_weights(
     if len(data) < 16:
         raise ValueError(f"{path}: too short ({len(data)} bytes) to be a darknet weights file")
     major, minor, revision = (int(v) for v in np.frombuffer(data, dtype="<i4", count=3))
-    # Same test as darknet's load_weights_upto (the <1000 guard rejects byte-swapped files).
-    if major * 10 + minor >= 2 and major < 1000 and minor < 1000:
-        seen, offset = int(np.frombuffer(data, dtype="<i8", count=1, offset=12)[0]), 20
-    else:
-        seen, offset = int(np.frombuffer(data, dtype="<i4", count=1, offset=12)[0]), 16
+    offset = header_size(data)
+    seen_type = "<i8" if offset == 20 else "<i4"
+    seen = int(np.frombuffer(data, dtype=seen_type, count=1, offset=12)[0])
     body = len(data) - offset
     if body % 4:
         raise ValueError(f"{path}: weights payload of {body} bytes is not a whole number of floats")
