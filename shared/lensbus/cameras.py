@@ -182,20 +182,23 @@ class CamerasBucket:
     # ---- reading -----------------------------------------------------------------------------
 
     async def view(self, *, timeout_s: float = 5.0) -> View:
-        """Every config and state now (one watch's initial values)."""
+        """Every config and state now: the bucket's keys from its stream's subjects, then
+        each key's value.  (A watch's initial values were tried first: nats-py may signal
+        "no initial values" before they arrive, and under load `cameras list` then printed
+        no cameras.)"""
         kv = await self.kv()
         view = View()
-        watcher = await kv.watch(">", ignore_deletes=True)
-        try:
-            while True:
-                entry = await watcher.updates(timeout=timeout_s)
-                if entry is None:
-                    break
-                self._apply(view, entry)
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
+        stream = f"KV_{CAMERAS_BUCKET}"
+        prefix = f"$KV.{CAMERAS_BUCKET}."
+        info = await asyncio.wait_for(
+            self.js.stream_info(stream, subjects_filter=f"{prefix}>"), timeout_s
+        )
+        for subject in sorted(info.state.subjects or {}):
+            try:
+                entry = await asyncio.wait_for(kv.get(subject[len(prefix) :]), timeout_s)
+            except KeyNotFoundError:  # deleted (or purged) since: not in the view
+                continue
+            self._apply(view, entry)
         return view
 
     def _apply(self, view: View, entry: KeyValue.Entry) -> None:
