@@ -4,6 +4,7 @@ darknet reader) computes; :class:`~lensbus_inference.packaging.darknet.DarknetNe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import mxnet as mx
@@ -259,9 +260,16 @@ class DarknetYolo(HybridBlock):
         self.rows = grid_h * grid_w * self.num_anchors
         self.out_shape: Shape = (1, self.rows, 5 + self.classes)
         f32 = np.float32
-        self.grid = self.params.get_constant("grid", grid.astype(f32))
-        self.inv_grid = self.params.get_constant("inv_grid", inv_grid.reshape(1, 1, 2).astype(f32))
-        self.anchor_wh = self.params.get_constant("anchor_wh", anchor_wh[None].astype(f32))
+        with warnings.catch_warnings():
+            # MXNet registers an initializer per constant, named with id() of the Parameter:
+            # once an earlier net is garbage-collected its id can come back, and MXNet warns
+            # that the new registration overrides the dead one (seen once in CI; harmless).
+            warnings.filterwarnings("ignore", ".*New initializer", UserWarning)
+            self.grid = self.params.get_constant("grid", grid.astype(f32))
+            self.inv_grid = self.params.get_constant(
+                "inv_grid", inv_grid.reshape(1, 1, 2).astype(f32)
+            )
+            self.anchor_wh = self.params.get_constant("anchor_wh", anchor_wh[None].astype(f32))
 
     def hybrid_forward(self, F: Any, x: Any, grid: Any, inv_grid: Any, anchor_wh: Any) -> Any:
         n = 5 + self.classes
