@@ -356,7 +356,6 @@ def frame_raw(**changes: Any) -> bytes:
         ({"data": ...}, "data"),
         ({"camera": ...}, "camera"),
         ({"data": 12}, "data"),
-        ({"exposure_us": 250}, "exposure_us"),  # unknown field in v1: refused, not dropped
         ({"source_seq": "x"}, "source_seq"),
     ],
 )

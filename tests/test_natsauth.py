@@ -22,6 +22,7 @@ from nats.js.errors import KeyNotFoundError
 from photos import photos
 
 from lensbus import DecodeError, Subjects, decode
+from lensbus.bus import connect as bus_connect
 from lensbus.cameras import CamerasBucket
 from lensbus.deployclient import DeployClient
 from lensbus.natsauth import (
@@ -31,6 +32,7 @@ from lensbus.natsauth import (
     compose_config,
     env_var,
     generate_passwords,
+    inference_user,
     permissions,
 )
 from lensbus.natsserver import NatsServer
@@ -49,6 +51,7 @@ from lensbus.subjects import (
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
 YOLO = "yolov3-tiny-onnx"
+AUTH_GROUP = "authgroup"  # served by the user inference-authgroup
 
 # ---- the permission set itself ---------------------------------------------------------------
 
@@ -112,13 +115,14 @@ class AuthServer:
             if errors is not None:
                 errors.append(str(exc))
 
-        nc = await nats_py.connect(
+        # lensbus's own connect: it passes the user's inbox prefix, the only inbox allowed.
+        nc = await bus_connect(
             self.url,
+            name=f"test-{user}",
+            reconnect=False,
             user=user,
             password=self.passwords[user],
             error_cb=on_error,
-            allow_reconnect=False,
-            connect_timeout=2,
         )
         self.conns.append(nc)
         return nc
@@ -126,7 +130,7 @@ class AuthServer:
 
 @pytest.fixture
 async def auth_nats(tmp_path: Path) -> AsyncIterator[AuthServer]:
-    passwords = generate_passwords()
+    passwords = generate_passwords([AUTH_GROUP])
     server = NatsServer(
         tmp_path / "nats",
         extra_config=authorization_block(passwords),
@@ -209,8 +213,8 @@ async def test_inference_writes_its_reports_but_never_group_keys(auth_nats: Auth
     errors: list[str] = []
     js = (await auth_nats.connect("inference", errors)).jetstream()
     kv = await js.key_value(DEPLOYMENTS_BUCKET)  # it may read the bucket
-    await kv.put(report_key("g", "inst1"), b"my report")
-    assert (await kv.get(report_key("g", "inst1"))).value == b"my report"
+    await kv.put(report_key("default", "inst1"), b"my report")  # the user's group: default
+    assert (await kv.get(report_key("default", "inst1"))).value == b"my report"
     with pytest.raises(Exception):  # noqa: B017 - no ack comes for a denied publish
         await js.publish(f"$KV.{DEPLOYMENTS_BUCKET}.{group_key('g')}", b"forged", timeout=1)
     with pytest.raises(Exception):  # noqa: B017
@@ -265,6 +269,13 @@ FORBIDDEN_PUBLISH = [
     ("publisher", f"$JS.API.STREAM.CREATE.KV_{CAMERAS_BUCKET}"),
     ("inference", f"$KV.{CAMERAS_BUCKET}.camera.cam1"),
     ("inference", f"$O.{CLIPS_BUCKET}.C.x"),
+    # finding 4 of issue 13: the client is read-only; inference reports only for its group
+    ("client", "lensbus.api.deployer.activate"),
+    ("client", "lensbus.api.deployer.rollback"),
+    ("client", "lensbus.api.deployer.upload_begin"),
+    ("client", f"$KV.{CAMERAS_BUCKET}.camera.cam1"),
+    ("client", f"$JS.API.CONSUMER.DELETE.{RESULTS_STREAM}.someone-else"),
+    ("inference", f"$KV.{DEPLOYMENTS_BUCKET}.report.other.inst1"),
 ]
 # ... and what it must not subscribe to (answering the deployer's API, reading frames).
 FORBIDDEN_SUBSCRIBE = [
@@ -274,6 +285,12 @@ FORBIDDEN_SUBSCRIBE = [
     ("capture", "lensbus.results.*"),
     ("inference", "lensbus.api.deployer.*"),
     ("publisher", "lensbus.api.deployer.*"),
+    # every user reads only its own inbox (_INBOX_<user>)
+    ("capture", "_INBOX.>"),
+    ("capture", "_INBOX_client.>"),
+    ("client", "_INBOX.>"),
+    ("client", "_INBOX_operator.>"),
+    ("inference", "_INBOX_deployer.>"),
 ]
 
 
@@ -371,11 +388,11 @@ async def _end_to_end(
     inf = start_service(
         "inference",
         auth.url,
-        group="authgroup",
+        group=AUTH_GROUP,
         instance="authinf",
         model_cache=tmp_path / "cache",
         stream="model",
-        **auth.creds("inference"),
+        **auth.creds(inference_user(AUTH_GROUP)),
     )
     rules = [{"name": "dogs", "labels": ["dog"], "min_score": 0.5, "cooldown_s": 0}]
     pub = start_service("publisher", auth.url, rules=json.dumps(rules), **auth.creds("publisher"))
@@ -386,11 +403,12 @@ async def _end_to_end(
     await nc.subscribe(s.events("authcam"), cb=seen.on_event)
     await nc.subscribe(s.all_status(), cb=seen.on_status)
 
-    # A program (the client user) uploads and activates the model through the deployer.
-    dc = DeployClient(nc, timeout=30)
+    # The operator uploads and activates the model through the deployer; a program (the
+    # read-only client) asks for the status.
+    dc = DeployClient(await auth.connect("operator"), timeout=30)
     stored = await dc.upload(demo_models[YOLO])
     assert stored.model is not None
-    await dc.activate("authgroup", stored.model.name, stored.model.version)
+    await dc.activate(AUTH_GROUP, stored.model.name, stored.model.version)
     inf.wait_healthy(60)
     pub.wait_healthy(30)
     await until(
@@ -416,7 +434,7 @@ async def _end_to_end(
 
     # The deployer sees the swap report inference wrote (its report.> key) and the heartbeat.
     async def instance_reported() -> bool:
-        groups = await dc.status("authgroup")
+        groups = await DeployClient(nc, timeout=30).status(AUTH_GROUP)
         return any(i.instance == "authinf" and i.serving for g in groups for i in g.instances)
 
     deadline = time.monotonic() + 20
@@ -465,14 +483,15 @@ async def _denied_write(js: Any, subject: str) -> None:
         await js.publish(subject, b"forged", timeout=1)
 
 
-async def test_cameras_bucket_capture_writes_states_client_writes_configs(
+async def test_cameras_bucket_capture_writes_states_operator_writes_configs(
     auth_nats: AuthServer,
 ) -> None:
-    # The client (lensbus cameras add) comes first: it may create the bucket and add a camera.
+    # The operator (lensbus cameras add) comes first: it may create the bucket, add a camera.
+    operator_js = (await auth_nats.connect("operator")).jetstream(timeout=2)
+    await (await CamerasBucket.open(operator_js)).add(CameraConfig(id="cam1", source="test"))
     client_errors: list[str] = []
     client_js = (await auth_nats.connect("client", client_errors)).jetstream(timeout=2)
-    client = await CamerasBucket.open(client_js)
-    await client.add(CameraConfig(id="cam1", source="test"))
+    client = await CamerasBucket.open(client_js, create=False)
 
     # Capture binds it, reads the configs, writes (and clears) its states; no config.
     cap_errors: list[str] = []
@@ -487,11 +506,12 @@ async def test_cameras_bucket_capture_writes_states_client_writes_configs(
     await _denied_write(cap_js, f"$KV.{CAMERAS_BUCKET}.{camera_key('cam1')}")
     assert denied(cap_errors, "Publish", f"$KV.{CAMERAS_BUCKET}.camera.cam1"), cap_errors
 
-    # The client reads both and cannot forge a state.
+    # The client reads both and writes neither (it is read-only).
     view = await client.view()
     assert view.states == {"cam1": state} and set(view.configs) == {"cam1"}
-    await _denied_write(client_js, f"$KV.{CAMERAS_BUCKET}.{state_key('cam1')}")
-    assert denied(client_errors, "Publish", f"$KV.{CAMERAS_BUCKET}.state.cam1"), client_errors
+    for key in (camera_key("cam1"), state_key("cam1")):
+        await _denied_write(client_js, f"$KV.{CAMERAS_BUCKET}.{key}")
+        assert denied(client_errors, "Publish", f"$KV.{CAMERAS_BUCKET}.{key}"), client_errors
     assert await cap.clear_state("cam1", "cap1")
     assert (await client.view()).states == {}
 

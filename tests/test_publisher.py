@@ -585,7 +585,7 @@ async def test_rules_fire_once_per_cooldown_with_snapshot_and_webhooks(
                 3 * sum(e.rule == "dog-fail" for e in rec.events),
                 hooks.fail,
                 pub.metric("lensbus_publisher_webhook_attempts_total", 'result="http_500"'),
-                pub.metric("lensbus_publisher_webhook_deliveries_total", 'outcome="failed"'),
+                pub.metric("lensbus_publisher_webhook_deliveries_total", 'outcome="dropped"'),
             )
 
         def settled() -> bool:

@@ -310,10 +310,18 @@ async def test_hub_rings_joins_and_restart(clean_env: pytest.MonkeyPatch) -> Non
 
 
 async def test_hub_limits_cameras(clean_env: pytest.MonkeyPatch) -> None:
+    """A full table evicts its longest silent camera; one a stream holds stays; when every
+    camera is held, a new one is refused."""
     hub = Hub(load_settings(PublisherSettings, max_cameras=2))
     for cam in ("a", "b", "c"):
         hub.on_frame(cam, frame_msg(cam, 0))
-    assert sorted(hub.cameras) == ["a", "b"] and hub.rejected == 1
+    assert sorted(hub.cameras) == ["b", "c"] and hub.rejected == 0
+    hub.cameras["b"].viewers["device"] = 1
+    hub.on_frame("d", frame_msg("d", 0))  # c is newer than b, but b is watched
+    assert sorted(hub.cameras) == ["b", "d"]
+    hub.cameras["d"].viewers["device"] = 1
+    hub.on_frame("e", frame_msg("e", 0))
+    assert sorted(hub.cameras) == ["b", "d"] and hub.rejected == 1
 
 
 async def test_signal_wakes_every_waiter() -> None:

@@ -58,3 +58,19 @@ async def test_killed_nats_server_is_restarted(light_up: UpProcess) -> None:
     up.proc.send_signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     assert _state(new) in ("", "X", "Z"), "nats-server left running"
+
+
+async def test_nats_server_killed_during_start_up_is_restarted(light_up: UpProcess) -> None:
+    """While the services start and the demo is deployed (a minute or more on a first run)
+    the server is supervised too: killed then, it is restarted and start-up completes."""
+    up = light_up
+    up.wait_line(r"deployer healthy", 120)
+    old = up.children()["nats-server"]
+    os.kill(old, signal.SIGKILL)
+    up.wait_line(r"nats-server exited with code -9; restarting", 15)
+    up.wait_line(r"nats-server restarted on nats://127\.0\.0\.1:\d+ \(restart #1\)", 15)
+    assert _state(old) in ("", "X"), f"nats-server {old} left in state {_state(old)}"
+    up.wait_line(r"open http://", 240)
+    assert len(await results(up, 2, 60)) >= 2, up.log
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0

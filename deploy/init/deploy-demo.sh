@@ -1,12 +1,12 @@
 #!/bin/sh
-# compose.yaml's one-shot `init` (in the inference image, as the NATS user `client`): upload
+# compose.yaml's one-shot `init` (in the inference image, as the NATS user `operator`): upload
 # the demo YOLOv3-tiny package built into the image through the deployer, and make it the
 # desired model of $LENSBUS_GROUP unless the group has a desired model already (a model you
 # deployed later is never replaced). Safe to run again: an identical upload changes nothing.
 set -eu
-: "${LENSBUS_NATS_CLIENT_PASSWORD:?}" "${LENSBUS_GROUP:=default}"
+: "${LENSBUS_NATS_OPERATOR_PASSWORD:?}" "${LENSBUS_GROUP:=default}"
 PACKAGE=${LENSBUS_DEMO_PACKAGE:-/opt/lensbus/models/yolov3-tiny-onnx}
-export LENSBUS_NATS_URL="nats://client:${LENSBUS_NATS_CLIENT_PASSWORD}@${LENSBUS_NATS_HOST:-nats}:4222"
+export LENSBUS_NATS_URL="nats://operator:${LENSBUS_NATS_OPERATOR_PASSWORD}@${LENSBUS_NATS_HOST:-nats}:4222"
 
 # Wait for NATS and the deployer (the service may still be starting).
 tries=0

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
 
 from lensbus import metrics
 from lensbus.logs import RateLimit, log_limited
+from lensbus.natsauth import inbox_prefix
 from lensbus.settings import ServiceSettings
 from lensbus.waiting import sleep_unless_stopped, wait_unless_stopped
 
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 # Frames are large: a few MB of pending writes while reconnecting is plenty. Beyond it a
 # publish fails fast (and capture counts a drop) instead of queueing without bound.
 PENDING_BYTES = 8 * 1024 * 1024
+# A user name that can be part of an inbox subject token.
+USER_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def _quiet(exc: Exception) -> None:
@@ -35,6 +40,17 @@ def split_servers(servers: str | list[str]) -> list[str]:
     """``"nats://a:4222,nats://b:4222"`` (or a list) -> the list of server URLs."""
     items = servers.split(",") if isinstance(servers, str) else servers
     return [s.strip() for s in items if s.strip()]
+
+
+def _user(opts: dict[str, Any]) -> str | None:
+    """The NATS user of a connection: ``user=``, else the first URL's ``user:password@`` (a
+    URL with a user and no password holds a token, not a user); ``None`` when it is not one
+    subject token (then no lensbus permissions are in force for it)."""
+    user = opts.get("user")
+    if not user and opts["servers"]:
+        url = urlsplit(opts["servers"][0])
+        user = unquote(url.username or "") if url.password is not None else None
+    return user if user and USER_TOKEN.fullmatch(user) else None
 
 
 async def connect(
@@ -51,6 +67,10 @@ async def connect(
     command that should fail fast.  ``timeout_s`` bounds the first connection (nats-py
     would otherwise retry it forever when reconnecting is allowed).  ``options`` go to
     ``nats.connect`` as they are (credentials, TLS, callbacks).
+
+    Replies come to the user's own inbox prefix (``lensbus.natsauth``: ``_INBOX_<user>``, the
+    only inbox its permissions let it read), the user taken from ``user=`` or the first URL's
+    ``user:password@``; without a user nats-py's ``_INBOX`` stays.
     """
     opts: dict[str, Any] = {
         "servers": split_servers(servers),
@@ -64,6 +84,9 @@ async def connect(
     if timeout_s is not None:
         opts["error_cb"] = _quiet
     opts.update(options)
+    user = _user(opts)
+    if user and "inbox_prefix" not in opts:
+        opts["inbox_prefix"] = inbox_prefix(user)
     if timeout_s is None:
         return await nats.connect(**opts)
     return await asyncio.wait_for(nats.connect(**opts), timeout_s)

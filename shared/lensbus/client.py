@@ -24,6 +24,7 @@ from lensbus import metrics
 from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
 from lensbus.images import ImageError, decode_jpeg
+from lensbus.logs import RateLimit, log_limited
 from lensbus.schemas import FrameEnvelope, Result
 from lensbus.subjects import DEFAULT_PREFIX, Subjects
 
@@ -69,6 +70,7 @@ class Client:
         self._options = connect_options
         self._nc: NATS | None = None
         self.rejected = 0
+        self._log_limit = RateLimit()
 
     async def connect(self) -> None:
         self._nc = await connect(self.servers, **{"name": "lensbus-client", **self._options})
@@ -111,13 +113,18 @@ class Client:
                 await sub.unsubscribe()
 
     def _reject(self, exc: Exception) -> None:
+        # A bad message is the producer's fault, not the program's: count it, say why once
+        # a minute per reason (not once per frame), and let the program's loop go on.
         self.rejected += 1
         reason = getattr(exc, "reason", "image")
         metrics.MESSAGES_REJECTED.labels(reason).inc()
-        log.debug("dropped a message: %s", exc)
+        log_limited(
+            log, self._log_limit, reason, logging.WARNING, "skipped a message (%s): %s", reason, exc
+        )
 
     async def frames(self, camera: str, *, newest_only: bool = True) -> AsyncIterator[Frame]:
-        """Decoded frames of ``camera``. Unreadable messages are counted and skipped."""
+        """Decoded frames of ``camera``. Unreadable messages are counted and skipped; fields
+        this version does not know are ignored."""
         async for msg in self._messages(self.subjects.frames(camera), newest_only):
             try:
                 env = decode(msg.data, FrameEnvelope)
@@ -136,10 +143,14 @@ class Client:
         raise RuntimeError("frame stream ended")
 
     async def results(self, camera: str) -> AsyncIterator[Result]:
-        """Validated results for ``camera`` (``*`` for every camera), in arrival order."""
+        """Validated results for ``camera`` (``*`` for every camera), in arrival order.
+        Unreadable messages are counted and skipped; fields this version does not know are
+        ignored."""
         subject = self.subjects.all_results() if camera == "*" else self.subjects.results(camera)
         async for msg in self._messages(subject, newest_only=False):
             try:
-                yield decode(msg.data, Result)
+                result = decode(msg.data, Result)
             except DecodeError as exc:
                 self._reject(exc)
+                continue
+            yield result

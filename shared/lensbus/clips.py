@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 from nats.js import api
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 from pydantic import ValidationError
 
-from lensbus.errors import LensbusError
+from lensbus.errors import ImageError, LensbusError
+from lensbus.images import decode_jpeg
 from lensbus.schemas import ClipInfo
 
 H_CLIP = "Lensbus-Clip"
@@ -192,9 +192,10 @@ def export(data: bytes, out: Path) -> int:
         raise ClipError("this OpenCV cannot write MP4 (mp4v): export to .avi instead")
     try:
         for jpeg in avi.frames:
-            img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-            if img is None:
-                raise ClipError("a frame of the clip is not a readable JPEG")
+            try:  # the clip's header check too: a clip file may come from anywhere
+                img = decode_jpeg(jpeg)
+            except ImageError as exc:
+                raise ClipError(f"a frame of the clip is not a readable JPEG: {exc}") from exc
             if img.shape[1] != avi.width or img.shape[0] != avi.height:
                 img = cv2.resize(img, (avi.width, avi.height))
             writer.write(img)

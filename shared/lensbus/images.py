@@ -296,6 +296,35 @@ def check_jpeg(
     return head
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The (width, height) a PNG's IHDR declares, if it may be decoded: at most
+    ``max_pixels``. A PNG of zeros deflates ~1,000 to 1, so a few hundred KB can declare
+    hundreds of MB; this reads the 24 header bytes and decodes nothing. Raises
+    :class:`ImageError` (``corrupt_image`` or ``image_too_large``)."""
+    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 24:
+        raise ImageError("not a PNG (no signature and IHDR)")
+    width = int.from_bytes(data[16:20], "big")
+    height = int.from_bytes(data[20:24], "big")
+    if not width or not height:
+        raise ImageError(f"PNG declares {width}x{height}")
+    if width * height > max_pixels:
+        msg = f"PNG declares {width}x{height}, over {max_pixels} pixels"
+        raise ImageError(msg, "image_too_large")
+    return width, height
+
+
+def decode_png(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a PNG as stored (a class map stays one channel), its header checked first."""
+    check_png(data, max_pixels)
+    image = _imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageError("not a decodable PNG")
+    return image
+
+
 def _imdecode(data: bytes, flag: int) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
 

@@ -2,23 +2,39 @@
 
 ``compose.yaml`` (through ``deploy/nats/nats-server.conf``, generated from here) and
 ``lensbus up`` give each service its own NATS user, allowed only its own subjects and
-JetStream resources:
+JetStream resources. Every user receives replies only on its own inbox prefix
+``_INBOX_<user>`` (:func:`inbox_prefix`; ``lensbus.bus.connect`` passes it to nats-py), so
+no user reads the replies (JetStream API answers, deployment records) meant for another.
 
 - ``capture`` publishes frames (device and model streams) and its heartbeats; in the KV
   ``lensbus-cameras`` it reads every key, writes only the ``state.*`` keys (what it reports
   about its cameras), and may create the bucket; nothing else (not results, no other bucket).
 - ``inference`` reads frames (either stream), publishes results, reads the desired models (KV
-  ``lensbus-deployments``) and the model store, and writes only its own swap reports
-  (``report.>`` keys), never the ``group.*`` keys.
+  ``lensbus-deployments``) and the model store, and writes only the swap reports of the
+  camera group ``default`` (``report.default.<instance>``), never the ``group.*`` keys nor
+  another group's reports. An instance serving group ``G`` connects as ``inference-G``
+  (:func:`inference_user`; ``--inference-group G`` adds it to the generated config), whose
+  reports are ``report.G.*``. Scoping a report to one instance would need a user per instance:
+  plain config-file users have no permission templates (``{{name()}}`` is for JWT users), so
+  the group is the scope, and the deployer refuses a report whose payload names another
+  group or instance than its key.
 - ``deployer`` answers ``<prefix>.api.deployer.*``, reads heartbeats, and is the only one
   that writes the model store and the ``group.*`` keys.
 - ``publisher`` reads frames, results and heartbeats, publishes events, manages the
   results stream and the snapshots and clips object stores, and reads the cameras bucket.
-- ``client`` (programs, the ``lensbus`` command): reads frames, results, events and
-  heartbeats, calls the deployer's API, reads the results stream, the snapshots, the clips
-  and the cameras bucket, and writes the ``camera.*`` keys of the cameras bucket (``lensbus
-  cameras add/update/remove``; it may create that bucket); it publishes no frames, results or
-  events and writes no other bucket.
+- ``client`` (programs, viewers; the ``lensbus`` command's read verbs) is read-only: frames,
+  results, events and heartbeats, the deployer's ``list`` and ``status``, the results stream
+  (with consumers of its own: ordered, ephemeral or durable), the snapshots, the clips and
+  the cameras bucket. It publishes nothing, writes no bucket, and deletes no consumer.
+- ``operator`` (``lensbus models upload``, ``deploy``, ``rollback``, ``cameras
+  add/update/remove``): all the client may, plus every deployer verb, the ``camera.*`` keys of
+  the cameras bucket (it may create that bucket), and deleting consumers of the results
+  stream. A consumer's name is one subject token and permissions match whole tokens only, so
+  deleting "only the consumers it created" cannot be expressed: only the operator deletes.
+
+Heartbeats are also checked against their subject by every reader
+(:meth:`lensbus.subjects.Subjects.status_matches`): ``capture`` may publish only on
+``<prefix>.status.capture.>``, so it cannot speak for inference.
 
 The JetStream API subjects were found by running every service with its own user against a
 real ``nats-server`` (``tests/test_natsauth.py`` does it again on every run).
@@ -36,22 +52,32 @@ import json
 import re
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lensbus.schemas.camera import camera_key, state_key
+from lensbus.schemas.deploy import report_key
 from lensbus.subjects import (
     CAMERAS_BUCKET,
     CLIPS_BUCKET,
     DEFAULT_PREFIX,
+    DEPLOYER_VERBS,
     DEPLOYMENTS_BUCKET,
     MODELS_BUCKET,
     RESULTS_STREAM,
     SNAPSHOTS_BUCKET,
+    WEBHOOKS_STREAM,
     validate_prefix,
+    validate_token,
 )
 
-USERS: tuple[str, ...] = ("capture", "inference", "deployer", "publisher", "client")
+USERS: tuple[str, ...] = ("capture", "inference", "deployer", "publisher", "client", "operator")
+
+# The camera group the plain ``inference`` user reports for; ``inference-<group>`` for others.
+DEFAULT_GROUP = "default"
+INFERENCE = "inference"
+# The deployer verbs a read-only user may call: they change nothing.
+READ_VERBS = ("list", "status")
 
 # JetStream keeps a KV bucket B in the stream KV_B (subjects $KV.B.<key>) and an object
 # store B in the stream OBJ_B (subjects $O.B.C.<nuid> for chunks, $O.B.M.<name> for meta).
@@ -62,8 +88,6 @@ CAMERAS_STREAM = f"KV_{CAMERAS_BUCKET}"
 CLIPS_STREAM = f"OBJ_{CLIPS_BUCKET}"
 
 JS_API = "$JS.API"
-# Replies to requests (the JetStream API's, the deployer's) come to the requester's inbox.
-INBOX = "_INBOX.>"
 
 # A password from generate_passwords(): also safe unquoted in a nats-server config value
 # (a leading digit would be read as a number) and in a nats:// URL.
@@ -72,12 +96,38 @@ PASSWORD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{15,}$")
 
 def env_var(user: str) -> str:
     """The environment variable holding ``user``'s password (compose's ``.env``)."""
-    return f"LENSBUS_NATS_{user.upper()}_PASSWORD"
+    return f"LENSBUS_NATS_{user.upper().replace('-', '_')}_PASSWORD"
+
+
+def inbox_prefix(user: str) -> str:
+    """Where ``user`` receives replies (JetStream API, deployer, push consumers' deliveries):
+    nats-py's ``inbox_prefix``; its permissions allow subscribing to this and no other inbox."""
+    return f"_INBOX_{user}"
+
+
+def inference_user(group: str) -> str:
+    """The NATS user of the inference instances serving camera group ``group``."""
+    return INFERENCE if group == DEFAULT_GROUP else f"{INFERENCE}-{validate_token(group, 'group')}"
+
+
+def users(groups: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every user of a configuration: :data:`USERS` and an inference user per extra group."""
+    extra = [inference_user(g) for g in groups if g != DEFAULT_GROUP]
+    return tuple(dict.fromkeys([*USERS, *extra]))
+
+
+def _inference_group(user: str) -> str | None:
+    if user == INFERENCE:
+        return DEFAULT_GROUP
+    if user.startswith(f"{INFERENCE}-"):
+        return validate_token(user.removeprefix(f"{INFERENCE}-"), "group")
+    return None
 
 
 def stream_read(stream: str) -> list[str]:
     """Publish permissions to read a stream: its info, direct and stored-message gets, and
-    consumers of its own (ephemeral, ordered or durable) with their acks and flow control.
+    consumers of its own (ephemeral, ordered or durable) with their acks and flow control;
+    not deleting consumers (nats-py never does on its own; ephemeral ones expire).
 
     ``STREAM.NAMES`` (the names of the account's streams, nothing else) is how nats-py finds
     the stream of a subject when it subscribes (KV watch, object store get)."""
@@ -91,7 +141,6 @@ def stream_read(stream: str) -> list[str]:
         f"{JS_API}.CONSUMER.CREATE.{stream}.>",
         f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.*",
         f"{JS_API}.CONSUMER.INFO.{stream}.*",
-        f"{JS_API}.CONSUMER.DELETE.{stream}.*",
         f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
         f"$JS.FC.{stream}.>",
@@ -99,8 +148,10 @@ def stream_read(stream: str) -> list[str]:
 
 
 def stream_admin(stream: str) -> list[str]:
-    """Reading plus creating, updating and purging a stream (not deleting it)."""
+    """Reading plus creating, updating and purging a stream and deleting its consumers (not
+    deleting the stream)."""
     return [
+        f"{JS_API}.CONSUMER.DELETE.{stream}.*",
         f"{JS_API}.STREAM.CREATE.{stream}",
         f"{JS_API}.STREAM.UPDATE.{stream}",
         f"{JS_API}.STREAM.PURGE.{stream}",
@@ -125,75 +176,100 @@ def object_store(bucket: str) -> list[str]:
     return [f"$O.{bucket}.>", *stream_admin(f"OBJ_{bucket}")]
 
 
-def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    """NATS permissions of one lensbus user under a subject prefix.
+def _client(p: str, verbs: Iterable[str]) -> list[str]:
+    """What a program may publish: the deployer ``verbs``, reading the results stream, the
+    snapshots, the clips and the cameras bucket."""
+    return [
+        *(f"{p}.api.deployer.{verb}" for verb in verbs),
+        f"{JS_API}.INFO",
+        *stream_read(RESULTS_STREAM),
+        *stream_read(SNAPSHOTS_STREAM),
+        *stream_read(CLIPS_STREAM),
+        *stream_read(CAMERAS_STREAM),
+    ]
 
-    ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}}``; the deployer's also has
-    ``"allow_responses": True`` (it answers on reply subjects, and no other inbox).
-    """
-    p = validate_prefix(prefix)
-    frames, results, events = f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*"
-    model_frames = f"{p}.model-frames.*"
-    status, api = f"{p}.status.>", f"{p}.api.deployer.*"
+
+def _publish(user: str, p: str) -> list[str]:
     heartbeat = f"{p}.status.{user}.>"
-    if user == "capture":
-        pub, sub = [frames, model_frames, heartbeat, *cameras_bucket(state_key("*"))], [INBOX]
-    elif user == "inference":
-        pub = [
-            results,
-            heartbeat,
-            f"$KV.{DEPLOYMENTS_BUCKET}.report.>",
+    group = _inference_group(user)
+    if group is not None:
+        return [
+            f"{p}.results.*",
+            f"{p}.status.{INFERENCE}.>",
+            f"$KV.{DEPLOYMENTS_BUCKET}.{report_key(group, '*')}",
             *stream_read(DEPLOYMENTS_STREAM),
             *stream_read(MODELS_STREAM),
         ]
-        sub = [frames, model_frames, INBOX]
-    elif user == "deployer":
-        pub = [
+    if user == "capture":
+        return [f"{p}.frames.*", f"{p}.model-frames.*", heartbeat, *cameras_bucket(state_key("*"))]
+    if user == "deployer":
+        return [
             heartbeat,
             f"{JS_API}.INFO",
             f"$KV.{DEPLOYMENTS_BUCKET}.>",
             *stream_admin(DEPLOYMENTS_STREAM),
             *object_store(MODELS_BUCKET),
         ]
-        sub = [api, status, INBOX]
-        return {
-            "publish": {"allow": _unique(pub)},
-            "subscribe": {"allow": sub},
-            "allow_responses": True,
-        }
-    elif user == "publisher":
-        pub = [
-            events,
+    if user == "publisher":
+        return [
+            f"{p}.events.*",
             heartbeat,
             f"{JS_API}.INFO",
             *stream_admin(RESULTS_STREAM),
             *object_store(SNAPSHOTS_BUCKET),
             *object_store(CLIPS_BUCKET),
             *stream_read(CAMERAS_STREAM),
+            f"{p}.webhooks.*",  # pending webhook deliveries, a work queue
+            *stream_admin(WEBHOOKS_STREAM),
         ]
-        sub = [frames, results, events, status, INBOX]
-    elif user == "client":
-        pub = [
-            api,
-            f"{JS_API}.INFO",
-            *stream_read(RESULTS_STREAM),
-            *stream_read(SNAPSHOTS_STREAM),
-            *stream_read(CLIPS_STREAM),
+    if user == "client":
+        return _client(p, READ_VERBS)
+    if user == "operator":
+        return [
+            *_client(p, DEPLOYER_VERBS),
             *cameras_bucket(camera_key("*")),
+            f"{JS_API}.CONSUMER.DELETE.{RESULTS_STREAM}.*",
         ]
-        sub = [frames, results, events, status, INBOX]
-    else:
-        raise ValueError(f"unknown lensbus NATS user {user!r}; one of {', '.join(USERS)}")
-    return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": sub}}
+    raise ValueError(f"unknown lensbus NATS user {user!r}; one of {', '.join(USERS)}")
+
+
+def _subscribe(user: str, p: str) -> list[str]:
+    frames, status = [f"{p}.frames.*", f"{p}.model-frames.*"], f"{p}.status.>"
+    if _inference_group(user) is not None:
+        return frames
+    return {
+        "capture": [],
+        "deployer": [f"{p}.api.deployer.*", status],
+        "publisher": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
+        "client": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
+        "operator": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
+    }[user]
+
+
+def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """NATS permissions of one lensbus user (:func:`users`) under a subject prefix.
+
+    ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}}``; the deployer's also has
+    ``"allow_responses": True`` (it answers on reply subjects, and no other inbox). Each user
+    subscribes to its own inbox, ``_INBOX_<user>.>``, and no other.
+    """
+    p = validate_prefix(prefix)
+    pub = _publish(user, p)  # first: it refuses an unknown user
+    sub = [*_subscribe(user, p), f"{inbox_prefix(user)}.>"]
+    perms: dict[str, Any] = {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": sub}}
+    if user == "deployer":
+        perms["allow_responses"] = True
+    return perms
 
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def generate_passwords() -> dict[str, str]:
-    """A fresh random password for every user (URL- and config-safe, 32+ characters)."""
-    return {user: "p" + secrets.token_urlsafe(24) for user in USERS}
+def generate_passwords(groups: Iterable[str] = ()) -> dict[str, str]:
+    """A fresh random password for every user of :func:`users` (URL- and config-safe, 32+
+    characters)."""
+    return {user: "p" + secrets.token_urlsafe(24) for user in users(groups)}
 
 
 def _quote(value: str) -> str:
@@ -221,21 +297,27 @@ def _user_block(user: str, password: str | None, prefix: str) -> str:
     return "\n".join(lines)
 
 
-def authorization_block(passwords: Mapping[str, str] | None, prefix: str = DEFAULT_PREFIX) -> str:
+def authorization_block(
+    passwords: Mapping[str, str] | None, prefix: str = DEFAULT_PREFIX, groups: Iterable[str] = ()
+) -> str:
     """nats-server config text ``authorization { users = [ ... ] }`` for every user.
 
     With ``passwords`` ``None`` each password is the environment reference
     ``$LENSBUS_NATS_<USER>_PASSWORD`` (resolved by nats-server when it reads the file: what
-    compose's mounted config uses); otherwise ``passwords`` must name every user.
+    compose's mounted config uses); otherwise ``passwords`` must name every user. The users
+    are :func:`users` of ``groups`` and, with ``passwords``, every ``inference-<group>`` user
+    it names.
     """
+    names = users(groups)
     if passwords is not None:
-        missing = [u for u in USERS if not passwords.get(u)]
+        names = users([*groups, *(g for u in passwords if (g := _inference_group(u)))])
+        missing = [u for u in names if not passwords.get(u)]
         if missing:
             raise ValueError(f"no password for NATS user(s) {', '.join(missing)}")
-    users = ",\n".join(
-        _user_block(u, None if passwords is None else passwords[u], prefix) for u in USERS
+    blocks = ",\n".join(
+        _user_block(u, None if passwords is None else passwords[u], prefix) for u in names
     )
-    return f"authorization {{\n  users = [\n{users}\n  ]\n}}\n"
+    return f"authorization {{\n  users = [\n{blocks}\n  ]\n}}\n"
 
 
 COMPOSE_HEADER = """\
@@ -247,7 +329,7 @@ COMPOSE_HEADER = """\
 """
 
 
-def compose_config(prefix: str = DEFAULT_PREFIX) -> str:
+def compose_config(prefix: str = DEFAULT_PREFIX, groups: Iterable[str] = ()) -> str:
     """The whole ``deploy/nats/nats-server.conf`` compose.yaml mounts into the nats service."""
     from lensbus.natsserver import MAX_PAYLOAD
 
@@ -262,7 +344,7 @@ def compose_config(prefix: str = DEFAULT_PREFIX) -> str:
         + "jetstream {\n"
         + '  store_dir: "/data/jetstream"\n'
         + "}\n\n"
-        + authorization_block(None, prefix)
+        + authorization_block(None, prefix, groups)
     )
 
 
@@ -271,18 +353,26 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lensbus.natsauth", description="lensbus NATS users and permissions"
     )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix")
+    parser.add_argument(
+        "--inference-group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="add the user inference-GROUP for the instances serving GROUP (repeatable)",
+    )
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     sub.add_parser("compose-config", help="deploy/nats/nats-server.conf (env passwords)")
     sub.add_parser("passwords", help="fresh LENSBUS_NATS_<USER>_PASSWORD=... lines")
     sub.add_parser("permissions", help="every user's permissions as JSON")
     args = parser.parse_args(argv)
     if args.what == "compose-config":
-        sys.stdout.write(compose_config(args.prefix))
+        sys.stdout.write(compose_config(args.prefix, args.inference_group))
     elif args.what == "passwords":
-        for user, password in generate_passwords().items():
+        for user, password in generate_passwords(args.inference_group).items():
             print(f"{env_var(user)}={password}")
     else:
-        print(json.dumps({u: permissions(u, args.prefix) for u in USERS}, indent=2))
+        names = users(args.inference_group)
+        print(json.dumps({u: permissions(u, args.prefix) for u in names}, indent=2))
     return 0
 
 

@@ -27,6 +27,8 @@ RESULTS_STREAM = "LENSBUS_RESULTS"
 SNAPSHOTS_BUCKET = "lensbus-snapshots"
 CAMERAS_BUCKET = "lensbus-cameras"
 CLIPS_BUCKET = "lensbus-clips"
+# Pending webhook deliveries (a work queue: a delivery leaves it when its receiver took it).
+WEBHOOKS_STREAM = "LENSBUS_WEBHOOKS"
 
 # Verbs of the deployer's request/reply API (``<prefix>.api.deployer.<verb>``).
 DEPLOYER_VERBS = (
@@ -103,6 +105,13 @@ class Subjects:
     def all_events(self) -> str:
         return f"{self.prefix}.events.*"
 
+    def webhooks(self, rule: str) -> str:
+        """Pending webhook deliveries of one rule (the publisher's own work queue)."""
+        return f"{self.prefix}.webhooks.{validate_token(rule, 'rule name')}"
+
+    def all_webhooks(self) -> str:
+        return f"{self.prefix}.webhooks.*"
+
     def status(self, service: str, instance: str) -> str:
         """Heartbeat of one service instance."""
         return (
@@ -122,3 +131,9 @@ class Subjects:
     def camera_of(self, subject: str) -> str:
         """The camera token of a frames/results/events subject."""
         return subject.rsplit(".", 1)[-1]
+
+    def status_matches(self, subject: str, service: str, instance: str) -> bool:
+        """Whether a heartbeat naming ``service``/``instance`` came on that instance's own
+        subject: permissions scope who may publish on ``<prefix>.status.<service>.>``, not
+        what a payload says, so a reader trusts the payload only when the two agree."""
+        return subject == f"{self.prefix}.status.{service}.{instance}"

@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 
 from lensbus import metrics as shared_metrics
 from lensbus.codec import DecodeError, decode, encode
+from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import (
     ActivateRequest,
@@ -96,6 +97,7 @@ class Api:
         self._subs: list[Subscription] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._listening_since = time.monotonic()
+        self._limit = RateLimit(60.0)
 
     async def start(self) -> None:
         nc = self.rt.nc
@@ -129,6 +131,21 @@ class Api:
             status = decode(msg.data, Status)
         except DecodeError as exc:
             shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+            log_limited(log, self._limit, exc.reason, logging.WARNING, "bad heartbeat: %s", exc)
+            return
+        if not self.rt.subjects.status_matches(msg.subject, status.service, status.instance):
+            # Only the subject is vouched for by the server's permissions.
+            shared_metrics.MESSAGES_REJECTED.labels("subject_mismatch").inc()
+            log_limited(
+                log,
+                self._limit,
+                "subject_mismatch",
+                logging.WARNING,
+                "refused a heartbeat of %s.%s that came on %s",
+                status.service,
+                status.instance,
+                msg.subject,
+            )
             return
         if status.service == decisions.INFERENCE_SERVICE:
             self.heartbeats[status.instance] = Heartbeat(status, time.time_ns())

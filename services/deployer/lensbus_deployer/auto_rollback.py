@@ -12,6 +12,7 @@ from nats.js.kv import KeyValue
 
 from lensbus import metrics as shared_metrics
 from lensbus.codec import DecodeError, decode
+from lensbus.logs import RateLimit, log_limited
 from lensbus.schemas import SwapReport
 from lensbus_deployer import decisions, metrics
 from lensbus_deployer.errors import StaleRecord
@@ -27,6 +28,7 @@ class AutoRollback:
         self.store = store
         self.counts = counts
         self._watch: asyncio.Task[None] | None = None
+        self._limit = RateLimit(60.0)
 
     @property
     def running(self) -> bool:
@@ -55,6 +57,19 @@ class AutoRollback:
                 except DecodeError as exc:
                     shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
                     log.warning("unreadable swap report %s: %s", entry.key, exc)
+                    continue
+                if not decisions.report_matches_key(entry.key, report):
+                    shared_metrics.MESSAGES_REJECTED.labels("key_mismatch").inc()
+                    log_limited(
+                        log,
+                        self._limit,
+                        entry.key,
+                        logging.WARNING,
+                        "refused the swap report under %s: it names group %s, instance %s",
+                        entry.key,
+                        report.group,
+                        report.instance,
+                    )
                     continue
                 if report.state == "failed":
                     try:

@@ -20,7 +20,7 @@ from lensbus.schemas import (
     Status,
     SwapReport,
 )
-from lensbus.schemas.deploy import HISTORY_LENGTH
+from lensbus.schemas.deploy import HISTORY_LENGTH, report_key
 from lensbus_deployer.errors import Refused
 
 # The service whose heartbeats say which model an instance serves.
@@ -201,3 +201,10 @@ def group_statuses(
             GroupStatus(group=group, deployment=dep, instances=instances, last_failure=last_failure)
         )
     return out
+
+
+def report_matches_key(key: str, report: SwapReport) -> bool:
+    """Whether a swap report names the group and instance of the key it was written under:
+    the key is what the server's permissions scope (an inference user writes only its own
+    group's reports); the payload is what the writer says."""
+    return key == report_key(report.group, report.instance)

@@ -13,7 +13,7 @@ from lensbus.waiting import sleep_unless_stopped
 from lensbus_deployer import metrics
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.jetstream import JetStream
-from lensbus_deployer.uploads import Uploads
+from lensbus_deployer.uploads import Uploads, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,15 @@ class Housekeeping:
 
     async def _purge_orphans(self) -> None:
         try:
-            purged = await self.jetstream.store.purge_orphans(self.s.orphan_grace_s)
+            purged, freed = await self.jetstream.store.purge_orphans(self.s.orphan_grace_s)
             if purged:
                 metrics.ORPHAN_CHUNKS_PURGED.inc(purged)
+                metrics.LEFTOVER_BYTES.labels("orphan_chunks").inc(freed)
+                log.info(
+                    "purged %d incomplete object(s) from the model store: %s freed",
+                    purged,
+                    human_bytes(freed),
+                )
                 await self.jetstream.update_gauges()
         except Exception as exc:
             log.warning("could not check the store for incomplete objects: %s", exc)

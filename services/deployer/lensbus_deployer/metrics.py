@@ -39,4 +39,10 @@ ORPHAN_CHUNKS_PURGED = Counter(
     "lensbus_deployer_orphan_objects_purged_total",
     "Partial objects (puts that never completed) purged from the store",
 )
+LEFTOVER_BYTES = Counter(
+    "lensbus_deployer_leftover_bytes_removed_total",
+    "Bytes of what interrupted uploads left, removed (upload_file: .part files and unpack "
+    "dirs; orphan_chunks: chunks of object puts that never wrote their meta)",
+    ["kind"],
+)
 JETSTREAM_UP = Gauge("lensbus_deployer_jetstream_up", "1 while JetStream answers")

@@ -28,7 +28,7 @@ from nats.js.object_store import ObjectStore
 from lensbus import metrics as shared_metrics
 from lensbus.codec import DecodeError, decode, encode
 from lensbus.schemas import Deployment, Manifest, ModelInfo, SwapReport
-from lensbus.schemas.deploy import group_key, object_name
+from lensbus.schemas.deploy import group_key, object_name, report_key
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.errors import StaleRecord
@@ -162,14 +162,15 @@ class Store:
         info = await self.js.stream_info(self.models_stream)
         return int(info.state.bytes)
 
-    async def purge_orphans(self, grace_s: float) -> int:
-        """Purge chunk subjects no object refers to, last written over ``grace_s`` ago."""
-        info = await self.js.stream_info(
-            self.models_stream, subjects_filter=f"$O.{MODELS_BUCKET}.C.>"
-        )
+    async def purge_orphans(self, grace_s: float) -> tuple[int, int]:
+        """Purge chunk subjects no object's meta refers to (nats-py has no call for it: the
+        chunk subjects come from the stream's subject list, the live ones from the metas'
+        nuids), last written over ``grace_s`` ago. Returns (objects, bytes) purged."""
+        chunks = f"$O.{MODELS_BUCKET}.C.>"
+        info = await self.js.stream_info(self.models_stream, subjects_filter=chunks)
         subjects = info.state.subjects or {}
         if not subjects:
-            return 0
+            return 0, 0
         try:
             live = {o.nuid for o in await self.obs.list(ignore_deletes=True)}
         except NotFoundError:
@@ -188,7 +189,12 @@ class Store:
             await self.js.purge_stream(self.models_stream, subject=subject)
             purged += 1
             log.info("purged chunks of an incomplete object (%s)", subject)
-        return purged
+        if not purged:
+            return 0, 0
+        # The stream's size before and after: a put elsewhere meanwhile only lowers the
+        # figure (never below 0), it never counts bytes that were not freed.
+        after = await self.js.stream_info(self.models_stream)
+        return purged, max(0, int(info.state.bytes) - int(after.state.bytes))
 
     # ---- deployments ----------------------------------------------------------------------
 
@@ -248,7 +254,10 @@ class Store:
         out = []
         for entry in await self._snapshot(REPORT_PATTERN):
             try:
-                out.append(decode(entry.value or b"", SwapReport))
+                report = decode(entry.value or b"", SwapReport)
             except DecodeError as exc:
                 shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+                continue
+            if entry.key == report_key(report.group, report.instance):  # else: forged
+                out.append(report)
         return out

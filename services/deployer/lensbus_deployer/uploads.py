@@ -1,5 +1,9 @@
 """Uploads in progress: chunks go to a temporary file in the work dir, never to the store.
 
+A live upload's file is held under an exclusive ``flock`` until its commit ends: the kernel
+drops the lock when its deployer dies (SIGKILL included), so a file nobody locks belongs to
+an upload that is over, and is removed at start and by every sweep, whatever its age.
+
 An upload id names the deployer that took it (``<instance>:<random>``): chunk and commit
 requests reach every deployer (no queue group, the chunks must all reach the one holding
 the file), and only the owner answers.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import re
 import secrets
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from lensbus_deployer import metrics
 from lensbus_deployer.errors import Refused
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,7 @@ class Upload:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.file.close()
+            self.file.close()  # drops the lock too
 
     def discard(self) -> None:
         self.close()
@@ -85,33 +91,35 @@ class Uploads:
         self.sweep()
 
     def sweep(self) -> int:
-        """Remove files and unpack dirs untouched for longer than the idle timeout.
-
-        A live upload writes its file at least that often (or expires), so anything older
-        belongs to an upload that is over, whichever deployer on this host held it.
+        """Remove upload files no live deployer holds, and their unpack dirs; returns the
+        bytes freed (logged, and counted in ``lensbus_deployer_leftover_bytes_removed_total``).
         """
-        mine = {u.path for u in self._uploads.values()} | self.busy
-        cutoff = time.time() - self.idle_timeout_s
-        removed = 0
-        for folder in (self.dir, self.unpack_dir):
-            if not folder.is_dir():
-                continue
-            for path in folder.iterdir():
-                if path in mine:
-                    continue
-                try:
-                    if path.stat().st_mtime > cutoff:
-                        continue
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
+        held = {p for p in self._part_files() if _locked(p)}
+        mine = held | {u.path for u in self._uploads.values()} | self.busy
+        freed = removed = 0
+        for path in self._part_files():
+            if path not in mine:
+                freed += _remove(path)
+                removed += 1
+        if self.unpack_dir.is_dir():
+            for path in self.unpack_dir.iterdir():
+                # An unpack dir is named after its upload's file, held through the commit.
+                if path not in mine and self.dir / f"{path.name}{PART_SUFFIX}" not in held:
+                    freed += _remove(path)
                     removed += 1
-                except OSError:
-                    continue
         if removed:
-            log.info("removed %d stale upload file(s) from %s", removed, self.dir.parent)
-        return removed
+            metrics.LEFTOVER_BYTES.labels("upload_file").inc(freed)
+            log.info(
+                "removed %d upload file(s) left by an upload that is over: %s freed",
+                removed,
+                human_bytes(freed),
+            )
+        return freed
+
+    def _part_files(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return [p for p in self.dir.iterdir() if p.name.endswith(PART_SUFFIX)]
 
     def owns(self, upload_id: str) -> bool:
         return upload_id.rsplit(":", 1)[0] == self.instance
@@ -133,7 +141,9 @@ class Uploads:
         self.dir.mkdir(parents=True, exist_ok=True)
         upload_id = f"{self.instance}:{secrets.token_hex(8)}"
         path = self.dir / f"{upload_id.replace(':', '-')}{PART_SUFFIX}"
-        upload = Upload(id=upload_id, size=size, sha256=sha256, path=path, file=open(path, "wb"))
+        file = open(path, "wb")
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        upload = Upload(id=upload_id, size=size, sha256=sha256, path=path, file=file)
         self._uploads[upload_id] = upload
         return upload
 
@@ -174,10 +184,11 @@ class Uploads:
         upload.last_active = time.monotonic()
 
     def take(self, upload_id: str) -> Upload:
-        """Remove an upload from the table for its commit (no more chunks accepted)."""
+        """Remove an upload from the table for its commit (no more chunks accepted); its
+        file stays open, so locked, until the commit discards it."""
         upload = self.get(upload_id)
         del self._uploads[upload_id]
-        upload.close()
+        upload.file.flush()
         return upload
 
     def expire(self) -> list[Upload]:
@@ -202,3 +213,29 @@ class Uploads:
         for upload in self._uploads.values():
             upload.discard()
         self._uploads.clear()
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds ``path``'s lock (an upload in progress or in commit)."""
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # gone meanwhile
+        return False
+    return False
+
+
+def _remove(path: Path) -> int:
+    """Delete a file or folder; returns the bytes it held."""
+    try:
+        if path.is_dir():
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+            return size
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        return size
+    except OSError:
+        return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -32,7 +31,7 @@ from lensbus.schemas import Deployment, ModelVersionRef, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, report_key
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
-from lensbus_inference import metrics
+from lensbus_inference import cache, metrics
 from lensbus_inference.config import InferenceSettings
 from lensbus_inference.model import LoadedModel, load_model
 
@@ -119,7 +118,7 @@ class Follower:
         if dest.is_file():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".part")
+        tmp = cache.part_path(dest)
         try:
             store = await self.rt.nc.jetstream().object_store(MODELS_BUCKET)
             # Straight into a file: nats-py assembles an in-memory object by joining bytes,
@@ -132,14 +131,11 @@ class Follower:
         tmp.replace(dest)  # only a complete download is ever seen as cached
         return dest
 
-    async def _unpack(self, archive: Path) -> Package:
-        """Extract and verify the package in a child process at the lowest priority
-        (``open_package_aside``), so it uses the CPU the frames leave idle."""
-        workdir = archive.with_suffix("").with_suffix(".d")
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
+    async def _unpack(self, archive: Path, work: Path) -> Package:
+        """Extract and verify the package into ``work`` in a child process at the lowest
+        priority (``open_package_aside``), so it uses the CPU the frames leave idle."""
         try:
-            return await open_package_aside(archive, workdir, self.s.max_package_bytes)
+            return await open_package_aside(archive, work, self.s.max_package_bytes)
         except PackageError as exc:
             archive.unlink(missing_ok=True)  # noqa: ASYNC240 - a bad download must not stay cached
             raise SwapFailed("load", str(exc)) from None
@@ -179,15 +175,19 @@ class Follower:
         log.info("group %s wants %s (serving %s): loading", self.group, desired.ref, serving_ref)
         await self.report(desired, "loading")
         t0 = time.perf_counter()
+        work: Path | None = None
         try:
             archive = await self.fetch(desired)
             fetch_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            package = await self._unpack(archive)
+            work = unpacking = await asyncio.to_thread(cache.unpack_dir, archive)
+            package = await self._unpack(archive, unpacking)
             model = await asyncio.to_thread(self._load, package)
             load_s = time.perf_counter() - t1
             warm_s = await self._warmup(model)
         except SwapFailed as exc:
+            if work is not None:  # a failed package leaves no folder behind
+                await asyncio.to_thread(cache.remove, work, "failed")
             self.failed = (desired.name, desired.version)
             metrics.SWAPS.labels("failed").inc()
             keeping = serving.ref if serving else "no model"
@@ -200,6 +200,8 @@ class Follower:
         metrics.SWAP_SECONDS.labels("load").observe(load_s)
         metrics.SWAP_SECONDS.labels("warmup").observe(warm_s)
         await self._swap(model)
+        assert work is not None
+        await asyncio.to_thread(cache.keep, work)
         self.failed = None
         metrics.SWAPS.labels("ok").inc()
         log.info(
@@ -226,6 +228,7 @@ class Follower:
         """Follow the group's key until stopped; survives NATS and deployer restarts."""
         key = group_key(self.group)
         waiting_logged = False
+        await asyncio.to_thread(cache.clean, self.cache)
         while not self.rt.stop.is_set():
             try:
                 kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)

@@ -28,6 +28,12 @@ MODEL_INFO = Gauge(
 )
 BUSY = Gauge("lensbus_inference_busy", "1 while a frame is in the model")
 SWAPS = Counter("lensbus_inference_swaps_total", "Live model swaps", ["outcome"])
+CACHE_BYTES_REMOVED = Counter(
+    "lensbus_inference_cache_bytes_removed_total",
+    "Bytes removed from the model cache (stale: left by a dead process or an earlier run, "
+    "at start; failed: a package whose unpack, load or warm-up failed)",
+    ["kind"],
+)
 SWAP_SECONDS = latency_histogram(
     "lensbus_inference_swap_seconds", "Seconds per swap stage (fetch, load, warmup)", ("stage",)
 )

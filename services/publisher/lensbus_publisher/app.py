@@ -51,7 +51,7 @@ class Publisher:
             "open_streams": self.web.open_streams,
             "events": self.events.raised if self.events else 0,
             "clips": self.clips.kept if self.clips else 0,
-            "webhook_failures": self.webhooks.failed,
+            "webhook_failures": self.webhooks.dropped,
             "rejected": self.hub.rejected,
         }
 
@@ -72,7 +72,7 @@ class Publisher:
             self.events.check(result, cam.frames.get(result.seq))
 
     async def _on_status(self, msg: Msg) -> None:
-        self.hub.on_status(msg.data)
+        self.hub.on_status(msg.data, msg.subject)
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
@@ -80,6 +80,10 @@ class Publisher:
         self.clips = Clips(self.s, rt, durable) if self.s.rules else None
         self.web.media.bind(durable, self.clips)
         self.events = Events(self.s, rt, self.hub, durable, self.webhooks, self.clips)
+        self.hub.on_forget.append(self.events.engine.forget)
+        if self.clips is not None:
+            self.hub.on_forget.append(self.clips.forget)
+        self.webhooks.start(rt)
         self.tasks = [
             asyncio.create_task(durable.run(), name="durable"),
             asyncio.create_task(self.events.run(), name="events"),

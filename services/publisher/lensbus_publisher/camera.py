@@ -7,6 +7,7 @@ the newest project frame; the signals that wake its streams. Nothing here does I
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,12 @@ class Camera:
     results_received: int = 0
     frames_rendered: int = 0
     restarts: int = 0
+    heard: float = field(default_factory=time.monotonic)  # last frame or result
+
+    @property
+    def watched(self) -> bool:
+        """Whether a stream holds this camera (it must not be forgotten under it)."""
+        return any(self.viewers.values()) or bool(self.subscribers.queues)
 
     def add_frame(self, item: FrameItem) -> bool:
         """File a frame; returns True when its seq went back (the capture restarted)."""
@@ -96,6 +103,7 @@ class Camera:
             self.frames.popitem(last=False)
         self.newest = item
         self.frames_received += 1
+        self.heard = item.received
         self.arrivals.append(item.received)
         self.frame_signal.notify()
         self.changed.notify()
@@ -109,6 +117,7 @@ class Camera:
         if self.newest_result is None or seq >= self.newest_result.result.seq:
             self.newest_result = item
         self.results_received += 1
+        self.heard = item.received
         self.subscribers.send(item.sse)
         self.changed.notify()
 

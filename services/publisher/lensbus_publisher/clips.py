@@ -20,6 +20,7 @@ the AVI is assembled in a worker thread, the store's I/O is nats-py's (asynchron
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -143,6 +144,12 @@ class Clips:
         self._all = any(not r.cameras for r in settings.rules)
         self._watched = frozenset(c for r in settings.rules for c in r.cameras)
         self._limit = RateLimit(60.0)
+
+    def forget(self, camera: str) -> None:
+        """Free a camera's pre-event buffer (the hub forgot the camera: it went silent)."""
+        if self.buffers.pop(camera, None) is not None:
+            with contextlib.suppress(KeyError):
+                metrics.CLIP_BUFFER_BYTES.remove(camera)
 
     def watches(self, camera: str) -> bool:
         return self._all or camera in self._watched

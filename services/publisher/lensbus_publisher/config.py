@@ -55,6 +55,11 @@ class Rule(BaseModel):
         default=frozenset(), description="cameras the rule watches; empty: all"
     )
     webhook: HttpUrl | None = Field(default=None, description="POST each event here as JSON")
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key signing each delivery (Lensbus-Signature); never logged; "
+        "unset: sent unsigned (a warning at start)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -102,7 +107,19 @@ class PublisherSettings(ServiceSettings):
     )
 
     # Streams.
-    max_cameras: int = Field(default=64, gt=0, le=4096, description="cameras tracked at most")
+    max_cameras: int = Field(
+        default=64,
+        gt=0,
+        le=4096,
+        description="cameras tracked at most; a new one then evicts the longest silent",
+    )
+    camera_forget_s: float = Field(
+        default=300.0,
+        ge=1.0,
+        le=86400.0,
+        description="a camera with no frame or result for this long (and no viewer) is "
+        "forgotten, its buffers freed; it comes back with its next frame",
+    )
     frame_ring: int = Field(
         default=30, ge=2, le=1000, description="recent frames kept per camera (joins, snapshots)"
     )
@@ -135,11 +152,21 @@ class PublisherSettings(ServiceSettings):
     rules: list[Rule] = Field(default_factory=list, description="event rules (JSON list in env)")
     event_queue: int = Field(default=100, gt=0, description="events waiting to be raised")
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=300, description="per attempt")
-    webhook_retries: int = Field(default=3, ge=0, le=20, description="retries after a failure")
-    webhook_backoff_s: float = Field(
-        default=0.5, gt=0, le=60, description="first retry delay, doubling (at most 30 s)"
+    webhook_retries: int = Field(
+        default=100, ge=0, le=10000, description="retries after a failure; then dropped, counted"
     )
-    webhook_queue: int = Field(default=100, gt=0, description="deliveries waiting per URL")
+    webhook_backoff_s: float = Field(
+        default=0.5, gt=0, le=60, description="first retry delay, doubling, jittered"
+    )
+    webhook_backoff_max_s: float = Field(
+        default=60.0, gt=0, le=3600, description="longest delay between two tries"
+    )
+    webhook_max_age_s: float = Field(
+        default=24 * 3600.0, gt=0, description="a delivery not taken by then is dropped, counted"
+    )
+    webhook_queue: int = Field(
+        default=10000, gt=0, description="deliveries pending per rule (JetStream), at most"
+    )
 
     # Clips around events (only cameras some rule watches are buffered).
     clip_pre_s: float = Field(

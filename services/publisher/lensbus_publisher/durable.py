@@ -2,7 +2,9 @@
 age and size limits, so a program that was offline can replay what it missed), the object
 store of event snapshots and the object store of clips around events. They are created when
 missing (file storage) and checked again from time to time, so a NATS server that lost its
-store gets them back.
+store gets them back. Every few seconds the stream is also audited
+(:mod:`~lensbus_publisher.store_audit`): results JetStream did not store are counted, and a
+stream that vanished is made again at once rather than at the next check.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from lensbus.subjects import CLIPS_BUCKET, RESULTS_STREAM, SNAPSHOTS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings
+from lensbus_publisher.store_audit import StoreAudit
 
 log = logging.getLogger(__name__)
 
-CHECK_S = 30.0  # how often the stream is checked once in place
+CHECK_S = 30.0  # how often the stream's config is checked once in place
+AUDIT_S = 5.0  # how often what it stored is compared with what was published
 RETRY_S = 3.0  # how soon a failed set-up is tried again
 
 
@@ -33,6 +37,7 @@ class Durable:
         self.snapshots: ObjectStore | None = None
         self.clips: ObjectStore | None = None
         self.ready = asyncio.Event()
+        self.audit = StoreAudit()
 
     @property
     def subjects(self) -> list[str]:
@@ -97,32 +102,71 @@ class Durable:
         )
 
     async def run(self) -> None:
-        """Keep the stream and the bucket in place until stopped."""
-        while not self.rt.stop.is_set():
-            wait = CHECK_S
-            if self.rt.bus.connected:
-                try:
-                    await self.ensure()
-                except Exception as exc:  # no JetStream, a clashing stream, a timeout
-                    self.snapshots = None
-                    self.ready.clear()
-                    metrics.STREAM_READY.set(0)
-                    self.rt.health.set("results_stream", f"{RESULTS_STREAM}: {exc}")
-                    log.warning("results stream %s not in place: %s", RESULTS_STREAM, exc)
-                    wait = RETRY_S
-                else:
-                    self.ready.set()
-                    metrics.STREAM_READY.set(1)
-                    self.rt.health.set("results_stream", None)
-                if self.s.rules:
-                    try:
-                        await self.ensure_clips()
-                    except Exception as exc:  # clips wait; results and events go on
-                        log.warning("clips store %s not in place: %s", CLIPS_BUCKET, exc)
-                        wait = RETRY_S
-            else:
+        """Keep the stream and the buckets in place, and audit the stream, until stopped."""
+        checked = float("-inf")
+        try:
+            while not self.rt.stop.is_set():
                 wait = RETRY_S
-            await sleep_unless_stopped(self.rt.stop, wait)
+                if self.rt.bus.connected:
+                    if not self.audit.started:  # its subscriptions live on across reconnects
+                        await self.audit.start(self.rt.nc, self.subjects)
+                    now = asyncio.get_running_loop().time()
+                    if now - checked >= CHECK_S or not self.ready.is_set():
+                        wait = await self._check()
+                        checked = now if self.ready.is_set() else float("-inf")
+                    if self.ready.is_set() and not await self._audit():
+                        checked = float("-inf")  # the stream vanished: make it again now
+                        wait = 0.0
+                    wait = min(wait, AUDIT_S)
+                await sleep_unless_stopped(self.rt.stop, wait)
+        finally:
+            await self.audit.stop()
+
+    async def _check(self) -> float:
+        """Put the stream and buckets in place; how long to wait before the next step."""
+        wait = CHECK_S
+        try:
+            await self.ensure()
+        except Exception as exc:  # no JetStream, a clashing stream, a timeout
+            self.snapshots = None
+            self.ready.clear()
+            metrics.STREAM_READY.set(0)
+            self.rt.health.set("results_stream", f"{RESULTS_STREAM}: {exc}")
+            log.warning("results stream %s not in place: %s", RESULTS_STREAM, exc)
+            wait = RETRY_S
+        else:
+            self.ready.set()
+            metrics.STREAM_READY.set(1)
+            self.rt.health.set("results_stream", None)
+        if self.s.rules:
+            try:
+                await self.ensure_clips()
+            except Exception as exc:  # clips wait; results and events go on
+                log.warning("clips store %s not in place: %s", CLIPS_BUCKET, exc)
+                wait = RETRY_S
+        return wait
+
+    async def _audit(self) -> bool:
+        """Compare what the stream stored with what was published; False if it is gone."""
+        seen = self.audit.seen
+        try:
+            info = await self.rt.nc.jetstream().stream_info(RESULTS_STREAM)
+        except NotFoundError:
+            log.warning("results stream %s is gone; making it again", RESULTS_STREAM)
+            self.ready.clear()
+            self.audit.rebase(seen, 0)
+            return False
+        except Exception as exc:  # a timeout: the next audit tries again
+            log.debug("results stream audit skipped: %s", exc)
+            return True
+        new = self.audit.check(seen, info.state.last_seq)
+        if new:
+            problem = f"{new} results not stored in {RESULTS_STREAM} (JetStream store full?)"
+            log.warning("%s; %d in all", problem, self.audit.not_stored)
+            self.rt.health.set("results_stream", problem)
+        else:
+            self.rt.health.set("results_stream", None)
+        return True
 
 
 async def _object_store(

@@ -126,7 +126,7 @@ class Events:
         self.hub.on_event(event)
         if firing.rule.webhook is not None:
             body = json.dumps(event.model_dump(mode="json"), separators=(",", ":")).encode()
-            self.webhooks.submit(str(firing.rule.webhook), body)
+            await self.webhooks.submit(firing.rule, body)
         return event
 
     async def run(self) -> None:

@@ -5,9 +5,11 @@ here does I/O.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from lensbus import metrics as shared_metrics
@@ -16,6 +18,7 @@ from lensbus.codec import DecodeError, decode
 from lensbus.errors import Rejected
 from lensbus.logs import RateLimit, log_limited
 from lensbus.schemas import Event, FrameEnvelope, Result, Status, clip_id
+from lensbus.subjects import Subjects
 from lensbus_publisher import metrics
 from lensbus_publisher.camera import Camera, FrameItem, ResultItem
 from lensbus_publisher.config import PublisherSettings
@@ -40,6 +43,9 @@ class Hub:
         self.directory: View | None = None  # the cameras bucket, once it is followed
         self._listed: set[str] = set()  # cameras the bucket has named
         self._limit = RateLimit(60.0)
+        self._next_forget = 0.0
+        # Called with a forgotten camera's id: the parts that keep state per camera free it.
+        self.on_forget: list[Callable[[str], None]] = []
 
     # ---- bad input ---------------------------------------------------------------------
 
@@ -60,14 +66,63 @@ class Hub:
     def camera(self, camera_id: str, create: bool = False) -> Camera | None:
         cam = self.cameras.get(camera_id)
         if cam is None and create:
+            self.forget_silent(force=True)
             if len(self.cameras) >= self.s.max_cameras:
-                raise Rejected("too_many_cameras", f"over max_cameras={self.s.max_cameras}")
+                self._evict()
             cam = Camera(camera_id, self.s.frame_ring, self.s.result_ring)
             self.cameras[camera_id] = cam
             for stream in metrics.STREAMS:
                 metrics.VIEWERS.labels(camera_id, stream).set(0)
             log.info("new camera %s", camera_id)
         return cam
+
+    # ---- bounded table: ids anyone can make up must not hold a slot for good ---------------
+
+    def forget_silent(self, force: bool = False) -> None:
+        """Forget the cameras silent for ``camera_forget_s`` (checked at most once a second
+        unless ``force``d); a camera a stream holds stays."""
+        now = time.monotonic()
+        if not force and now < self._next_forget:
+            return
+        self._next_forget = now + 1.0
+        limit = self.s.camera_forget_s
+        for cid in [c for c, cam in self.cameras.items() if now - cam.heard > limit]:
+            if not self.cameras[cid].watched:
+                self._forget(cid, "silent")
+
+    def _evict(self) -> None:
+        """Make room in a full table: the longest silent camera no stream holds goes (a
+        flood of made-up ids then costs the real cameras nothing while they send)."""
+        idle = [cam for cam in self.cameras.values() if not cam.watched]
+        if not idle:
+            raise Rejected("too_many_cameras", f"over max_cameras={self.s.max_cameras}")
+        self._forget(min(idle, key=lambda cam: cam.heard).id, "evicted")
+
+    def _forget(self, camera_id: str, reason: str) -> None:
+        cam = self.cameras.pop(camera_id)
+        cam.frames.clear()
+        cam.results.clear()
+        for stream in metrics.STREAMS:  # its metric series go too: they are state as well
+            for gauge in (metrics.VIEWERS, metrics.FRAMES_SERVED):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(camera_id, stream)
+        for per_camera in (metrics.FRAMES_RECEIVED, metrics.RESULTS_RECEIVED):
+            with contextlib.suppress(KeyError):
+                per_camera.remove(camera_id)
+        for hook in self.on_forget:
+            hook(camera_id)
+        metrics.CAMERAS_FORGOTTEN.labels(reason).inc()
+        log_limited(
+            log,
+            self._limit,
+            f"forget:{reason}",
+            logging.INFO,
+            "forgot camera %s (%s, silent %.0f s); more are counted in "
+            "lensbus_publisher_cameras_forgotten_total",
+            camera_id,
+            reason,
+            time.monotonic() - cam.heard,
+        )
 
     def _camera_of_message(self, camera: str, subject_camera: str) -> Camera:
         """The camera a message names (created when new); the subject must name it too."""
@@ -87,6 +142,7 @@ class Hub:
         except (DecodeError, Rejected) as exc:
             self.reject(exc.reason, "frame", exc)
             return None
+        self.forget_silent()
         item = FrameItem(env.seq, env.capture_ns, env.width, env.height, env.data, time.monotonic())
         restarted = cam.add_frame(item)
         metrics.FRAMES_RECEIVED.labels(cam.id).inc()
@@ -115,11 +171,15 @@ class Hub:
             cam.subscribers.send(item)
         self.all_results.send(item)
 
-    def on_status(self, data: bytes) -> None:
+    def on_status(self, data: bytes, subject: str) -> None:
         try:
             status = decode(data, Status)
         except DecodeError as exc:
             self.reject(exc.reason, "heartbeat", exc)
+            return
+        if not Subjects(self.s.prefix).status_matches(subject, status.service, status.instance):
+            why = ValueError(f"{status.service}.{status.instance} on {subject}")
+            self.reject("subject_mismatch", "heartbeat", why)
             return
         key = (status.service, status.instance)
         if key not in self.statuses and len(self.statuses) >= 4096:
@@ -147,6 +207,7 @@ class Hub:
         """The cameras whose frames came, joined with the cameras bucket: a camera asked for
         there shows its config and reported state (also before or without any frame); one
         removed from there leaves the list (its frames stop within seconds)."""
+        self.forget_silent()
         now = time.monotonic()
         view = {cid: cam.summary(now) for cid, cam in self.cameras.items()}
         d = self.directory

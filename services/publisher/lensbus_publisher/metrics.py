@@ -9,6 +9,12 @@ STREAMS = ("device", "project", "results")
 VIEWERS = Gauge(
     "lensbus_publisher_viewers", "Open streams by camera and stream", ["camera", "stream"]
 )
+CAMERAS_FORGOTTEN = Counter(
+    "lensbus_publisher_cameras_forgotten_total",
+    "Cameras dropped from the table (silent: nothing for camera_forget_s; evicted: the "
+    "longest silent, to make room for a new one in a full table)",
+    ["reason"],
+)
 FRAMES_SERVED = Counter(
     "lensbus_publisher_frames_served_total",
     "Frames (or results) written to viewers",
@@ -41,8 +47,22 @@ SNAPSHOTS = Counter(
 )
 WEBHOOK_DELIVERIES = Counter(
     "lensbus_publisher_webhook_deliveries_total",
-    "Webhook deliveries by outcome (delivered, failed after retries, dropped: queue full)",
+    "Webhook deliveries by outcome (delivered: a 2xx; dropped: see webhook_dropped_total)",
     ["outcome"],
+)
+WEBHOOK_DROPPED = Counter(
+    "lensbus_publisher_webhook_dropped_total",
+    "Webhook deliveries given up, by reason (max_deliveries, expired, rejected: a 4xx, "
+    "queue_full, not_stored: JetStream away)",
+    ["reason"],
+)
+WEBHOOK_RETRIES = Counter(
+    "lensbus_publisher_webhook_retries", "Webhook deliveries put back for another try"
+)
+WEBHOOK_PENDING = Gauge(
+    "lensbus_publisher_webhook_pending",
+    "Webhook deliveries of a rule in JetStream, not yet taken by the receiver",
+    ["rule"],
 )
 WEBHOOK_ATTEMPTS = Counter(
     "lensbus_publisher_webhook_attempts_total",
@@ -57,6 +77,11 @@ UNAUTHORIZED = Counter(
 )
 STREAM_READY = Gauge(
     "lensbus_publisher_results_stream_ready", "1 while the JetStream results stream is in place"
+)
+RESULTS_NOT_STORED = Counter(
+    "lensbus_publisher_results_not_stored_total",
+    "Results and events seen on the results stream's subjects that JetStream did not store "
+    "(its store full): live subscribers had them, a replay will not",
 )
 CLIPS_KEPT = Counter(
     "lensbus_publisher_clips_kept_total",

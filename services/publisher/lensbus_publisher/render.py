@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lensbus.images import decode_jpeg, encode_jpeg
+from lensbus.images import decode_jpeg, decode_png, encode_jpeg
 from lensbus.schemas import Box, Result
 
 # Saturated, bright BGR colours that survive JPEG's chroma subsampling; picked by class id.
@@ -93,11 +93,13 @@ def _label(
 
 
 def _mask(img: np.ndarray, result: Result) -> None:
-    """Blend the segmentation class map (a PNG at the model's resolution) over the frame."""
+    """Blend the segmentation class map (a PNG at the model's resolution) over the frame.
+    The PNG came over the bus: a bomb raises :class:`ImageError` before it is decoded (the
+    frame is then not drawn, counted as a render error)."""
     if not result.mask_png or not result.segments:
         return
-    cmap = cv2.imdecode(np.frombuffer(result.mask_png, np.uint8), cv2.IMREAD_UNCHANGED)
-    if cmap is None or cmap.ndim != 2:
+    cmap = decode_png(result.mask_png)
+    if cmap.ndim != 2:
         return
     h, w = img.shape[:2]
     cmap = cv2.resize(cmap, (w, h), interpolation=cv2.INTER_NEAREST)

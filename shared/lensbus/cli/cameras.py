@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from lensbus.bus import connect
 from lensbus.cameras import CameraExists, CamerasBucket, NoSuchCamera, View
-from lensbus.cli.common import SubParsers, add_nats_options
+from lensbus.cli.common import SubParsers, WrongUser, add_nats_options, nats_user_options
 from lensbus.cli.deploy import when
 from lensbus.errors import DecodeError
 from lensbus.schemas.camera import CameraConfig
@@ -221,7 +221,11 @@ def _runner(command: Command, title: str, create: bool) -> Callable[[argparse.Na
     async def run(args: argparse.Namespace) -> int:
         try:
             nc = await connect(
-                args.nats_url, name="lensbus-cameras", reconnect=False, timeout_s=args.timeout
+                args.nats_url,
+                name="lensbus-cameras",
+                reconnect=False,
+                timeout_s=args.timeout,
+                **nats_user_options(args, "client" if command is _list else "operator"),
             )
         except (NoServersError, OSError, TimeoutError) as exc:
             print(f"lensbus {title}: NATS at {args.nats_url} unreachable ({exc})", file=sys.stderr)
@@ -244,7 +248,7 @@ def _runner(command: Command, title: str, create: bool) -> Callable[[argparse.Na
         except Invalid as exc:
             print(f"lensbus {title}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except NoSuchCamera as exc:
+        except (NoSuchCamera, WrongUser) as exc:
             print(f"lensbus {title}: {exc}", file=sys.stderr)
             return EXIT_FAILED
         except (nats.errors.Error, TimeoutError, DecodeError) as exc:

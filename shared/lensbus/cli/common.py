@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
+from lensbus.bus import split_servers
 from lensbus.errors import InvalidName
 from lensbus.subjects import DEFAULT_PREFIX, validate_prefix
 
@@ -37,6 +41,12 @@ def add_nats_options(p: argparse.ArgumentParser) -> None:
         f"{DEFAULT_NATS_URL})",
     )
     p.add_argument(
+        "--secrets",
+        default=os.environ.get("LENSBUS_SECRETS"),
+        help="secrets.json of `lensbus up`: when the URL names no user, connect as the user "
+        "the command needs (client to read, operator to change) (default: $LENSBUS_SECRETS)",
+    )
+    p.add_argument(
         "--prefix",
         type=checked(validate_prefix),
         default=os.environ.get("LENSBUS_PREFIX", DEFAULT_PREFIX),
@@ -59,3 +69,24 @@ def models_verbs(sub: SubParsers) -> SubParsers:
         if isinstance(action, argparse._SubParsersAction):
             return action
     raise RuntimeError("the 'models' command has no sub-commands")  # pragma: no cover
+
+
+class WrongUser(Exception):
+    """The URL names a NATS user that may not do what the command does."""
+
+
+def nats_user_options(args: argparse.Namespace, user: str) -> dict[str, str]:
+    """``user``/``password`` for a command that needs the NATS ``user`` (``client`` reads,
+    ``operator`` changes): from ``--secrets`` when the URL names no user. A URL naming the
+    read-only ``client`` for an operator's command is refused here, by name, rather than
+    by the server with a timeout."""
+    named = urlsplit(split_servers(args.nats_url)[0]).username
+    if named == "client" and user == "operator":
+        raise WrongUser(
+            "this command changes the installation: connect as the NATS user 'operator' "
+            "(nats://operator:<password>@host:4222, or --secrets), not the read-only 'client'"
+        )
+    if named or not getattr(args, "secrets", None):
+        return {}
+    passwords = json.loads(Path(args.secrets).read_text())["passwords"]
+    return {"user": user, "password": passwords[user]}

@@ -17,7 +17,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from lensbus.cli.common import SubParsers, add_nats_options, models_verbs
+from lensbus.cli.common import (
+    SubParsers,
+    WrongUser,
+    add_nats_options,
+    models_verbs,
+    nats_user_options,
+)
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.schemas import Deployment, GroupStatus, ModelInfo
 from lensbus.schemas.manifest import _check_name, _check_version
@@ -27,6 +33,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+# Commands that change nothing: the read-only NATS user ``client`` may run them.
+READ_COMMANDS = ("models list", "status")
 
 Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
 
@@ -225,7 +234,11 @@ async def _status(dc: DeployClient, args: argparse.Namespace) -> int:
 
 def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]:
     async def run(args: argparse.Namespace) -> int:
-        dc = await DeployClient.connect(args.nats_url, args.prefix, timeout_s=args.timeout)
+        user = "client" if title in READ_COMMANDS else "operator"
+        options = nats_user_options(args, user)
+        dc = await DeployClient.connect(
+            args.nats_url, args.prefix, timeout_s=args.timeout, **options
+        )
         async with dc:
             return await command(dc, args)
 
@@ -238,6 +251,9 @@ def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]
             return EXIT_USAGE
         try:
             return asyncio.run(run(args))
+        except WrongUser as exc:
+            print(f"lensbus {title}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         except DeployError as exc:
             if exc.code == UNREACHABLE:
                 print(f"lensbus {title}: {exc.message}", file=sys.stderr)

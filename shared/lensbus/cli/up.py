@@ -19,6 +19,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -27,7 +28,7 @@ from typing import Any
 from lensbus import natsauth
 from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
-from lensbus.deployclient import DeployClient, DeployError
+from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.errors import LensbusError
 from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, write_private
 from lensbus.processes import ServiceFailed
@@ -94,6 +95,9 @@ class Up:
         self.url = args.nats_url or ""
         self.passwords: dict[str, str] = {}
         self.stopping = False
+        # Set when start-up is over: the main loop's supervisor round then watches the server.
+        self.started = threading.Event()
+        self.start_watch: threading.Thread | None = None
 
     # ---- NATS ------------------------------------------------------------------------------
 
@@ -117,18 +121,44 @@ class Up:
         )
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sup.watch_server(self.server)
+        self.start_watch = threading.Thread(
+            target=self.watch_server_at_start, name="nats-watch", daemon=True
+        )
+        self.start_watch.start()
         self.url = self.server.url
         say(f"nats-server listening on {self.url} (JetStream in {self.data / 'nats'})")
+        say(
+            f"NATS users in {self.data / 'secrets.json'}: hand out 'client' (read-only: "
+            "programs, viewers, lensbus watch/status); keep 'operator' for lensbus "
+            f"deploy/upload/rollback/cameras add (or LENSBUS_SECRETS={self.data / 'secrets.json'})"
+        )
+
+    def watch_server_at_start(self) -> None:
+        """Keep the embedded nats-server running while the services start (a minute or more
+        on a first run): one dying then is restarted and said, as later; the services and
+        the deploy step reconnect."""
+        watch = self.sup.server
+        while watch is not None and not (self.started.is_set() or self.stopping):
+            for event in watch.tick(time.monotonic()):
+                say(event)
+            self.started.wait(0.2)
+
+    def end_start_watch(self) -> None:
+        self.started.set()
+        if self.start_watch is not None:
+            self.start_watch.join()
+            self.start_watch = None
 
     def credentials(self, user: str) -> dict[str, str]:
         if not self.passwords:
             return {}
         return {"nats_user": user, "nats_password": self.passwords[user]}
 
-    def client_options(self) -> dict[str, str]:
+    def client_options(self, user: str = "client") -> dict[str, str]:
+        """Connection options of a program: ``client`` reads, ``operator`` deploys."""
         if not self.passwords:
             return {}
-        return {"user": "client", "password": self.passwords["client"]}
+        return {"user": user, "password": self.passwords[user]}
 
     # ---- services ---------------------------------------------------------------------------
 
@@ -197,9 +227,24 @@ class Up:
             )
         return package
 
-    async def ensure_model(self) -> None:
+    async def ensure_model(self, wait_s: float = 90.0) -> None:
+        """Deploy the demo (or ``--model``) unless the group runs it; NATS unreachable (its
+        server restarting) is tried again until ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return await self.deploy()
+            except DeployError as exc:
+                if exc.code != UNREACHABLE or self.stopping or time.monotonic() > deadline:
+                    raise UpError(f"deploying the model failed: {exc.message}") from None
+                say(f"deploying: {exc.message}; trying again")
+                await asyncio.sleep(1.0)
+
+    async def deploy(self) -> None:
         a = self.args
-        client = await DeployClient.connect(self.url, timeout_s=60, **self.client_options())
+        client = await DeployClient.connect(
+            self.url, timeout_s=60, **self.client_options("operator")
+        )
         try:
             groups = await client.status(GROUP)
             current = groups[0].deployment if groups else None
@@ -216,8 +261,6 @@ class Up:
                 return
             await client.activate(GROUP, reply.model.name, reply.model.version)
             say(f"deployed {ref} ({reply.model.framework}) to group {GROUP!r}")
-        except DeployError as exc:
-            raise UpError(f"deploying the model failed: {exc.message}") from None
         finally:
             await client.close()
 
@@ -253,6 +296,7 @@ class Up:
             for name in SERVICES[1:]:
                 self.wait_healthy(self.start_service(name), 120)
             result = asyncio.run(self.first_result(120))
+            self.end_start_watch()
         except UpError as exc:
             say(f"error: {exc}")
             self.stop()
@@ -276,15 +320,18 @@ class Up:
         return 0
 
     def cameras_hint(self) -> str:
-        """How to add a camera to the running set (the CLI connects as the client user)."""
-        url = self.url
+        """How to add a camera to the running set (as the operator user)."""
         if self.passwords:
             secrets = self.data / "secrets.json"
-            url = url.replace("nats://", "nats://client:<passwords.client in " + f"{secrets}>@")
-        return f"more cameras, live: lensbus cameras add ID SOURCE --nats-url {url}"
+            return (
+                f"more cameras, live: lensbus cameras add ID SOURCE --nats-url {self.url} "
+                f"--secrets {secrets}"
+            )
+        return f"more cameras, live: lensbus cameras add ID SOURCE --nats-url {self.url}"
 
     def stop(self) -> None:
         self.stopping = True
+        self.end_start_watch()
         self.sup.stop_all()
         if self.server is not None:
             self.server.stop()

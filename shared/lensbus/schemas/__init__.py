@@ -1,6 +1,15 @@
 """Message schemas: pydantic models, exported as JSON Schema to ``docs/schemas/``."""
 
-from lensbus.schemas.base import SCHEMA_VERSION, CameraId, Message, Part
+from lensbus.schemas.base import (
+    SCHEMA_VERSION,
+    CameraId,
+    ConfigMessage,
+    ConfigPart,
+    Message,
+    Part,
+    WireMessage,
+    WirePart,
+)
 from lensbus.schemas.camera import CameraConfig, CameraState, SourceOptions
 from lensbus.schemas.deploy import (
     ActivateRequest,
@@ -88,6 +97,10 @@ __all__ = [
     "InputSpec",
     "Manifest",
     "Message",
+    "WireMessage",
+    "WirePart",
+    "ConfigMessage",
+    "ConfigPart",
     "ModelFile",
     "ModelRef",
     "Part",

@@ -20,7 +20,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from lensbus.schemas.base import CameraId, Message, Part
+from lensbus.schemas.base import CameraId, ConfigMessage, ConfigPart, WireMessage
 from lensbus.schemas.frame import MAX_SIDE
 from lensbus.subjects import validate_token
 
@@ -49,7 +49,7 @@ def _check_node(v: str) -> str:
     return validate_token(v, "node")
 
 
-class SourceOptions(Part):
+class SourceOptions(ConfigPart):
     """How to open a source; every field is optional and only applies where it can."""
 
     capture_width: int | None = Field(
@@ -72,7 +72,7 @@ class SourceOptions(Part):
     )
 
 
-class CameraConfig(Message):
+class CameraConfig(ConfigMessage):
     """One camera: where its frames come from and how capture publishes them.
 
     The same fields as capture's single-camera settings (``LENSBUS_CAPTURE_*``)."""
@@ -118,7 +118,7 @@ class CameraConfig(Message):
 CameraStateName = Literal["opening", "running", "retrying", "ended", "stopped"]
 
 
-class CameraState(Message):
+class CameraState(WireMessage):
     """What the capture instance running a camera last reported about it."""
 
     kind: ClassVar[str] = "camera_state"

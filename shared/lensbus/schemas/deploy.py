@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 
-from lensbus.schemas.base import Message, Part
+from lensbus.schemas.base import WireMessage, WirePart
 from lensbus.schemas.manifest import FrameworkKey, _check_name, _check_version
 from lensbus.schemas.result import Task
 from lensbus.subjects import TOKEN_PATTERN, validate_token
@@ -42,7 +42,7 @@ def report_key(group: str, instance: str) -> str:
     return f"report.{group}.{instance}"
 
 
-class ModelVersionRef(Part):
+class ModelVersionRef(WirePart):
     name: ModelName
     version: ModelVersion
 
@@ -51,7 +51,7 @@ class ModelVersionRef(Part):
         return f"{self.name}:{self.version}"
 
 
-class ModelInfo(Part):
+class ModelInfo(WirePart):
     """One stored model version."""
 
     name: ModelName
@@ -64,7 +64,7 @@ class ModelInfo(Part):
     description: str = ""
 
 
-class Deployment(Message):
+class Deployment(WireMessage):
     """The desired model of a camera group (KV ``group.<group>``)."""
 
     kind: ClassVar[str] = "deployment"
@@ -79,7 +79,7 @@ class Deployment(Message):
     )
 
 
-class SwapReport(Message):
+class SwapReport(WireMessage):
     """What an inference instance did about its group's desired model."""
 
     kind: ClassVar[str] = "swap_report"
@@ -99,7 +99,7 @@ class SwapReport(Message):
 # ---- request / reply -------------------------------------------------------------------
 
 
-class Reply(Message):
+class Reply(WireMessage):
     """Every reply: ``ok`` false with an ``error`` that says what to do, or the data."""
 
     kind: ClassVar[str] = "reply"
@@ -109,7 +109,7 @@ class Reply(Message):
     code: Literal["", "bad_request", "not_found", "conflict", "invalid_package", "internal"] = ""
 
 
-class UploadBegin(Message):
+class UploadBegin(WireMessage):
     kind: ClassVar[str] = "upload_begin"
     size: int = Field(gt=0, description="bytes of the .tar.gz that follows")
     sha256: str = Field(description="sha256 of the whole .tar.gz")
@@ -120,14 +120,14 @@ class UploadStarted(Reply):
     chunk_bytes: int = UPLOAD_CHUNK_BYTES
 
 
-class UploadChunk(Message):
+class UploadChunk(WireMessage):
     kind: ClassVar[str] = "upload_chunk"
     upload_id: str
     offset: int = Field(ge=0)
     data: bytes
 
 
-class UploadCommit(Message):
+class UploadCommit(WireMessage):
     kind: ClassVar[str] = "upload_commit"
     upload_id: str
 
@@ -137,7 +137,7 @@ class ModelReply(Reply):
     created: bool = Field(default=False, description="false when identical content existed")
 
 
-class ListRequest(Message):
+class ListRequest(WireMessage):
     kind: ClassVar[str] = "list_request"
     name: str | None = None
 
@@ -146,14 +146,14 @@ class ListReply(Reply):
     models: list[ModelInfo] = Field(default_factory=list)
 
 
-class ActivateRequest(Message):
+class ActivateRequest(WireMessage):
     kind: ClassVar[str] = "activate_request"
     group: Group
     name: ModelName
     version: ModelVersion | None = Field(default=None, description="latest when omitted")
 
 
-class RollbackRequest(Message):
+class RollbackRequest(WireMessage):
     kind: ClassVar[str] = "rollback_request"
     group: Group
 
@@ -162,12 +162,12 @@ class DeploymentReply(Reply):
     deployment: Deployment | None = None
 
 
-class StatusRequest(Message):
+class StatusRequest(WireMessage):
     kind: ClassVar[str] = "status_request"
     group: Group | None = None
 
 
-class InstanceState(Part):
+class InstanceState(WirePart):
     instance: str
     state: str
     serving: ModelVersionRef | None = None
@@ -175,7 +175,7 @@ class InstanceState(Part):
     seen_ns: int = 0
 
 
-class GroupStatus(Part):
+class GroupStatus(WirePart):
     group: Group
     deployment: Deployment | None = None
     instances: list[InstanceState] = Field(default_factory=list)

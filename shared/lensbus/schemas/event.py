@@ -8,8 +8,8 @@ The publisher also keeps a clip of the camera around the event (``clip_pre_s`` b
 ``clip_post_s`` after the event's frame) as an MJPEG AVI in the object store ``lensbus-clips``,
 named :func:`clip_id` of the event's camera, seq and capture time, and described by the
 :class:`ClipInfo` in its ``Lensbus-Clip`` object header. The name is derived, not carried in
-the event, so an event stays readable by every reader of schema version 1 (``Message``
-refuses unknown fields) and is published at once, seconds before its clip is complete.
+the event, so an event is published at once, seconds before its clip is complete (and
+readers from before wire messages ignored unknown fields still read it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from lensbus.schemas.base import CameraId, Message
+from lensbus.schemas.base import CameraId, WireMessage
 from lensbus.schemas.result import Box, ModelRef
 from lensbus.subjects import CLIPS_BUCKET, SNAPSHOTS_BUCKET, validate_camera_id
 
@@ -47,7 +47,7 @@ def parse_clip_id(value: str) -> tuple[str, int, int]:
     return camera, int(ns), int(rest)
 
 
-class Event(Message):
+class Event(WireMessage):
     """A rule fired on a camera's result."""
 
     kind: ClassVar[str] = "event"
@@ -71,7 +71,7 @@ class Event(Message):
 ClipEnd = Literal["complete", "frames_stopped", "max_bytes"]
 
 
-class ClipInfo(Message):
+class ClipInfo(WireMessage):
     """What a kept clip holds: stored as JSON in its object's ``Lensbus-Clip`` header."""
 
     kind: ClassVar[str] = "clip"

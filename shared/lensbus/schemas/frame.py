@@ -8,13 +8,13 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from lensbus.schemas.base import CameraId, Message
+from lensbus.schemas.base import CameraId, WireMessage
 
 # A 4K frame is 3840x2160; anything far beyond that is a corrupt or hostile header.
 MAX_SIDE = 8192
 
 
-class FrameEnvelope(Message):
+class FrameEnvelope(WireMessage):
     """One captured frame, JPEG encoded, with when and where it was taken."""
 
     kind: ClassVar[str] = "frame"

@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from lensbus.schemas.base import Message, Part
+from lensbus.schemas.base import ConfigMessage, ConfigPart
 from lensbus.schemas.result import Task
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def _check_sha256(v: str) -> str:
     return v
 
 
-class ModelFile(Part):
+class ModelFile(ConfigPart):
     path: Annotated[str, AfterValidator(_check_relpath)] = Field(
         description="path inside the package"
     )
@@ -138,7 +138,7 @@ class ModelFile(Part):
     size: int = Field(ge=0, description="size in bytes")
 
 
-class InputSpec(Part):
+class InputSpec(ConfigPart):
     """How a BGR frame becomes the model's input tensor: ``(pixel * scale - mean) / std``."""
 
     width: int = Field(gt=0, le=4096)
@@ -159,7 +159,7 @@ class InputSpec(Part):
         return self
 
 
-class DecoderOptions(Part):
+class DecoderOptions(ConfigPart):
     """Base of every decoder's ``Options``: an unknown option or a wrong type is refused.
 
     A subclass (in the decoder's module, :mod:`lensbus.decoders`) declares
@@ -169,7 +169,7 @@ class DecoderOptions(Part):
     """
 
 
-class Manifest(Message):
+class Manifest(ConfigMessage):
     """``model.json``: what a model package holds and how to run it."""
 
     kind: ClassVar[str] = "manifest"

@@ -6,12 +6,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from lensbus.schemas.base import CameraId, Message, Part
+from lensbus.schemas.base import CameraId, WireMessage, WirePart
 
 Task = Literal["classification", "detection", "segmentation"]
 
 
-class Box(Part):
+class Box(WirePart):
     """A box in normalized coordinates (0..1 of the frame) and in pixels of the full frame."""
 
     xmin: float = Field(description="left edge, 0..1 of frame width")
@@ -43,20 +43,20 @@ class Box(Part):
         )
 
 
-class Detection(Part):
+class Detection(WirePart):
     label: str
     class_id: int = Field(ge=0)
     score: float = Field(ge=0.0, le=1.0)
     box: Box
 
 
-class ClassScore(Part):
+class ClassScore(WirePart):
     label: str
     class_id: int = Field(ge=0)
     score: float = Field(ge=0.0, le=1.0)
 
 
-class Segment(Part):
+class Segment(WirePart):
     """One class present in a segmentation mask."""
 
     label: str
@@ -65,14 +65,14 @@ class Segment(Part):
     box: Box = Field(description="bounding box of the class's pixels")
 
 
-class ModelRef(Part):
+class ModelRef(WirePart):
     name: str
     version: str
     framework: str = ""
     device: str = ""
 
 
-class Timings(Part):
+class Timings(WirePart):
     """Seconds spent in each stage for this frame."""
 
     queue: float = Field(default=0.0, ge=0.0, description="arrival to start of work")
@@ -82,7 +82,7 @@ class Timings(Part):
     postprocess: float = Field(default=0.0, ge=0.0, description="decoder: outputs to result")
 
 
-class Result(Message):
+class Result(WireMessage):
     """The model's output for one frame."""
 
     kind: ClassVar[str] = "result"

@@ -6,13 +6,13 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from lensbus.schemas.base import Message
+from lensbus.schemas.base import WireMessage
 from lensbus.schemas.result import ModelRef
 
 State = Literal["starting", "running", "degraded", "failed", "stopping"]
 
 
-class Status(Message):
+class Status(WireMessage):
     kind: ClassVar[str] = "status"
 
     service: str
