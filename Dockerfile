@@ -129,12 +129,16 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 libquadmath0 \
  && rm -rf /var/lib/apt/lists/*
 ARG ONNXRUNTIME=onnxruntime
+# The mxnet extra and its constraints take this image back to numpy<1.24 (the other images
+# keep the newest numpy); building the ONNX demo package needs MXNet's exporter today.
+COPY constraints-mxnet.txt ./
 COPY services/inference/pyproject.toml services/inference/
 RUN mkdir -p services/inference/lensbus_inference \
- && pip install -c constraints.txt ./shared ./services/inference \
+ && pip install -c constraints.txt -c constraints-mxnet.txt ./shared "./services/inference[mxnet]" \
  && pip uninstall -y lensbus lensbus-inference \
  && if [ "$ONNXRUNTIME" != onnxruntime ]; then \
-      pip uninstall -y onnxruntime && pip install -c constraints.txt "$ONNXRUNTIME"; \
+      pip uninstall -y onnxruntime \
+      && pip install -c constraints.txt -c constraints-mxnet.txt "$ONNXRUNTIME"; \
     fi
 COPY shared/lensbus shared/lensbus
 COPY services/inference/lensbus_inference services/inference/lensbus_inference

@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lensbus.backends import BACKENDS, parse_device
+from lensbus.backends.mxnet import MXNET_INSTALL
 from lensbus.modelpkg import Package, write_package
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
@@ -90,7 +91,7 @@ def tiny_onnx(path: Path, initializers_as_inputs: bool = False, dense: bool = Fa
 
 def tiny_mxnet(folder: Path, flat: int = SIZE, classes: int = 3) -> tuple[str, str]:
     """Conv -> flatten -> dense: the dense layer fixes the input size to ``flat`` squared."""
-    import mxnet as mx
+    mx = pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
     from mxnet.gluon import nn
 
     net = nn.HybridSequential(prefix="tiny_")
@@ -253,13 +254,37 @@ def test_label_count_mismatch_fails_at_warmup(tmp_path: Path) -> None:
         model.warmup()
 
 
+# ------------------------------------------------------------------------------ frameworks
+
+
+@pytest.mark.parametrize(
+    ("framework", "module", "install"),
+    [("mxnet", "mxnet", "lensbus-inference[mxnet]"), ("onnx", "onnxruntime", "lensbus-inference")],
+)
+def test_framework_not_installed_names_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, framework: str, module: str, install: str
+) -> None:
+    """Where the framework is not installed (MXNet beside numpy 2), the error says the extra."""
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    roles = {"mxnet": ["symbol", "params"], "onnx": ["model"]}[framework]
+    for role in roles:
+        (folder / role).write_bytes(b"never read: the import fails first")
+    pkg = write_package(folder, {r: r for r in roles}, **_manifest(framework))
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` does where it is missing
+    with pytest.raises(ModelLoadError) as err:
+        load_model(pkg)
+    message = str(err.value)
+    assert f"tiny:1: framework {framework!r} needs {module}, which is not installed" in message
+    assert f"install '{install}'" in message
+
+
 # ------------------------------------------------------------------------------ devices
 
 
 def _has_gpu(framework: str) -> bool:
     if framework == "mxnet":
-        import mxnet as mx
-
+        mx = pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
         return bool(mx.context.num_gpus())
     if framework == "onnx":
         import onnxruntime as ort

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from lensbus.backends.mxnet import MXNET_INSTALL
 from lensbus.decoders import (
     ClassificationDecoder,
     SegmentationDecoder,
@@ -221,7 +222,7 @@ def test_yolo_label_mismatch_is_an_outputs_error() -> None:
 
 def test_raw_yolo_grid_matches_darknet_layer() -> None:
     """decode_yolo_grid == the darknet importer's [yolo] layer (and OpenCV's reader matches)."""
-    mx = pytest.importorskip("mxnet")
+    mx = pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
     from lensbus_inference.packaging.darknet_layers import DarknetYolo
 
     anchors = [10, 14, 23, 27, 37, 58]

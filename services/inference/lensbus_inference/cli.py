@@ -1,4 +1,4 @@
-"""``lensbus models ...``: build and import model packages (needs this service's MXNet).
+"""``lensbus models ...``: build and import model packages (the darknet importer needs MXNet).
 
 Registered through the ``lensbus.commands`` entry point (``register``).  Other packages can
 add verbs to the same ``models`` group with :func:`models_verbs`.
@@ -24,7 +24,11 @@ def _fail(command: str, message: str) -> int:
 
 
 def _import_darknet(args: argparse.Namespace) -> int:
-    from lensbus_inference.packaging.demo_packages import import_darknet_packages, read_labels
+    from lensbus_inference.packaging.demo_packages import (
+        MissingAssetError,
+        import_darknet_packages,
+        read_labels,
+    )
 
     cfg, weights, names = Path(args.cfg), Path(args.weights), Path(args.labels)
     for path, what in ((cfg, "cfg"), (weights, "weights"), (names, "labels")):
@@ -40,7 +44,7 @@ def _import_darknet(args: argparse.Namespace) -> int:
             f"{cfg.name} uses a layer or option the importer does not support ({exc}); "
             "supported: convolutional, maxpool, upsample, route, shortcut, yolo",
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MissingAssetError) as exc:
         return _fail("import-darknet", f"{exc}")
     for framework, path in built.items():
         print(f"{framework}\t{path}")

@@ -13,7 +13,9 @@ case; :func:`parse_device` is the one reading of them, for the backends and the 
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -128,3 +130,30 @@ def short_error(exc: BaseException) -> str:
     # OpenCV: "OpenCV(4.11.0) /io/opencv/modules/.../x.cpp:106: error: (-5:Bad argument) ..."
     text = re.sub(r"OpenCV\([\d.]+\) \S+:\d+: error: ", "", text)
     return text[:400] or type(exc).__name__
+
+
+def import_framework(package: Package, module: str, install: str) -> Any:
+    """``module`` imported, or a :class:`ModelLoadError` saying what to install.
+
+    A package may name a framework this environment does not carry (MXNet lives only in an
+    environment of its own, Python 3.11 with numpy<1.24): loading it then fails with the
+    package, the missing module and ``install``, not with a bare ImportError.
+    """
+    ref, framework = package.manifest.ref, package.manifest.framework
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module.split(".")[0]:  # the framework is there, a module it needs is not
+            raise ModelLoadError(
+                f"{ref}: {module} is installed but cannot be imported ({short_error(exc)}); "
+                f"reinstall it with {install}"
+            ) from None
+        raise ModelLoadError(
+            f"{ref}: framework {framework!r} needs {module}, which is not installed in this "
+            f"environment ({sys.executable}); install {install}"
+        ) from None
+    except Exception as exc:  # e.g. MXNet 1.9 beside numpy>=1.24: AttributeError on np.bool
+        raise ModelLoadError(
+            f"{ref}: {module} is installed but fails to import here ({short_error(exc)}); "
+            f"it needs the environment {install} makes"
+        ) from None

