@@ -148,10 +148,12 @@ async def test_bad_frames_are_counted_and_service_keeps_serving(
     subject = Subjects().frames("bad")
     good = encode_jpeg(np.full((120, 160, 3), 128, np.uint8))
 
-    def frame(seq: int, data: bytes, width: int = 160, height: int = 120) -> bytes:
+    def frame(
+        seq: int, data: bytes, width: int = 160, height: int = 120, camera: str = "bad"
+    ) -> bytes:
         return encode(
             FrameEnvelope(
-                camera="bad",
+                camera=camera,
                 seq=seq,
                 capture_ns=time.time_ns(),
                 width=width,
@@ -167,6 +169,8 @@ async def test_bad_frames_are_counted_and_service_keeps_serving(
         "invalid": msgpack.packb({"v": 1, "camera": "bad", "seq": -1}),
         "corrupt_image": frame(1, good[: len(good) // 3] + b"\x00" * 50),
         "size_mismatch": frame(2, good, width=1920, height=1080),
+        # On the subject of one camera, naming another: its result would go out as theirs.
+        "camera_mismatch": frame(3, good, camera="other"),
     }
     nc = rec.nc
     for payload in bad.values():

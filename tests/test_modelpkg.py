@@ -379,3 +379,13 @@ def test_extracted_files_are_plain_and_not_executable(tmp_path: Path, pkg_dir: P
     root = extract_archive(archive, tmp_path / "w")
     mode = os.stat(root / members[1][0].name).st_mode
     assert not mode & 0o4000 and not mode & 0o002
+
+
+def test_an_archive_without_members_is_a_package_error(tmp_path: Path) -> None:
+    import tarfile
+
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz"):
+        pass
+    with pytest.raises(PackageError, match="no model.json"):
+        extract_archive(empty, tmp_path / "unpack")

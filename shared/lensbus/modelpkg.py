@@ -117,7 +117,8 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTE
         raise PackageError(f"{archive.name}: not a readable .tar.gz ({exc})") from None
     if (dest / MANIFEST).is_file():
         return dest
-    subdirs = [p for p in dest.iterdir() if p.is_dir()]
+    # An archive without members unpacks nothing: not even ``dest`` is made.
+    subdirs = [p for p in dest.iterdir() if p.is_dir()] if dest.is_dir() else []
     if len(subdirs) == 1 and (subdirs[0] / MANIFEST).is_file():
         return subdirs[0]
     raise PackageError(f"{archive.name}: no {MANIFEST} at the top of the archive")

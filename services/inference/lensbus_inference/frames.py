@@ -53,6 +53,10 @@ def decode_frame(
         env = decode(item.data, FrameEnvelope)
     except DecodeError as exc:
         raise Rejected(exc.reason, str(exc)) from None
+    if item.camera and env.camera != item.camera:
+        raise Rejected(
+            "camera_mismatch", f"frame of {env.camera!r} on the subject of {item.camera!r}"
+        )
     factor = reduction_for(env.width, env.height, *input_size) if reduced else 1
     try:
         size = (env.width, env.height)

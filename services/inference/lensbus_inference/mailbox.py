@@ -12,6 +12,7 @@ class Pending:
 
     data: bytes
     arrived: float  # time.perf_counter()
+    camera: str = ""  # the camera its subject names (its envelope must name the same)
 
 
 class Mailbox:

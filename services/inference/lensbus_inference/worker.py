@@ -66,7 +66,7 @@ class Worker:
         self.received += 1
         metrics.FRAMES_RECEIVED.inc()
         camera = self.rt.subjects.camera_of(msg.subject)
-        item = Pending(msg.data, time.perf_counter())
+        item = Pending(msg.data, time.perf_counter(), camera)
         if self._idle:
             self._idle = False
             self._handoff = (camera, item)
