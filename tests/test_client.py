@@ -182,19 +182,27 @@ async def wait_subscribed(
         await asyncio.sleep(0.05)
 
 
-async def test_results_yields_validated_results_and_skips_bad_ones(
-    nats: NatsServer, client: Client
-) -> None:
-    camera = "sdkres"
+def results_until(
+    client: Client, camera: str, last_seq: int
+) -> tuple[asyncio.Task[None], list[Result]]:
+    """A task reading ``client.results(camera)`` into the list returned with it, ending once
+    the result of ``last_seq`` came."""
     got: list[Result] = []
 
     async def consume() -> None:
         async for r in client.results(camera):
             got.append(r)
-            if r.seq == 4:
+            if r.seq == last_seq:
                 return
 
-    task = asyncio.create_task(consume())
+    return asyncio.create_task(consume()), got
+
+
+async def test_results_yields_validated_results_and_skips_bad_ones(
+    nats: NatsServer, client: Client
+) -> None:
+    camera = "sdkres"
+    task, got = results_until(client, camera, 4)
     pub = await nats_py.connect(nats.url)
     subject = Subjects().results(camera)
     try:

@@ -26,7 +26,7 @@ import nats as nats_py
 import numpy as np
 import pytest
 from pydantic import BaseModel, Field
-from test_client import wait_subscribed
+from test_client import results_until, wait_subscribed
 from test_codec import SAMPLES
 from test_schemas_docs import validator
 
@@ -312,16 +312,8 @@ def as_today(message: BaseModel, schema: type[BaseModel]) -> dict[str, Any]:
 
 async def test_client_reads_results_with_added_fields(nats: NatsServer) -> None:
     camera = "evolve-res"
-    got: list[Result] = []
     async with Client(nats.url) as client:
-
-        async def consume() -> None:
-            async for r in client.results(camera):
-                got.append(r)
-                if r.seq == 2:
-                    return
-
-        task = asyncio.create_task(consume())
+        task, got = results_until(client, camera, 2)
         pub = await nats_py.connect(nats.url)
         subject = Subjects().results(camera)
         try:
@@ -394,16 +386,8 @@ async def test_client_counts_and_logs_unreadable_messages_once(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     camera = "evolve-bad"
-    got: list[Result] = []
     async with Client(nats.url) as client:
-
-        async def consume() -> None:
-            async for r in client.results(camera):
-                got.append(r)
-                if r.seq == 5:
-                    return
-
-        task = asyncio.create_task(consume())
+        task, got = results_until(client, camera, 5)
         pub = await nats_py.connect(nats.url)
         subject = Subjects().results(camera)
         try:

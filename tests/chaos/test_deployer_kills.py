@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats as nats_py
@@ -96,28 +96,36 @@ async def restart_and_check(dep: Deployer, fault: str, killed: float) -> None:
     assert listed == [], f"a partial model is listed: {listed}"
 
 
-async def test_deployer_sigkill_mid_upload(
-    server: NatsServer, services: Services, demo_models: dict[str, Path], tmp_path: Path
-) -> None:
-    dep = Deployer(services, server, tmp_path)
-    healthy(dep.sp)
-    client = await DeployClient.connect(server.url, timeout_s=30)
-    upload = asyncio.ensure_future(client.upload(demo_models[YOLO]))
+async def kill_during_upload(
+    dep: Deployer, package: Path, under_way: Callable[[], object], what: str
+) -> float:
+    """Upload ``package`` and SIGKILL the deployer once ``under_way()``: when it was killed."""
+    client = await DeployClient.connect(dep.url, timeout_s=30)
+    upload = asyncio.ensure_future(client.upload(package))
     try:
-        # Some chunks are in the deployer's .part file: the upload is under way.
-        def receiving() -> bool:
-            folder = dep.work / "uploads"
-            return any(p.stat().st_size > 0 for p in folder.glob("*")) if folder.is_dir() else False
-
-        await until(receiving, 60, "an upload under way")
+        await until(under_way, 120, what)
         dep.sp.kill()
-        killed = time.monotonic()
-        assert dep.part_files(), "the kill came after the upload"
+        return time.monotonic()
     finally:
         upload.cancel()
         with contextlib.suppress(BaseException):
             await upload
         await client.close()
+
+
+async def test_deployer_sigkill_mid_upload(
+    server: NatsServer, services: Services, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    dep = Deployer(services, server, tmp_path)
+    healthy(dep.sp)
+
+    # Some chunks are in the deployer's .part file: the upload is under way.
+    def receiving() -> bool:
+        folder = dep.work / "uploads"
+        return any(p.stat().st_size > 0 for p in folder.glob("*")) if folder.is_dir() else False
+
+    killed = await kill_during_upload(dep, demo_models[YOLO], receiving, "an upload under way")
+    assert dep.part_files(), "the kill came after the upload"
     await restart_and_check(dep, "deployer SIGKILL mid-upload", killed)
 
 
@@ -126,23 +134,14 @@ async def test_deployer_sigkill_mid_commit(
 ) -> None:
     dep = Deployer(services, server, tmp_path)
     healthy(dep.sp)
-    client = await DeployClient.connect(server.url, timeout_s=30)
-    upload = asyncio.ensure_future(client.upload(demo_models[YOLO]))
-    try:
-        # The commit's put is in flight: chunks are stored, the object's meta is not.
-        async def putting() -> bool:
-            return (await dep.chunks())[0] > 0
 
-        await until(putting, 120, "the commit's put under way")
-        dep.sp.kill()
-        killed = time.monotonic()
-        chunks, orphans = await dep.chunks()
-        assert orphans > 0, "the kill came after the put completed"
-    finally:
-        upload.cancel()
-        with contextlib.suppress(BaseException):
-            await upload
-        await client.close()
+    # The commit's put is in flight: chunks are stored, the object's meta is not.
+    async def putting() -> bool:
+        return (await dep.chunks())[0] > 0
+
+    killed = await kill_during_upload(dep, demo_models[YOLO], putting, "the commit's put")
+    _, orphans = await dep.chunks()
+    assert orphans > 0, "the kill came after the put completed"
     await restart_and_check(dep, "deployer SIGKILL mid-commit", killed)
 
 
