@@ -57,27 +57,7 @@ class Durable:
 
     async def ensure(self) -> None:
         js = self.rt.nc.jetstream()
-        config = self.stream_config()
-        try:
-            info = await js.stream_info(RESULTS_STREAM)
-        except NotFoundError:
-            await js.add_stream(config)
-            log.info(
-                "created stream %s over %s (max age %.0f s, max %d bytes)",
-                RESULTS_STREAM,
-                ", ".join(self.subjects),
-                self.s.stream_max_age_s,
-                self.s.stream_max_bytes,
-            )
-        else:
-            have = info.config
-            if (
-                sorted(have.subjects or []) != sorted(config.subjects or [])
-                or have.max_age != config.max_age
-                or have.max_bytes != config.max_bytes
-            ):
-                await js.update_stream(config)
-                log.info("updated stream %s limits", RESULTS_STREAM)
+        await ensure_stream(js, self.stream_config(), ("max_age", "max_bytes"))
         if self.snapshots is None:
             self.snapshots = await _object_store(
                 js,
@@ -167,6 +147,25 @@ class Durable:
         else:
             self.rt.health.set("results_stream", None)
         return True
+
+
+async def ensure_stream(
+    js: JetStreamContext, config: api.StreamConfig, limits: tuple[str, ...]
+) -> None:
+    """Create the stream ``config`` names, or update it where its subjects or one of the
+    ``limits`` (config field names) differ from ``config``: the publisher's settings win."""
+    try:
+        have = (await js.stream_info(config.name or "")).config
+    except NotFoundError:
+        await js.add_stream(config)
+        shown = ", ".join(f"{k} {getattr(config, k)}" for k in limits)
+        log.info("created stream %s over %s (%s)", config.name, config.subjects, shown)
+        return
+    if sorted(have.subjects or []) != sorted(config.subjects or []) or any(
+        getattr(have, k) != getattr(config, k) for k in limits
+    ):
+        await js.update_stream(config)
+        log.info("updated stream %s limits", config.name)
 
 
 async def _object_store(

@@ -31,7 +31,6 @@ import aiohttp
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError
 
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
@@ -39,6 +38,7 @@ from lensbus.subjects import WEBHOOKS_STREAM
 from lensbus.waiting import sleep_unless_stopped, wait_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings, Rule
+from lensbus_publisher.durable import ensure_stream
 from lensbus_publisher.signing import (
     DELIVERY_HEADER,
     RETRY_AFTER_STATUS,
@@ -240,20 +240,7 @@ class Webhooks:
         if self._js is not None:
             return self._js
         js = self.rt.nc.jetstream()
-        config = self.stream_config()
-        try:
-            have = (await js.stream_info(WEBHOOKS_STREAM)).config
-        except NotFoundError:
-            await js.add_stream(config)
-            log.info("created stream %s over %s", WEBHOOKS_STREAM, config.subjects)
-        else:
-            if (
-                have.max_msgs_per_subject != config.max_msgs_per_subject
-                or have.max_age != config.max_age
-                or have.subjects != config.subjects
-            ):
-                await js.update_stream(config)
-                log.info("updated stream %s limits", WEBHOOKS_STREAM)
+        await ensure_stream(js, self.stream_config(), ("max_msgs_per_subject", "max_age"))
         self._js = js
         return js
 
