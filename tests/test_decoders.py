@@ -224,6 +224,7 @@ def test_raw_yolo_grid_matches_darknet_layer() -> None:
     """decode_yolo_grid == the darknet importer's [yolo] layer (and OpenCV's reader matches)."""
     mx = pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
     from lensbus_inference.packaging.darknet_layers import DarknetYolo
+    from lensbus_inference.packaging.darknet_plan import plan_yolo
 
     anchors = [10, 14, 23, 27, 37, 58]
     section = {
@@ -233,7 +234,7 @@ def test_raw_yolo_grid_matches_darknet_layer() -> None:
         "classes": "4",
         "num": "3",
     }
-    layer = DarknetYolo(section, (3 * 9, 5, 7), (160, 224), prefix="y_")
+    layer = DarknetYolo(plan_yolo(section, (3 * 9, 5, 7), (160, 224)), prefix="y_")
     layer.initialize()
     raw = np.random.default_rng(5).normal(0, 2, (1, 27, 5, 7)).astype(np.float32)
     want = layer(mx.nd.array(raw)).asnumpy()[0]

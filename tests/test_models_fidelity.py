@@ -1,9 +1,11 @@
 """The demo packages through ``load_model(...).run()`` give the real models' answers.
 
-YOLOv3-tiny: our MXNet and ONNX conversions and the OpenCV-darknet package, each through the
-whole lensbus path (preprocess, backend, yolo decoder), must find what OpenCV's own darknet
-reader finds on darknet's sample photos, decoded here independently of lensbus.  Face SSD and
-the text-orientation classifier are checked against what a person sees in real images.
+YOLOv3-tiny: the darknet importer's MXNet, ONNX and PyTorch packages and the OpenCV-darknet
+package, each through the whole lensbus path (preprocess, backend, yolo decoder), must find
+what OpenCV's own darknet reader finds on darknet's sample photos, decoded here independently
+of lensbus.  A package whose framework is not installed here (MXNet, PyTorch) skips, naming
+it.  Face SSD and the text-orientation classifier are checked against what a person sees in
+real images.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.slow
 Array = npt.NDArray[Any]
 IMAGES_DIR = Path("/usr/share/darknet/data")
 IMAGES = ["dog.jpg", "person.jpg", "horses.jpg"]
-YOLO = ["yolov3-tiny-mxnet", "yolov3-tiny-onnx", "yolov3-tiny-opencv"]
+YOLO = ["yolov3-tiny-mxnet", "yolov3-tiny-onnx", "yolov3-tiny-opencv", "yolov3-tiny-torch"]
 needs_images = pytest.mark.skipif(
     not IMAGES_DIR.is_dir(), reason="needs darknet's sample photos (Debian package darknet)"
 )
@@ -144,7 +146,7 @@ def test_yolo_matches_opencv(
 
 
 @needs_images
-@pytest.mark.parametrize("key", ["yolov3-tiny-onnx", "yolov3-tiny-mxnet"])
+@pytest.mark.parametrize("key", ["yolov3-tiny-onnx", "yolov3-tiny-mxnet", "yolov3-tiny-torch"])
 def test_yolo_reduced_scale_decode(models: dict[str, LoadedModel], key: str) -> None:
     """A JPEG decoded at 1/2 scale, with the full frame's size: boxes in full-frame pixels."""
     need(models, key)
@@ -165,6 +167,28 @@ def test_yolo_reduced_scale_decode(models: dict[str, LoadedModel], key: str) -> 
         assert best >= 0.9, (label, best)
     for d in at_half:
         assert 0 <= d.box.left < d.box.right <= w and 0 <= d.box.top < d.box.bottom <= h
+
+
+@needs_images
+def test_onnx_yolo_through_opencv_backend(packages: dict[str, Package], tmp_path: Path) -> None:
+    """The importer's ONNX file is read by OpenCV's ONNX reader too (the opset is chosen for
+    both): packaged for the opencv backend, it finds what OpenCV's darknet reader finds."""
+    need(packages, "yolov3-tiny-onnx")
+    need(packages, "yolov3-tiny-opencv")
+    src = packages["yolov3-tiny-onnx"]
+    shutil.copy(src.path("model"), tmp_path / "model.onnx")
+    manifest = src.manifest.model_dump(exclude={"files", "v", "framework", "version"})
+    pkg = write_package(
+        tmp_path, {"model": "model.onnx"}, **manifest, framework="opencv", version="cv"
+    )
+    model = load_model(pkg)
+    model.warmup()
+    for name in IMAGES:
+        image = _image(name)
+        h, w = image.shape[:2]
+        ref = _opencv_reference(packages["yolov3-tiny-opencv"], image)
+        _assert_match(_ours(model.run(image, w, h).detections, w, h), ref, 0.98)
+    model.close()
 
 
 @needs_images

@@ -64,7 +64,7 @@ FIELDS: dict[str, Any] = {
 
 
 def test_backend_registry_holds_the_builtins() -> None:
-    assert set(BACKENDS) == {"mxnet", "onnx", "opencv"}
+    assert set(BACKENDS) == {"mxnet", "onnx", "opencv", "torch"}
     for key, cls in BACKENDS.items():
         assert issubclass(cls, Backend) and cls.framework == key
         assert cls.main_role in cls.roles
@@ -76,7 +76,7 @@ def test_backend_registry_holds_the_builtins() -> None:
 
 
 def test_decoder_registry_holds_the_builtins() -> None:
-    assert set(DECODERS) == {"classification", "ssd", "yolo", "segmentation"}
+    assert set(DECODERS) == {"classification", "ssd", "yolo", "yolov8", "yolox", "segmentation"}
     tasks = set(get_args(Task))
     for key, cls in DECODERS.items():
         assert issubclass(cls, Decoder) and cls.key == key

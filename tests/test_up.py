@@ -26,16 +26,14 @@ from lensbus_inference.packaging.demo_packages import read_labels, yolo_assets
 
 pytestmark = pytest.mark.slow
 
-# `lensbus up`'s default demo, YOLOv3-tiny for ONNX, is converted from darknet by MXNet's
-# exporter; without MXNet (Python 3.12+, numpy 2) it runs the OpenCV one, which needs no
-# conversion (until the importer writes ONNX itself: issue 14, item 3).
+# `lensbus up`'s default demo: YOLOv3-tiny for ONNX, written by our darknet importer on any
+# supported Python (no MXNet needed).
 HAS_MXNET = importlib.util.find_spec("mxnet") is not None
-DEMO_ARGS = () if HAS_MXNET else ("--backend", "opencv")
-DEMO = "yolov3-tiny-onnx" if HAS_MXNET else "yolov3-tiny-opencv"
+DEMO = "yolov3-tiny-onnx"
 
 
 class UpProcess:
-    def __init__(self, tmp_path: Path, *extra: str) -> None:
+    def __init__(self, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.data = tmp_path / "data"
         self.port = free_port()
         self.nats_port = free_port()
@@ -55,9 +53,9 @@ class UpProcess:
                     str(self.nats_port),
                     "--fps",
                     "5",
-                    *DEMO_ARGS,
                     *extra,
                 ],
+                env={**os.environ, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -91,6 +89,16 @@ class UpProcess:
             found[name or Path(cmdline[0].decode()).name] = int(stat.parent.name)
         return found
 
+    def kill_all(self) -> None:
+        """Kill it and every process it started (what a failed test left running)."""
+        kids = self.children()  # before the parent goes: then they are no longer its children
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in kids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def client_password(self) -> str:
         return json.loads((self.data / "secrets.json").read_text())["passwords"]["client"]
 
@@ -99,13 +107,7 @@ class UpProcess:
 def up(tmp_path: Path) -> Iterator[UpProcess]:
     proc = UpProcess(tmp_path)
     yield proc
-    kids = proc.children()  # before the parent goes: then they are no longer its children
-    if proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait()
-    for pid in kids.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    proc.kill_all()
 
 
 async def results(up: UpProcess, n: int, timeout: float, labelled: bool = False) -> list[Result]:
@@ -185,3 +187,42 @@ async def test_killed_child_is_restarted(up: UpProcess) -> None:
     assert up.children()["lensbus_inference"] != pid
     up.proc.send_signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
+
+
+# The Python 3.11 environment with MXNet beside this one (`make install311`), when this one
+# has no MXNet (Python 3.12+, numpy 2).
+ROOT = Path(__file__).resolve().parent.parent
+MXNET_PYTHON = os.environ.get("LENSBUS_TEST_MXNET_PYTHON") or str(ROOT / ".venv311/bin/python")
+
+
+def test_up_names_the_python_mxnet_needs(tmp_path: Path) -> None:
+    if HAS_MXNET:
+        pytest.skip("MXNet is installed in this Python: inference runs from it")
+    up = UpProcess(tmp_path, "--backend", "mxnet", env={"LENSBUS_INFERENCE_PYTHON": ""})
+    assert up.proc.wait(30) == 1, up.log
+    assert "mxnet is not installed in this Python" in up.log, up.log
+    assert "--inference-python" in up.log and "make up" in up.log, up.log
+    assert not (up.data / "nats").exists(), "nothing started"
+
+
+async def test_up_runs_mxnet_inference_from_its_own_python(tmp_path: Path) -> None:
+    """``--backend mxnet`` on a Python without MXNet: the inference child (and the demo's
+    build) run from the Python 3.11 environment named by $LENSBUS_INFERENCE_PYTHON."""
+    if HAS_MXNET:
+        pytest.skip("MXNet is installed in this Python: the default demo test covers it")
+    if not Path(MXNET_PYTHON).exists():
+        pytest.skip(f"no Python with MXNet beside this one ({MXNET_PYTHON}): make install311")
+    up = UpProcess(tmp_path, "--backend", "mxnet", env={"LENSBUS_INFERENCE_PYTHON": MXNET_PYTHON})
+    try:
+        up.wait_line(r"open http://127\.0\.0\.1:\d+/", 240)
+        got = await results(up, 3, 90, labelled=True)
+        assert len(got) >= 3, up.log
+        assert {r.model.name for r in got} == {"yolov3-tiny-mxnet"}, up.log
+        inference = up.children()["lensbus_inference"]
+        exe = os.path.realpath(f"/proc/{inference}/exe")
+        assert exe == os.path.realpath(MXNET_PYTHON), (exe, MXNET_PYTHON)
+        assert f"inference runs from {MXNET_PYTHON}" in up.log
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0
+    finally:
+        up.kill_all()

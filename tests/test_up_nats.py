@@ -3,7 +3,6 @@ the same port and JetStream folder, the restart is printed, and results flow aga
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -20,13 +19,7 @@ def light_up(tmp_path: Path) -> Iterator[UpProcess]:
     # The test pattern at 5 fps: the lightest source; the demo model as a user gets it.
     proc = UpProcess(tmp_path, "--source", "test")
     yield proc
-    kids = proc.children()
-    if proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait()
-    for pid in kids.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    proc.kill_all()
 
 
 def _state(pid: int) -> str:

@@ -1,7 +1,8 @@
 """lensbus: the shared package every service and every consumer imports.
 
 It holds the catalogue of NATS subjects, the message schemas and their codec, the
-settings base, bus and metrics helpers, and the consumer SDK (:class:`Client`).
+settings base, bus and metrics helpers, and the consumer SDK (:class:`Client`, and
+:class:`SyncClient` for scripts and notebooks).
 """
 
 from lensbus.codec import DecodeError, decode, encode
@@ -14,6 +15,7 @@ __all__ = [
     "DecodeError",
     "InvalidName",
     "Subjects",
+    "SyncClient",
     "__version__",
     "decode",
     "encode",
@@ -27,4 +29,8 @@ def __getattr__(name: str) -> object:
         from lensbus.client import Client
 
         return Client
+    if name == "SyncClient":
+        from lensbus.syncclient import SyncClient
+
+        return SyncClient
     raise AttributeError(name)

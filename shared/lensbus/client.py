@@ -5,6 +5,12 @@
     async with Client("nats://127.0.0.1:4222") as client:
         async for frame in client.frames("cam1"):
             print(frame.seq, frame.image.shape)
+
+Results and events are live by default; with ``since=`` (a datetime, a timedelta ago or a
+stream sequence) they are replayed from the publisher's durable stream ``LENSBUS_RESULTS``
+by an ordered, ephemeral consumer (nothing is left on the server, and the read-only
+``client`` NATS user may create it), then followed live. Snapshots and clips are read from
+their object stores. :class:`lensbus.syncclient.SyncClient` is the same for scripts.
 """
 
 from __future__ import annotations
@@ -19,14 +25,33 @@ from typing import Any
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
 
-from lensbus import metrics
+from lensbus import clips, metrics
 from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode
+from lensbus.feeds import (
+    LIVE_BUFFER,
+    REPLAY_BUFFER,
+    M,
+    NotStored,
+    Since,
+    Snapshot,
+    Subscription,
+    live_box,
+    replay_config,
+)
 from lensbus.images import ImageError, decode_jpeg
 from lensbus.logs import RateLimit, log_limited
-from lensbus.schemas import FrameEnvelope, Result
-from lensbus.subjects import DEFAULT_PREFIX, Subjects
+from lensbus.schemas import ClipInfo, Event, FrameEnvelope, Result
+from lensbus.subjects import (
+    CLIPS_BUCKET,
+    DEFAULT_PREFIX,
+    RESULTS_STREAM,
+    SNAPSHOTS_BUCKET,
+    Subjects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +88,23 @@ class Client:
         servers: str | list[str] = "nats://127.0.0.1:4222",
         *,
         prefix: str = DEFAULT_PREFIX,
+        timeout_s: float | None = None,
         **connect_options: Any,
     ) -> None:
+        """``connect_options`` go to :func:`lensbus.bus.connect` (``user``, ``password``,
+        ``token``, ``user_credentials``, ``tls``...); ``timeout_s`` bounds the first
+        connection (without it the client waits for NATS as long as it takes)."""
         self.servers = [servers] if isinstance(servers, str) else servers
         self.subjects = Subjects(prefix)
         self._options = connect_options
+        self._timeout_s = timeout_s
         self._nc: NATS | None = None
         self.rejected = 0
         self._log_limit = RateLimit()
 
     async def connect(self) -> None:
-        self._nc = await connect(self.servers, **{"name": "lensbus-client", **self._options})
+        options = {"name": "lensbus-client", **self._options}
+        self._nc = await connect(self.servers, timeout_s=self._timeout_s, **options)
 
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
@@ -96,14 +127,7 @@ class Client:
     async def _messages(self, subject: str, newest_only: bool) -> AsyncIterator[Msg]:
         # A reader slower than the camera should see the newest frame, not a growing
         # backlog: a mailbox of one replaces the waiting message.
-        box: asyncio.Queue[Msg] = asyncio.Queue(maxsize=1 if newest_only else 1000)
-
-        async def put(msg: Msg) -> None:
-            if box.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    box.get_nowait()
-            box.put_nowait(msg)
-
+        box, put = live_box(1 if newest_only else LIVE_BUFFER)
         sub = await self.nc.subscribe(subject, cb=put)
         try:
             while True:
@@ -142,15 +166,116 @@ class Client:
                 return frame
         raise RuntimeError("frame stream ended")
 
-    async def results(self, camera: str) -> AsyncIterator[Result]:
-        """Validated results for ``camera`` (``*`` for every camera), in arrival order.
-        Unreadable messages are counted and skipped; fields this version does not know are
-        ignored."""
-        subject = self.subjects.all_results() if camera == "*" else self.subjects.results(camera)
-        async for msg in self._messages(subject, newest_only=False):
-            try:
-                result = decode(msg.data, Result)
-            except DecodeError as exc:
-                self._reject(exc)
-                continue
+    def _subject(self, camera: str | None, events: bool) -> str:
+        if camera is None or camera == "*":
+            return self.subjects.all_events() if events else self.subjects.all_results()
+        return self.subjects.events(camera) if events else self.subjects.results(camera)
+
+    async def open(
+        self,
+        schema: type[M],
+        camera: str | None = "*",
+        *,
+        since: Since | None = None,
+        follow: bool = True,
+    ) -> Subscription[M]:
+        """Results (``schema=Result``) or events (``Event``) of ``camera`` (``*`` or ``None``:
+        every camera) as a :class:`~lensbus.feeds.Subscription`: live, or replayed from
+        ``since`` (a datetime, a timedelta ago, a stream sequence) out of the results stream,
+        then live (``follow=False``: ending once caught up). Subscribed when this returns;
+        raises :class:`NotStored` when no publisher ever made the stream on this NATS."""
+        subject = self._subject(camera, schema is Event)
+        if since is None:
+            box, put = live_box()
+            sub = await self.nc.subscribe(subject, cb=put)
+            return Subscription(sub, box, schema, self._reject, stored=False)
+        box = asyncio.Queue(maxsize=REPLAY_BUFFER)
+        try:
+            sub = await self.nc.jetstream().subscribe(
+                subject,
+                stream=RESULTS_STREAM,
+                cb=box.put,
+                ordered_consumer=True,
+                config=replay_config(since),
+            )
+        except NotFoundError:
+            msg = f"no stream {RESULTS_STREAM} on this NATS (does a publisher run?)"
+            raise NotStored(msg) from None
+        replay = Subscription(sub, box, schema, self._reject, stored=True, follow=follow)
+        if not follow and await replay.caught_up_already():
+            await replay.aclose()
+        return replay
+
+    async def _read(self, subscription: Subscription[M]) -> AsyncIterator[M]:
+        try:
+            async for delivery in subscription:
+                yield delivery.message
+        finally:
+            await subscription.aclose()
+
+    async def results(
+        self, camera: str | None = "*", *, since: Since | None = None, follow: bool = True
+    ) -> AsyncIterator[Result]:
+        """Validated results for ``camera`` (``*`` for every camera), in arrival order: live,
+        or replayed from ``since`` (see :meth:`open`). Unreadable messages are counted and
+        skipped; fields this version does not know are ignored."""
+        async for result in self._read(await self.open(Result, camera, since=since, follow=follow)):
             yield result
+
+    async def events(
+        self, camera: str | None = "*", *, since: Since | None = None, follow: bool = True
+    ) -> AsyncIterator[Event]:
+        """The events the publisher's rules raise, like :meth:`results`."""
+        async for event in self._read(await self.open(Event, camera, since=since, follow=follow)):
+            yield event
+
+    # ---- snapshots and clips ---------------------------------------------------------------
+
+    async def _store(self, bucket: str) -> ObjectStore | None:
+        try:
+            return await self.nc.jetstream().object_store(bucket)
+        except BucketNotFoundError:
+            return None
+
+    async def snapshots(self, camera: str | None = None) -> list[Snapshot]:
+        """The snapshots of raised events (of ``camera``), oldest first."""
+        store = await self._store(SNAPSHOTS_BUCKET)
+        try:
+            objects = [] if store is None else await store.list(ignore_deletes=True)
+        except NotFoundError:  # an empty bucket
+            objects = []
+        shots = [Snapshot.of(o.name, o.size or 0) for o in objects if not o.deleted]
+        if camera is not None:
+            shots = [s for s in shots if s.camera == camera]
+        return sorted(shots, key=lambda s: (s.capture_ns or 0, s.name))
+
+    async def snapshot(self, name: str | Event) -> bytes:
+        """The JPEG of a snapshot, by its name or by the event that has it."""
+        if isinstance(name, Event):
+            if not name.snapshot:
+                raise NotStored(f"event {name.rule} #{name.seq} of {name.camera} has no snapshot")
+            name = name.snapshot
+        store = await self._store(SNAPSHOTS_BUCKET)
+        try:
+            got = None if store is None else await store.get(name)
+        except NotFoundError:
+            got = None
+        if got is None or got.data is None:
+            raise NotStored(f"no snapshot {name!r}")
+        return got.data
+
+    async def clips(self, camera: str | None = None) -> list[ClipInfo]:
+        """The clips kept around events (of ``camera``), oldest first."""
+        store = await self._store(CLIPS_BUCKET)
+        return [] if store is None else await clips.list_clips(store, camera)
+
+    async def clip(self, clip_id: str) -> tuple[ClipInfo, bytes]:
+        """A clip: what it holds and its MJPEG AVI bytes (:func:`lensbus.clips.export`
+        writes them as ``.avi`` or ``.mp4``)."""
+        store = await self._store(CLIPS_BUCKET)
+        if store is None:
+            raise NotStored(f"no clips store ({CLIPS_BUCKET}) on this NATS")
+        try:
+            return await clips.read_clip(store, clip_id)
+        except clips.ClipError as exc:
+            raise NotStored(str(exc)) from None

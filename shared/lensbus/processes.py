@@ -57,7 +57,8 @@ def service_env(name: str, settings: Mapping[str, object]) -> dict[str, str]:
 class ServiceProcess:
     """One service process: ``name`` is the ``lensbus_<name>`` package, ``settings`` its
     settings (a None value is not set), ``port`` the port of its ``/healthz`` and
-    ``/metrics`` (by default its ``metrics_port`` setting)."""
+    ``/metrics`` (by default its ``metrics_port`` setting); ``python`` the interpreter that runs
+    it (by default this one: inference with MXNet runs from an environment of its own)."""
 
     def __init__(
         self,
@@ -66,8 +67,10 @@ class ServiceProcess:
         log_path: Path,
         port: int | None = None,
         cwd: Path | None = None,
+        python: str | None = None,
     ) -> None:
         self.name = name
+        self.python = python or sys.executable
         self.settings = dict(settings)
         self.log_path = Path(log_path)
         self.port = port if port is not None else int(str(self.settings["metrics_port"]))
@@ -84,7 +87,7 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"lensbus_{self.name}"],
+                [self.python, "-m", f"lensbus_{self.name}"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -37,8 +37,14 @@ def _die_with_parent() -> None:
 class Child(ServiceProcess):
     """One service process under supervision."""
 
-    def __init__(self, name: str, settings: Mapping[str, object], log_path: Path) -> None:
-        super().__init__(name, settings, log_path)
+    def __init__(
+        self,
+        name: str,
+        settings: Mapping[str, object],
+        log_path: Path,
+        python: str | None = None,
+    ) -> None:
+        super().__init__(name, settings, log_path, python=python)
         self.restarts = 0
         self.started_at = 0.0
         self.next_start: float | None = None  # set while it waits for its restart

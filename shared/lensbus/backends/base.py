@@ -36,10 +36,11 @@ class Backend(ABC):
     the class with :func:`register`; the manifest then accepts its ``framework`` key and
     checks a package has its ``roles``.
 
-    Backends take no options from the manifest today.  One that needs some would declare a
-    pydantic ``Options`` model here, as decoders do (:class:`lensbus.decoders.Decoder`), and
-    the manifest would validate a ``backend_options`` field through this registry the way it
-    validates ``decoder_options``.
+    The manifest's ``precision`` is the one backend setting it carries: a backend lists the
+    values it runs in ``precisions`` and the manifest refuses the others.  A backend that
+    needs more would declare a pydantic ``Options`` model here, as decoders do
+    (:class:`lensbus.decoders.Decoder`), and the manifest would validate a
+    ``backend_options`` field through this registry the way it validates ``decoder_options``.
     """
 
     framework: ClassVar[str]
@@ -50,6 +51,8 @@ class Backend(ABC):
     """Roles the backend reads when a package has them."""
     main_role: ClassVar[str]
     """The file a load or warm-up error is reported against."""
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    """The manifest ``precision`` values the backend runs (``fp16``: half precision on GPU)."""
 
     device: str
     """The device as the framework reports it, e.g. ``"cpu"``, ``"gpu(0)"``, ``"cuda:0"``."""

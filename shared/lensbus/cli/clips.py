@@ -21,7 +21,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.object_store import ObjectStore
 
 from lensbus.bus import connect
-from lensbus.cli.common import add_nats_options, checked
+from lensbus.cli.common import add_nats_options, checked, nats_user_options
 from lensbus.clips import ClipError, export, list_clips, read_clip
 from lensbus.schemas import ClipInfo, parse_clip_id
 from lensbus.subjects import CLIPS_BUCKET, validate_camera_id
@@ -41,9 +41,12 @@ def _clip_id(value: str) -> str:
     return value
 
 
-async def _store(url: str) -> tuple[NATS, ObjectStore | None]:
+async def _store(args: argparse.Namespace) -> tuple[NATS, ObjectStore | None]:
+    url = args.nats_url
     try:
-        nc = await connect(url, name="lensbus-clips", reconnect=False, timeout_s=5.0)
+        # The read-only client from --secrets, unless the URL names a user.
+        user = nats_user_options(args, "client")
+        nc = await connect(url, name="lensbus-clips", reconnect=False, timeout_s=5.0, **user)
     except (NoServersError, OSError, TimeoutError) as exc:
         raise Unreachable(f"NATS at {url} unreachable: {exc}") from None
     try:
@@ -62,7 +65,7 @@ def _line(c: ClipInfo) -> str:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    nc, store = await _store(args.nats_url)
+    nc, store = await _store(args)
     try:
         clips = [] if store is None else await list_clips(store, args.camera)
     finally:
@@ -83,7 +86,7 @@ async def _export(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".avi", ".mp4"):
         print(f"lensbus clips: --out {out}: use .avi or .mp4", file=sys.stderr)
         return EXIT_USAGE
-    nc, store = await _store(args.nats_url)
+    nc, store = await _store(args)
     try:
         if store is None:
             print(f"lensbus clips: no clips store ({CLIPS_BUCKET}) on NATS", file=sys.stderr)

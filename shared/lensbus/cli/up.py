@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -27,10 +28,15 @@ from typing import Any
 
 from lensbus import natsauth
 from lensbus.bus import connect
+from lensbus.cli.inference_python import (
+    PYTHON_ENV,
+    InferencePythonError,
+    choose_python,
+)
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.errors import LensbusError
-from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, write_private
+from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, port_free, write_private
 from lensbus.processes import ServiceFailed
 from lensbus.schemas import Result
 from lensbus.subjects import InvalidName, Subjects, validate_camera_id
@@ -39,7 +45,7 @@ from lensbus.supervisor import Child, Supervisor
 log = logging.getLogger(__name__)
 
 GROUP = "default"
-BACKENDS = ("onnx", "mxnet", "opencv")
+BACKENDS = ("onnx", "opencv", "mxnet", "torch")
 # Start order; they stop in the reverse order (frames stop first, the model store last).
 SERVICES = ("deployer", "inference", "capture", "publisher")
 
@@ -61,17 +67,6 @@ def default_source() -> tuple[str, bool]:
         if video.is_file():
             return str(video), True
     return "test", False
-
-
-def port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def load_secrets(path: Path) -> dict[str, Any]:
@@ -98,6 +93,7 @@ class Up:
         # Set when start-up is over: the main loop's supervisor round then watches the server.
         self.started = threading.Event()
         self.start_watch: threading.Thread | None = None
+        self.inference_python = sys.executable
 
     # ---- NATS ------------------------------------------------------------------------------
 
@@ -196,7 +192,8 @@ class Up:
         return {**common, "host": "127.0.0.1", "port": str(a.port), "metrics_port": str(a.port)}
 
     def start_service(self, name: str) -> Child:
-        return self.sup.add(Child(name, self.settings(name), self.logs / f"{name}.log"))
+        python = self.inference_python if name == "inference" else None
+        return self.sup.add(Child(name, self.settings(name), self.logs / f"{name}.log", python))
 
     def wait_healthy(self, child: Child, timeout: float) -> None:
         try:
@@ -218,7 +215,9 @@ class Up:
     def build_demo(self) -> Path:
         out = self.data / "models"
         say(f"building the demo models in {out} (first run only)")
-        cmd = [sys.executable, "-m", "lensbus.cli.main", "models", "build-demo", "--out", str(out)]
+        # The Python that runs the model builds it: MXNet's package needs MXNet to export.
+        cmd = [self.inference_python, "-m", "lensbus.cli.main", "models", "build-demo"]
+        cmd += ["--out", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         package = out / f"yolov3-tiny-{self.args.backend or 'onnx'}"
         if not package.is_dir():
@@ -290,6 +289,7 @@ class Up:
         try:
             if not port_free(self.args.port):
                 raise UpError(f"port {self.args.port} is in use: pass --port N for the web page")
+            self.pick_inference_python()
             self.start_nats()
             self.wait_healthy(self.start_service("deployer"), 60)
             asyncio.run(self.ensure_model())
@@ -318,6 +318,14 @@ class Up:
             time.sleep(0.5)
         self.stop()
         return 0
+
+    def pick_inference_python(self) -> None:
+        try:
+            self.inference_python = choose_python(self.args, os.environ.get(PYTHON_ENV))
+        except InferencePythonError as exc:
+            raise UpError(str(exc)) from None
+        if self.inference_python != sys.executable:
+            say(f"inference runs from {self.inference_python}")
 
     def cameras_hint(self) -> str:
         """How to add a camera to the running set (as the operator user)."""
@@ -370,6 +378,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="web page port (default 8080)")
     p.add_argument("--model", help="a model package (folder or .tar.gz) to deploy instead")
     p.add_argument("--backend", choices=BACKENDS, help="demo model framework (default onnx)")
+    p.add_argument(
+        "--inference-python",
+        help=f"the Python that runs inference (default ${PYTHON_ENV}, else this one): one "
+        "with lensbus-inference[mxnet] for --backend mxnet on a newer Python",
+    )
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
     p.add_argument("--fps", type=float, default=15.0, help="capture rate cap (default 15)")
     p.add_argument("--width", type=int, help="capture output width (keeps aspect ratio)")

@@ -25,12 +25,13 @@ from typing import Any, TextIO
 
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from lensbus.bus import connect
-from lensbus.cli.common import add_nats_options
+from lensbus.cli.common import add_nats_options, nats_user_options
 from lensbus.codec import DecodeError, decode
+from lensbus.feeds import replay_config
 from lensbus.schemas import Event, Result
 from lensbus.subjects import (
     DEFAULT_PREFIX,
@@ -104,13 +105,6 @@ def _subject(prefix: str, camera: str, events: bool) -> str:
     return subjects.all_results() if camera == "*" else subjects.results(camera)
 
 
-def _consumer_config(since: datetime | None) -> api.ConsumerConfig:
-    """Replay from ``since``; live only when there is no ``since`` or it lies ahead."""
-    if since is None or since > datetime.now(UTC):
-        return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
-    return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since)
-
-
 @contextlib.contextmanager
 def _signals_end(done: asyncio.Event) -> Iterator[None]:
     """Ctrl-C or SIGTERM ends the watch like --count does: unsubscribe, close, exit 0.  (As a
@@ -164,7 +158,7 @@ async def _follow(js: JetStreamContext, subject: str, since: datetime | None, p:
         stream=RESULTS_STREAM,
         cb=p.on_msg,
         ordered_consumer=True,
-        config=_consumer_config(since),
+        config=replay_config(since),
     )
     if not p.follow:
         # Nothing to replay at all: no message will come to say we caught up.
@@ -189,11 +183,14 @@ async def watch(
     count: int | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    user: dict[str, str] | None = None,
 ) -> int:
     try:
         # Reconnect forever once connected (a watch runs for hours); but the first
         # connection must fail fast, and nats-py would retry that one forever too.
-        nc = await connect(servers, name="lensbus-watch", timeout_s=5.0, connect_timeout=2)
+        nc = await connect(
+            servers, name="lensbus-watch", timeout_s=5.0, connect_timeout=2, **(user or {})
+        )
     except (NoServersError, OSError, TimeoutError) as exc:
         print(
             f"lensbus watch: cannot reach NATS at {','.join(servers)} ({type(exc).__name__}): "
@@ -236,6 +233,8 @@ def _run(args: argparse.Namespace) -> int:
                 json_lines=args.json,
                 follow=not args.no_follow,
                 count=args.count,
+                # The read-only client from --secrets, unless the URL names a user.
+                user=nats_user_options(args, "client"),
             )
         )
     except KeyboardInterrupt:

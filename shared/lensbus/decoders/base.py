@@ -36,6 +36,7 @@ __all__ = [
     "Decoder",
     "DecoderOptions",
     "FloatArray",
+    "center_boxes",
     "clamp_score",
     "decoder_for",
     "label_for",
@@ -198,6 +199,14 @@ def to_detections(
             Detection(label=label_for(labels, cid), class_id=cid, score=clamp_score(score), box=box)
         )
     return out
+
+
+def center_boxes(cxcywh: Array, input_w: int, input_h: int) -> FloatArray:
+    """``(K, 4)`` ``[cx, cy, w, h]`` in input pixels -> input-normalized ``xyxy``."""
+    a = np.asarray(cxcywh, dtype=np.float64).reshape(-1, 4)
+    half = a[:, 2:4] / 2
+    size = np.array([input_w, input_h, input_w, input_h], dtype=np.float64)
+    return np.concatenate([a[:, 0:2] - half, a[:, 0:2] + half], axis=1) / size
 
 
 def output_rows(output: Array, width: int, name: str) -> Array:

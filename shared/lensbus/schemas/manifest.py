@@ -23,9 +23,11 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -150,7 +152,27 @@ class InputSpec(ConfigPart):
         default=(0.0, 0.0, 0.0), description="per channel, in the model's colour order"
     )
     std: tuple[float, float, float] = Field(default=(1.0, 1.0, 1.0))
-    resize: Literal["stretch", "letterbox"] = "stretch"
+    resize: Literal["stretch", "letterbox", "letterbox_top_left"] = Field(
+        default="stretch",
+        description="'letterbox': scaled to fit, centred (Ultralytics, darknet); "
+        "'letterbox_top_left': scaled to fit, padded right and bottom (YOLOX)",
+    )
+    pad_value: int = Field(
+        default=127,
+        ge=0,
+        le=255,
+        description="letterbox padding, a pixel value (0..255) before scale/mean/std: 127 "
+        "as darknet, 114 as Ultralytics and YOLOX, 0 as NudeNet",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_default_pad(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As 'precision' below: written only when not the default, so model.json stays
+        # readable by instances from before it existed (they refuse unknown keys).
+        out: dict[str, Any] = handler(self)
+        if self.pad_value == type(self).model_fields["pad_value"].default:
+            out.pop("pad_value", None)
+        return out
 
     @model_validator(mode="after")
     def _std_positive(self) -> InputSpec:
@@ -191,6 +213,12 @@ class Manifest(ConfigMessage):
         "model); 'decoder' need not be repeated here",
     )
     files: dict[str, ModelFile] = Field(description="role -> file; roles depend on framework")
+    precision: Literal["fp32", "fp16"] = Field(
+        default="fp32",
+        description="'fp16': weights and input in half precision on a GPU (framework 'torch' "
+        "only; other frameworks refuse it).  On a CPU the model runs in fp32 and the load "
+        "logs that fp16 applies on a GPU only, so one package serves both",
+    )
     description: str = ""
 
     @field_validator("decoder_options", mode="before")
@@ -213,12 +241,26 @@ class Manifest(ConfigMessage):
         out: dict[str, Any] = v.model_dump(mode=info.mode, exclude_unset=True, exclude={"decoder"})
         return out
 
+    @model_serializer(mode="wrap")
+    def _without_default_precision(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # model.json written today stays readable by inference instances from before
+        # 'precision' existed (they refuse unknown keys): it is written only when it says fp16.
+        out: dict[str, Any] = handler(self)
+        if self.precision == "fp32":
+            out.pop("precision", None)
+        return out
+
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         backend = _backends()[self.framework]
         missing = backend.roles - set(self.files)
         if missing:
             raise ValueError(f"framework {self.framework!r} needs files {sorted(missing)}")
+        if self.precision not in backend.precisions:
+            raise ValueError(
+                f"framework {self.framework!r} runs precision {sorted(backend.precisions)}, "
+                f"not {self.precision!r}"
+            )
         tasks = _decoders()[self.decoder].tasks
         if self.task not in tasks:
             fit = sorted(k for k, d in _decoders().items() if self.task in d.tasks)
@@ -249,7 +291,10 @@ def _add_plugin_rules(schema: JsonSchemaValue, handler: GetJsonSchemaHandler) ->
         then = {"task": {"enum": sorted(_decoders()[key].tasks)}, "decoder_options": ref}
         rules.append(_when("decoder", key, {"properties": then}))
     for key, backend in sorted(_backends().items()):
-        files = {"files": {"required": sorted(backend.roles)}}
+        files = {
+            "files": {"required": sorted(backend.roles)},
+            "precision": {"enum": sorted(backend.precisions)},
+        }
         rules.append(_when("framework", key, {"properties": files}))
     schema["allOf"] = rules
 
