@@ -21,7 +21,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import ROOT, ServiceProc
 from nats.errors import NoServersError
 from photos import PHOTOS, photos
 from test_natsauth import AuthServer
@@ -32,9 +31,11 @@ from lensbus.clips import avi_bytes, put_clip, read_avi
 from lensbus.feeds import NotStored, replay_config
 from lensbus.natsauth import authorization_block, generate_passwords
 from lensbus.natsserver import NatsServer, free_port
+from lensbus.processes import ServiceProcess
 from lensbus.schemas import Box, ClipInfo, Detection, FrameEnvelope, ModelRef, Result, clip_id
 from lensbus.subjects import CLIPS_BUCKET, Subjects
 
+ROOT = Path(__file__).resolve().parent.parent
 CAMERA = "yard"
 MODEL = ModelRef(name="yolov3-tiny", version="1", framework="onnx", device="cpu")
 RULE = {"name": "dog", "labels": ["dog"], "min_score": 0.5, "cooldown_s": 0.0}
@@ -67,7 +68,7 @@ def result(seq: int, label: str = "person", camera: str = CAMERA) -> Result:
 class System:
     """The server, the publisher and what was put into the stream before any reader came."""
 
-    def __init__(self, auth: AuthServer, pub: ServiceProc, jpeg: bytes) -> None:
+    def __init__(self, auth: AuthServer, pub: ServiceProcess, jpeg: bytes) -> None:
         self.auth, self.pub, self.jpeg = auth, pub, jpeg
         self.stored: list[Result] = []  # readable results in the stream, in order
         self.seqs: list[int] = []  # their stream sequences
@@ -140,7 +141,9 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         "rules": json.dumps([RULE]),
         **auth.creds("publisher"),
     }
-    pub = ServiceProc("publisher", settings, tmp / "publisher.log", cwd=ROOT)
+    # The harness itself (tests/conftest.py's ServiceProc adds only assertions): a `from
+    # conftest import` is ambiguous once tests/fuzz and tests/chaos have conftests of their own.
+    pub = ServiceProcess("publisher", settings, tmp / "publisher.log", cwd=ROOT)
     pub.start()
     try:
         pub.wait_healthy(30)
