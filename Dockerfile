@@ -4,6 +4,7 @@
 #   docker build --target inference -t lensbus/inference .
 #   docker build --target deployer  -t lensbus/deployer .
 #   docker build --target publisher -t lensbus/publisher .
+#   docker build --target analytics -t lensbus/analytics .
 #   docker build --target inference --build-arg INFERENCE_EXTRAS=mxnet -t lensbus/inference-mxnet .
 #   GPU (ONNX Runtime with CUDA):
 #   docker build --target inference --build-arg ONNXRUNTIME="onnxruntime-gpu[cuda,cudnn]" \
@@ -90,6 +91,25 @@ ENV LENSBUS_DEPLOYER_METRICS_HOST=0.0.0.0 \
 USER lensbus
 EXPOSE 9103
 ENTRYPOINT ["lensbus-deployer"]
+
+# ---- analytics: a tracking group's results in order, tracks with stable ids, zones and lines --
+# that count (scipy for the tracker's assignment; no model runtime).
+FROM deps AS analytics-build
+COPY services/analytics/pyproject.toml services/analytics/
+RUN mkdir -p services/analytics/lensbus_analytics \
+ && pip install -c constraints.txt ./shared ./services/analytics \
+ && pip uninstall -y lensbus lensbus-analytics
+COPY shared/lensbus shared/lensbus
+COPY services/analytics/lensbus_analytics services/analytics/lensbus_analytics
+RUN pip install --no-deps ./shared ./services/analytics
+
+FROM runtime AS analytics
+COPY --from=analytics-build /opt/venv /opt/venv
+ENV LENSBUS_ANALYTICS_METRICS_HOST=0.0.0.0 \
+    LENSBUS_ANALYTICS_METRICS_PORT=9104
+USER lensbus
+EXPOSE 9104
+ENTRYPOINT ["lensbus-analytics"]
 
 # ---- publisher: the web page, the device and project MJPEG streams, live results, the -------
 # durable results stream, event rules and webhooks; /metrics and /healthz on the same port.

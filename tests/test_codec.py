@@ -138,6 +138,38 @@ def samples() -> dict[str, Message]:
             "activated_ns": NOW,
             "state": "active",
             "history": [old],
+            "pipeline_revision": 2,
+        },
+        # A group's desired pipeline (revision 2) and the one it replaced.
+        "pipeline_deployment": {
+            "group": "lobby",
+            "current": {
+                "revision": 2,
+                "activated_ns": NOW,
+                "reason": "set",
+                "pipeline": {
+                    "stages": [
+                        {"stage": "model", "model": "yolov3-tiny:2024.1"},
+                        {"stage": "track", "labels": ["person"]},
+                        {
+                            "stage": "zones",
+                            "cameras": {
+                                "lobby-cam": {
+                                    "lines": [{"name": "door", "a": [0.4, 0.2], "b": [0.4, 0.9]}]
+                                }
+                            },
+                        },
+                    ],
+                },
+            },
+            "history": [
+                {
+                    "revision": 1,
+                    "activated_ns": NOW - 86_400 * 10**9,
+                    "reason": "set",
+                    "pipeline": {"stages": [{"stage": "model", "model": "yolov3-tiny:2023.9"}]},
+                }
+            ],
         },
         "swap_report": {
             "group": "lobby",
@@ -162,6 +194,38 @@ def samples() -> dict[str, Message]:
             "model": model.model_dump(),
             "box": Box.from_normalized(0.1, 0.2, 0.45, 0.9, 1920, 1080).model_dump(),
             "snapshot": f"front-door/{NOW}-1234.jpg",
+        },
+        # A camera group's pipeline: detector, a classifier on car crops, tracking, zones.
+        "pipeline": {
+            "stages": [
+                {"stage": "model", "model": "yolov3-tiny:2024.1"},
+                {
+                    "stage": "classify",
+                    "name": "taxi",
+                    "model": "car-kind:3",
+                    "labels": ["car"],
+                    "min_size": 32,
+                    "max_crops": 4,
+                },
+                {"stage": "track", "labels": ["person", "car"]},
+                {
+                    "stage": "zones",
+                    "cameras": {
+                        "front-door": {
+                            "zones": [
+                                {
+                                    "name": "porch",
+                                    "points": [[0.1, 0.5], [0.6, 0.5], [0.6, 1.0], [0.1, 1.0]],
+                                    "labels": ["person"],
+                                    "loiter_s": 30,
+                                }
+                            ],
+                            "lines": [{"name": "door", "a": [0.4, 0.2], "b": [0.4, 0.9]}],
+                        }
+                    },
+                },
+            ],
+            "description": "people and taxis at the front door",
         },
         # The cameras bucket's records and a kept clip's description.
         "camera": {

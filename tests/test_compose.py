@@ -22,16 +22,23 @@ from lensbus.natsauth import USERS, compose_config, env_var
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-SERVICES = ("capture", "inference", "deployer", "publisher")
+SERVICES = ("capture", "inference", "deployer", "analytics", "publisher")
 # Inference images besides the default one: GPU, and one per framework set (profiles).
 INFERENCE_VARIANTS = ("inference-gpu", "inference-mxnet", "inference-torch")
 ONE_SHOT = {"init"}  # runs once and exits: no healthcheck
-METRICS_PORTS = {"capture": 9101, "inference": 9102, "deployer": 9103, "publisher": 8080}
+METRICS_PORTS = {
+    "capture": 9101,
+    "inference": 9102,
+    "deployer": 9103,
+    "analytics": 9104,
+    "publisher": 8080,
+}
 HEALTHZ_PORT_VARS = {
     "capture": "LENSBUS_CAPTURE_METRICS_PORT",
     "inference": "LENSBUS_INFERENCE_METRICS_PORT",
     **{v: "LENSBUS_INFERENCE_METRICS_PORT" for v in INFERENCE_VARIANTS},
     "deployer": "LENSBUS_DEPLOYER_METRICS_PORT",
+    "analytics": "LENSBUS_ANALYTICS_METRICS_PORT",
     "publisher": "LENSBUS_PUBLISHER_PORT",
 }
 REQUIRED = [env_var(u) for u in USERS] + ["LENSBUS_PUBLISHER_TOKEN"]
@@ -120,7 +127,7 @@ def test_images_built_here_are_never_pulled() -> None:
     """A registry may hold an image of the same name: compose builds ours, never pulls them."""
     svcs = services()
     built = {svc["image"] for svc in svcs.values() if "build" in svc}
-    assert len(built) == 4 + len(INFERENCE_VARIANTS)  # four services and inference's variants
+    assert len(built) == len(SERVICES) + len(INFERENCE_VARIANTS)  # and inference's variants
     for name, svc in svcs.items():
         if "build" in svc:
             assert svc["pull_policy"] == "build", name
@@ -402,14 +409,14 @@ def prometheus() -> dict[str, Any]:
 
 def test_prometheus_scrapes_every_service_and_every_inference_replica() -> None:
     jobs = {j["job_name"]: j for j in prometheus()["scrape_configs"]}
-    for name in ("capture", "deployer", "publisher"):
+    for name in ("capture", "deployer", "analytics", "publisher"):
         assert jobs[name]["static_configs"][0]["targets"] == [f"{name}:{METRICS_PORTS[name]}"]
     sd = jobs["inference"]["dns_sd_configs"]
     assert {tuple(s["names"]) for s in sd} == {("inference",)} | {(v,) for v in INFERENCE_VARIANTS}
     assert all(s["type"] == "A" and s["port"] == METRICS_PORTS["inference"] for s in sd)
     assert jobs["publisher"]["authorization"]["credentials_file"] == "/prometheus/publisher.token"
     svcs = services()
-    for name in ("capture", "inference", "deployer"):
+    for name in ("capture", "inference", "deployer", "analytics"):
         port = svcs[name]["environment"][f"LENSBUS_{name.upper()}_METRICS_PORT"]
         assert port.endswith(f":-{METRICS_PORTS[name]}}}"), (name, port)
     assert "/prometheus/publisher.token" in svcs["prometheus"]["command"][0]

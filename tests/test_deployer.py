@@ -26,7 +26,15 @@ from lensbus import decode, encode
 from lensbus.deployclient import DeployClient, DeployError
 from lensbus.modelpkg import MANIFEST, pack, write_package
 from lensbus.natsserver import NatsServer
-from lensbus.schemas import Deployment, ModelRef, ModelVersionRef, Reply, Status, SwapReport
+from lensbus.schemas import (
+    Deployment,
+    ModelRef,
+    ModelVersionRef,
+    PipelineReply,
+    Reply,
+    Status,
+    SwapReport,
+)
 from lensbus.schemas.deploy import (
     HISTORY_LENGTH,
     DeploymentReply,
@@ -412,6 +420,9 @@ async def test_malformed_requests_are_refused_and_counted(
         "activate": DeploymentReply,
         "rollback": DeploymentReply,
         "status": StatusReply,
+        "pipeline_set": PipelineReply,
+        "pipeline_get": PipelineReply,
+        "pipeline_rollback": PipelineReply,
     }
     assert set(replies) == set(DEPLOYER_VERBS)
     for verb, reply_cls in replies.items():

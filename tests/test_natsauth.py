@@ -276,6 +276,11 @@ FORBIDDEN_PUBLISH = [
     ("client", f"$KV.{CAMERAS_BUCKET}.camera.cam1"),
     ("client", f"$JS.API.CONSUMER.DELETE.{RESULTS_STREAM}.someone-else"),
     ("inference", f"$KV.{DEPLOYMENTS_BUCKET}.report.other.inst1"),
+    # analytics publishes tracked results and zone events, and writes no bucket
+    ("analytics", "lensbus.detections.cam1"),
+    ("analytics", "lensbus.frames.cam1"),
+    ("analytics", f"$KV.{DEPLOYMENTS_BUCKET}.pipeline.default"),
+    ("analytics", f"$JS.API.STREAM.PURGE.KV_{DEPLOYMENTS_BUCKET}"),
 ]
 # ... and what it must not subscribe to (answering the deployer's API, reading frames).
 FORBIDDEN_SUBSCRIBE = [
@@ -285,6 +290,8 @@ FORBIDDEN_SUBSCRIBE = [
     ("capture", "lensbus.results.*"),
     ("inference", "lensbus.api.deployer.*"),
     ("publisher", "lensbus.api.deployer.*"),
+    ("analytics", "lensbus.frames.*"),
+    ("analytics", "lensbus.api.deployer.*"),
     # every user reads only its own inbox (_INBOX_<user>)
     ("capture", "_INBOX.>"),
     ("capture", "_INBOX_client.>"),

@@ -32,6 +32,7 @@ from lensbus.schemas import (
     Timings,
     WireMessage,
 )
+from lensbus.schemas.base import ConfigMessage, ConfigPart
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "schemas"
@@ -91,10 +92,22 @@ def test_schema_is_valid_json_schema(name: str) -> None:
     # How versions evolve is written in the file a foreign reader has, not only in ours.
     assert f"schema version {SCHEMA_VERSION}" in schema["$comment"]
     wire = issubclass(EXPORTED[name[:-5]], WireMessage)
-    # A wire reader ignores what it does not know; configuration refuses it, parts alike.
+    # A wire reader ignores what it does not know; configuration refuses it, parts alike,
+    # and stays strict inside a wire record (a pipeline in the group's pipeline record).
     for part in [schema, *schema.get("$defs", {}).values()]:
         if "properties" in part:
-            assert part["additionalProperties"] is wire, (name, part.get("title"))
+            config = part is not schema and part.get("title") in _config_titles()
+            assert part["additionalProperties"] is (wire and not config), (name, part.get("title"))
+
+
+def _config_titles() -> set[str]:
+    """The names of the configuration models (what a person writes)."""
+    found, todo = set(), [ConfigMessage, ConfigPart]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return found
 
 
 # --- real messages validate against the schemas ------------------------------------------

@@ -158,6 +158,7 @@ async def test_up_runs_everything_and_stops_cleanly(up: UpProcess) -> None:
     assert {
         "lensbus_deployer",
         "lensbus_inference",
+        "lensbus_analytics",
         "lensbus_capture",
         "lensbus_publisher",
         "nats-server",

@@ -19,10 +19,10 @@ import asyncio
 import builtins
 import inspect
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -43,6 +43,10 @@ from lensbus.schemas import (
     Message,
     ModelInfo,
     ModelReply,
+    Pipeline,
+    PipelineReply,
+    PipelineRequest,
+    PipelineSetRequest,
     Reply,
     RollbackRequest,
     StatusReply,
@@ -53,6 +57,7 @@ from lensbus.schemas import (
     UploadStarted,
 )
 from lensbus.schemas.deploy import UPLOAD_CHUNK_BYTES
+from lensbus.schemas.pipeline import ORDER
 from lensbus.subjects import DEFAULT_PREFIX, Subjects
 
 R = TypeVar("R", bound=Reply)
@@ -65,6 +70,22 @@ UNREACHABLE = "unreachable"
 # A commit checks the whole package and puts it in the store: allow for slow disks.
 COMMIT_BYTES_PER_S = 10 * 1024 * 1024
 CHUNK_ATTEMPTS = 3
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """``stages.3.cameras.door``: pydantic puts the tag of a discriminated union (the
+    stage kind, ``stages.3.zones.cameras``) in the path; the file has no such key."""
+    parts = [
+        str(p)
+        for i, p in enumerate(loc)
+        if not (i >= 2 and loc[i - 2] == "stages" and isinstance(loc[i - 1], int) and p in ORDER)
+    ]
+    return ".".join(parts) or "<root>"
+
+
+def field_errors(exc: ValidationError) -> str:
+    """pydantic's errors as ``field.path: message; ...``."""
+    return "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
 
 
 class DeployClient:
@@ -123,11 +144,7 @@ class DeployClient:
         try:
             return cls(**fields)
         except ValidationError as exc:
-            errors = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                for e in exc.errors(include_url=False)
-            )
-            raise DeployError("bad_request", errors) from None
+            raise DeployError("bad_request", field_errors(exc)) from None
 
     async def _call(
         self, verb: str, request: Message, reply_cls: type[R], wait_s: float | None = None
@@ -238,3 +255,30 @@ class DeployClient:
         """Desired and served models, group by group (one group if given)."""
         request = self._request(StatusRequest, group=group)
         return (await self._call("status", request, StatusReply)).groups
+
+    # ---- pipelines ----------------------------------------------------------------------------
+
+    async def pipeline_set(
+        self, group: str, pipeline: Pipeline | Mapping[str, Any]
+    ) -> PipelineReply:
+        """Make ``pipeline`` (a :class:`Pipeline` or its JSON-like dict) the group's desired
+        pipeline; its primary model becomes the group's model. A pipeline that does not
+        validate, or that the store cannot run, raises ``bad_request``/``not_found`` naming
+        the field (``stages.3.cameras.door.zones.0.points: ...``)."""
+        if not isinstance(pipeline, Pipeline):
+            try:
+                pipeline = Pipeline.model_validate(pipeline)
+            except ValidationError as exc:
+                raise DeployError("bad_request", field_errors(exc)) from None
+        request = self._request(PipelineSetRequest, group=group, pipeline=pipeline)
+        return await self._call("pipeline_set", request, PipelineReply)
+
+    async def pipeline_get(self, group: str) -> PipelineReply:
+        """The group's pipeline record (with its history) and model deployment."""
+        request = self._request(PipelineRequest, group=group)
+        return await self._call("pipeline_get", request, PipelineReply)
+
+    async def pipeline_rollback(self, group: str) -> PipelineReply:
+        """Back to the group's previous pipeline, and its primary model."""
+        request = self._request(PipelineRequest, group=group)
+        return await self._call("pipeline_rollback", request, PipelineReply)

@@ -22,6 +22,9 @@ no user reads the replies (JetStream API answers, deployment records) meant for 
   that writes the model store and the ``group.*`` keys.
 - ``publisher`` reads frames, results and heartbeats, publishes events, manages the
   results stream and the snapshots and clips object stores, and reads the cameras bucket.
+- ``analytics`` reads the tracking groups' results (``detections.*``), publishes the
+  tracked results and the zone events (``results.*``, ``events.*``) and its heartbeats, and
+  reads the deployments bucket (the groups' pipelines); it writes no bucket.
 - ``client`` (programs, viewers; the ``lensbus`` command's read verbs) is read-only: frames,
   results, events and heartbeats, the deployer's ``list`` and ``status``, the results stream
   (with consumers of its own: ordered, ephemeral or durable), the snapshots, the clips and
@@ -71,13 +74,21 @@ from lensbus.subjects import (
     validate_token,
 )
 
-USERS: tuple[str, ...] = ("capture", "inference", "deployer", "publisher", "client", "operator")
+USERS: tuple[str, ...] = (
+    "capture",
+    "inference",
+    "deployer",
+    "publisher",
+    "analytics",
+    "client",
+    "operator",
+)
 
 # The camera group the plain ``inference`` user reports for; ``inference-<group>`` for others.
 DEFAULT_GROUP = "default"
 INFERENCE = "inference"
 # The deployer verbs a read-only user may call: they change nothing.
-READ_VERBS = ("list", "status")
+READ_VERBS = ("list", "status", "pipeline_get")
 
 # JetStream keeps a KV bucket B in the stream KV_B (subjects $KV.B.<key>) and an object
 # store B in the stream OBJ_B (subjects $O.B.C.<nuid> for chunks, $O.B.M.<name> for meta).
@@ -195,6 +206,7 @@ def _publish(user: str, p: str) -> list[str]:
     if group is not None:
         return [
             f"{p}.results.*",
+            f"{p}.detections.*",  # a group's results before its pipeline's analytics
             f"{p}.status.{INFERENCE}.>",
             f"$KV.{DEPLOYMENTS_BUCKET}.{report_key(group, '*')}",
             *stream_read(DEPLOYMENTS_STREAM),
@@ -219,9 +231,12 @@ def _publish(user: str, p: str) -> list[str]:
             *object_store(SNAPSHOTS_BUCKET),
             *object_store(CLIPS_BUCKET),
             *stream_read(CAMERAS_STREAM),
+            *stream_read(DEPLOYMENTS_STREAM),  # the groups' pipelines: zones and lines drawn
             f"{p}.webhooks.*",  # pending webhook deliveries, a work queue
             *stream_admin(WEBHOOKS_STREAM),
         ]
+    if user == "analytics":
+        return [f"{p}.results.*", f"{p}.events.*", heartbeat, *stream_read(DEPLOYMENTS_STREAM)]
     if user == "client":
         return _client(p, READ_VERBS)
     if user == "operator":
@@ -241,6 +256,7 @@ def _subscribe(user: str, p: str) -> list[str]:
         "capture": [],
         "deployer": [f"{p}.api.deployer.*", status],
         "publisher": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
+        "analytics": [f"{p}.detections.*"],
         "client": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
         "operator": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
     }[user]

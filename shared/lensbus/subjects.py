@@ -39,6 +39,9 @@ DEPLOYER_VERBS = (
     "activate",
     "rollback",
     "status",
+    "pipeline_set",
+    "pipeline_get",
+    "pipeline_rollback",
 )
 
 # The queue group inference instances join so that they split the frames.
@@ -97,6 +100,14 @@ class Subjects:
 
     def all_results(self) -> str:
         return f"{self.prefix}.results.*"
+
+    def detections(self, camera: str) -> str:
+        """Inference's results for one camera when its group's pipeline tracks: the analytics
+        service reads them in order, adds track ids and zones, and publishes the results."""
+        return f"{self.prefix}.detections.{validate_camera_id(camera)}"
+
+    def all_detections(self) -> str:
+        return f"{self.prefix}.detections.*"
 
     def events(self, camera: str) -> str:
         """Events raised by rules for one camera."""

@@ -30,6 +30,9 @@ from lensbus.schemas import (
     Message,
     ModelReply,
     ModelVersionRef,
+    PipelineReply,
+    PipelineRequest,
+    PipelineSetRequest,
     Reply,
     RollbackRequest,
     Status,
@@ -52,6 +55,7 @@ from lensbus_deployer.decisions import Heartbeat
 from lensbus_deployer.errors import Refused, StaleRecord
 from lensbus_deployer.jetstream import JetStream
 from lensbus_deployer.model_objects import latest
+from lensbus_deployer.pipeline_verbs import PipelineVerbs
 from lensbus_deployer.store import CAS_ATTEMPTS
 from lensbus_deployer.upload_verbs import UploadVerbs
 
@@ -84,6 +88,7 @@ class Api:
         self.counts = counts
         self.heartbeats: dict[str, Heartbeat] = {}
         up = upload_verbs
+        self.pipelines = pv = PipelineVerbs(jetstream, self._update, counts)
         self._routes: dict[str, tuple[type[Message], type[Reply], Handler]] = {
             "upload_begin": (UploadBegin, UploadStarted, up.upload_begin),
             "upload_chunk": (UploadChunk, Reply, up.upload_chunk),
@@ -92,6 +97,9 @@ class Api:
             "activate": (ActivateRequest, DeploymentReply, self.activate),
             "rollback": (RollbackRequest, DeploymentReply, self.rollback),
             "status": (StatusRequest, StatusReply, self.status),
+            "pipeline_set": (PipelineSetRequest, PipelineReply, pv.pipeline_set),
+            "pipeline_get": (PipelineRequest, PipelineReply, pv.pipeline_get),
+            "pipeline_rollback": (PipelineRequest, PipelineReply, pv.pipeline_rollback),
         }
         assert set(self._routes) == set(DEPLOYER_VERBS)
         self._subs: list[Subscription] = []
@@ -237,10 +245,14 @@ class Api:
 
     async def activate(self, req: ActivateRequest) -> DeploymentReply:
         ref = ModelVersionRef(name=req.name, version=await self._version(req))
+        revision = await self.pipelines.follow_model(req.group, ref, f"deploy {ref.ref}", True)
         now = time.time_ns()
-        dep = await self._update(
-            req.group, lambda cur: decisions.activate(cur, req.group, ref, now)
-        )
+
+        def change(cur: Deployment | None) -> Deployment:
+            dep = decisions.activate(cur, req.group, ref, now)
+            return dep.model_copy(update={"pipeline_revision": revision})
+
+        dep = await self._update(req.group, change)
         metrics.ACTIVATIONS.inc()
         self.counts["activations"] += 1
         log.info("group %s: desired model %s", req.group, ref.ref)
@@ -271,6 +283,13 @@ class Api:
     async def rollback(self, req: RollbackRequest) -> DeploymentReply:
         now = time.time_ns()
         dep = await self._update(req.group, lambda cur: decisions.rollback(cur, req.group, now))
+        reason = f"rollback of the model to {dep.model.ref}"
+        revision = await self.pipelines.follow_model(req.group, dep.model, reason, False)
+        if revision:
+            dep = await self._update(
+                req.group,
+                lambda cur: (cur or dep).model_copy(update={"pipeline_revision": revision}),
+            )
         metrics.ROLLBACKS.labels("manual").inc()
         self.counts["rollbacks"] += 1
         log.info("group %s: %s", req.group, dep.reason)

@@ -33,6 +33,18 @@ DEPLOYMENTS_FAILED = Counter(
     "lensbus_deployer_deployments_failed_total",
     "Deployments an inference instance reported as failed (acted on once each)",
 )
+PIPELINE_CHANGES = Counter(
+    "lensbus_deployer_pipeline_changes_total",
+    "Pipeline revisions written, by what made them (set, rollback, model: a deploy or "
+    "rollback of the group's model)",
+    ["change"],
+)
+PIPELINES_REFUSED = Counter(
+    "lensbus_deployer_pipelines_refused_total",
+    "Pipelines refused by the store check (not_found: a model missing; bad_request: a task or "
+    "label that does not fit)",
+    ["code"],
+)
 MODELS_STORED = Gauge("lensbus_deployer_models_stored", "Model versions in the object store")
 STORE_BYTES = Gauge("lensbus_deployer_store_bytes", "Bytes of the object store's stream")
 ORPHAN_CHUNKS_PURGED = Counter(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +27,9 @@ H_INPUT = "Lensbus-Input"
 H_UPLOADED = "Lensbus-Uploaded-Ns"
 H_CONTENT = "Lensbus-Content-Sha256"
 H_SHA256 = "Lensbus-Sha256"
+# The manifest's labels as a JSON list: what a pipeline's classify stage may filter on.
+# Packages stored before it was added lack it: their model.json is read instead.
+H_LABELS = "Lensbus-Labels"
 
 
 def content_sha256(manifest: Manifest) -> str:
@@ -48,7 +52,22 @@ def object_headers(
         H_UPLOADED: [str(uploaded_ns)],
         H_CONTENT: [content],
         H_SHA256: [archive_sha256],
+        H_LABELS: [json.dumps(manifest.labels)],
     }
+
+
+def header_labels(headers: Mapping[str, Any] | None) -> list[str] | None:
+    """The labels kept in an object's headers, or ``None`` (an older object, or unreadable)."""
+    text = header(headers, H_LABELS)
+    if text is None:
+        return None
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return None
+    return labels
 
 
 def header(headers: Mapping[str, Any] | None, key: str) -> str | None:

@@ -11,7 +11,9 @@ progress.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,19 @@ from nats.js.object_store import ObjectStore
 
 from lensbus import metrics as shared_metrics
 from lensbus.codec import DecodeError, decode, encode
-from lensbus.schemas import Deployment, Manifest, ModelInfo, SwapReport
-from lensbus.schemas.deploy import group_key, object_name, report_key
+from lensbus.modelpkg import MANIFEST, PackageError, read_manifest
+from lensbus.schemas import Deployment, Manifest, ModelInfo, PipelineDeployment, SwapReport
+from lensbus.schemas.deploy import group_key, object_name, pipeline_key, report_key
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.errors import StaleRecord
-from lensbus_deployer.model_objects import H_CONTENT, header, model_info, object_headers
+from lensbus_deployer.model_objects import (
+    H_CONTENT,
+    header,
+    header_labels,
+    model_info,
+    object_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,16 @@ REPORT_PATTERN = "report.>"
 SNAPSHOT_TIMEOUT_S = 5.0
 # Attempts at a compare-and-set write of a group's record before giving up.
 CAS_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class VersionedPipeline:
+    """A group's pipeline record and its KV revision (0: no record). ``unreadable`` says why
+    a record that is there could not be decoded (written by a newer lensbus, damaged)."""
+
+    record: PipelineDeployment | None
+    revision: int
+    unreadable: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,8 @@ class Store:
         self.s = settings
         self._obs: ObjectStore | None = None
         self._kv: KeyValue | None = None
+        # Labels of stored packages by content digest (a stored version never changes).
+        self._labels: dict[str, list[str]] = {}
 
     @property
     def obs(self) -> ObjectStore:
@@ -135,6 +156,23 @@ class Store:
         if info is None:
             return None
         return info, header(o.headers, H_CONTENT) or ""
+
+    async def labels(self, name: str, version: str) -> list[str] | None:
+        """The labels of a stored version's manifest, or ``None`` when it is not stored."""
+        try:
+            o = await self.obs.get_info(object_name(name, version))
+        except NotFoundError:
+            return None
+        labels = header_labels(o.headers)
+        if labels is not None:
+            return labels
+        content = header(o.headers, H_CONTENT) or object_name(name, version)
+        if content not in self._labels:
+            # Stored before the labels header: read model.json, the archive's first member.
+            result = await self.obs.get(object_name(name, version))
+            manifest = await asyncio.to_thread(_archive_manifest, result.data or b"")
+            self._labels[content] = list(manifest.labels)
+        return self._labels[content]
 
     async def put_model(
         self, manifest: Manifest, archive: Path, archive_sha256: str, content: str
@@ -222,6 +260,30 @@ class Store:
         except KeyWrongLastSequenceError:
             raise StaleRecord(key) from None
 
+    async def pipeline(self, group: str) -> VersionedPipeline:
+        try:
+            entry = await self.kv.get(pipeline_key(group))
+        except NotFoundError:
+            return VersionedPipeline(None, 0)
+        if not entry.value:  # deleted
+            return VersionedPipeline(None, entry.revision or 0)
+        try:
+            return VersionedPipeline(decode(entry.value, PipelineDeployment), entry.revision or 0)
+        except DecodeError as exc:
+            shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+            log.warning("unreadable pipeline of group %s: %s", group, exc)
+            return VersionedPipeline(None, entry.revision or 0, str(exc))
+
+    async def write_pipeline(self, record: PipelineDeployment, revision: int) -> int:
+        """Write a group's pipeline if it is still at ``revision``; else :class:`StaleRecord`."""
+        key = pipeline_key(record.group)
+        try:
+            if revision == 0:
+                return await self.kv.create(key, encode(record))
+            return await self.kv.update(key, encode(record), last=revision)
+        except KeyWrongLastSequenceError:
+            raise StaleRecord(key) from None
+
     async def _snapshot(self, pattern: str) -> list[KeyValue.Entry]:
         """The current entries of the keys matching ``pattern``."""
         watcher = await self.kv.watch(pattern, ignore_deletes=True)
@@ -261,3 +323,12 @@ class Store:
             if entry.key == report_key(report.group, report.instance):  # else: forged
                 out.append(report)
         return out
+
+
+def _archive_manifest(data: bytes) -> Manifest:
+    """``model.json`` of a stored package (``.tar.gz`` bytes)."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        member = tar.extractfile(MANIFEST)
+        if member is None:
+            raise PackageError(f"the stored package has no {MANIFEST}")
+        return read_manifest(member.read())

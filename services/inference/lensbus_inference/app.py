@@ -21,6 +21,7 @@ from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
 from lensbus_inference.deployment import Follower
 from lensbus_inference.model import LoadedModel, load_model
+from lensbus_inference.stages import StagesFollower
 from lensbus_inference.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ async def run(settings: InferenceSettings) -> int:
                 rt.detail["group"] = settings.group
                 follower = _follower(settings, rt, worker)
                 tasks.append(asyncio.create_task(follower.run(), name="follower"))
+                stages = StagesFollower(follower, worker)
+                tasks.append(asyncio.create_task(stages.run(), name="stages"))
             subs = await _subscribe(settings, rt, worker.on_frame)
             rt.set_state("running")
             await rt.stop.wait()
@@ -98,3 +101,5 @@ async def run(settings: InferenceSettings) -> int:
         current = worker.model if worker else model
         if current is not None:
             await asyncio.to_thread(current.close)
+        for cascade in worker.plan.cascades if worker and worker.plan else ():
+            await asyncio.to_thread(cascade.model.close)

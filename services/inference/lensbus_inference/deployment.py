@@ -11,7 +11,6 @@ watches to roll a failed deployment back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,29 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import NotFoundError
 
 from lensbus.codec import decode, encode
 from lensbus.errors import DecodeError, LensbusError, ModelLoadError, PackageError
+from lensbus.keyfollow import KeyFollower
 from lensbus.modelpkg import Package, open_package_aside
 from lensbus.runtime import Runtime
 from lensbus.schemas import Deployment, ModelVersionRef, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, report_key
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
-from lensbus.waiting import sleep_unless_stopped
 from lensbus_inference import cache, metrics
 from lensbus_inference.config import InferenceSettings
 from lensbus_inference.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-# How often the desired model is re-read even without a watch update: a watcher's consumer
-# does not survive a NATS restart, this re-check does.
-RECHECK_S = 1.0
 # Blank runs after the check run: the first run allocates, the one after it runs as fast as
 # a frame will.  Each takes a frame's turn, so they are kept few.
 WARMUP_RUNS = 1
+
+Timings = tuple[float, float, float]  # fetch, load (unpack + verify + build), warm-up seconds
 
 
 class SwapFailed(LensbusError):
@@ -78,21 +75,24 @@ class Follower:
         self._swap = swap
         self._turn = turn  # held while a frame is in the model
         self.cache = settings.model_cache
-        self.last_revision = 0
         # A desired model that failed is not retried until the desired model changes.
         self.failed: tuple[str, str] | None = None
+        # The pipeline's classify stages as StagesFollower last saw them, in every report.
+        self.stages: dict[str, str] = {}
+        self._last: tuple[ModelVersionRef, str, str, Timings] | None = None
 
     async def report(
         self,
         desired: ModelVersionRef,
         state: str,
         reason: str = "",
-        timings: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        timings: Timings = (0.0, 0.0, 0.0),
     ) -> None:
         """Write this instance's SwapReport and mirror it in the heartbeat."""
         self.rt.detail.update(
             {"swap_state": state, "swap_model": desired.ref, "swap_reason": reason}
         )
+        self._last = (desired, state, reason, timings)
         fetch_s, load_s, warmup_s = timings
         rep = SwapReport(
             group=self.group,
@@ -105,12 +105,20 @@ class Follower:
             fetch_s=fetch_s,
             load_s=load_s,
             warmup_s=warmup_s,
+            stages=dict(self.stages),
         )
         try:
             kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
             await kv.put(report_key(self.group, self.s.instance), encode(rep))
         except Exception as exc:  # the heartbeat still carries the state
             log.warning("swap report for %s not written: %s", desired.ref, exc)
+
+    async def report_stages(self, stages: dict[str, str]) -> None:
+        """A classify stage changed: the last report again, with the stages' states.  Only
+        a ``serving`` one: a failure written again would read as a new one."""
+        self.stages = dict(stages)
+        if self._last is not None and self._last[1] == "serving":
+            await self.report(*self._last)
 
     async def fetch(self, ref: ModelVersionRef) -> Path:
         """The package's .tar.gz in the local cache, downloaded if not there yet."""
@@ -162,6 +170,30 @@ class Follower:
             raise SwapFailed("warmup", str(exc)) from None
         return time.perf_counter() - t0
 
+    async def prepare(self, desired: ModelVersionRef) -> tuple[LoadedModel, Path, Timings]:
+        """Fetch, verify, load and warm up ``desired`` while the models in service serve:
+        the one path every model of the group takes (the primary and each classify stage).
+        Raises :class:`SwapFailed`; a failed package leaves no folder behind."""
+        t0 = time.perf_counter()
+        work: Path | None = None
+        try:
+            archive = await self.fetch(desired)
+            fetch_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            work = unpacking = await asyncio.to_thread(cache.unpack_dir, archive)
+            package = await self._unpack(archive, unpacking)
+            model = await asyncio.to_thread(self._load, package)
+            load_s = time.perf_counter() - t1
+            warm_s = await self._warmup(model)
+        except SwapFailed:
+            if work is not None:
+                await asyncio.to_thread(cache.remove, work, "failed")
+            raise
+        metrics.SWAP_SECONDS.labels("fetch").observe(fetch_s)
+        metrics.SWAP_SECONDS.labels("load").observe(load_s)
+        metrics.SWAP_SECONDS.labels("warmup").observe(warm_s)
+        return model, work, (fetch_s, load_s, warm_s)
+
     async def apply(self, dep: Deployment) -> None:
         desired = dep.model
         serving = version_ref(self._current())
@@ -174,20 +206,9 @@ class Follower:
         serving_ref = serving.ref if serving else "nothing"
         log.info("group %s wants %s (serving %s): loading", self.group, desired.ref, serving_ref)
         await self.report(desired, "loading")
-        t0 = time.perf_counter()
-        work: Path | None = None
         try:
-            archive = await self.fetch(desired)
-            fetch_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            work = unpacking = await asyncio.to_thread(cache.unpack_dir, archive)
-            package = await self._unpack(archive, unpacking)
-            model = await asyncio.to_thread(self._load, package)
-            load_s = time.perf_counter() - t1
-            warm_s = await self._warmup(model)
+            model, work, timings = await self.prepare(desired)
         except SwapFailed as exc:
-            if work is not None:  # a failed package leaves no folder behind
-                await asyncio.to_thread(cache.remove, work, "failed")
             self.failed = (desired.name, desired.version)
             metrics.SWAPS.labels("failed").inc()
             keeping = serving.ref if serving else "no model"
@@ -196,27 +217,16 @@ class Follower:
             self.rt.detail["last_failure"] = f"{desired.ref}: {exc}"
             await self.report(desired, "failed", str(exc))
             return
-        metrics.SWAP_SECONDS.labels("fetch").observe(fetch_s)
-        metrics.SWAP_SECONDS.labels("load").observe(load_s)
-        metrics.SWAP_SECONDS.labels("warmup").observe(warm_s)
         await self._swap(model)
-        assert work is not None
         await asyncio.to_thread(cache.keep, work)
         self.failed = None
         metrics.SWAPS.labels("ok").inc()
-        log.info(
-            "now serving %s (fetch %.2fs, load %.2fs, warm-up %.2fs)",
-            desired.ref,
-            fetch_s,
-            load_s,
-            warm_s,
-        )
-        await self.report(desired, "serving", timings=(fetch_s, load_s, warm_s))
+        log.info("now serving %s (fetch %.2fs, load %.2fs, warm-up %.2fs)", desired.ref, *timings)
+        await self.report(desired, "serving", timings=timings)
 
-    async def _read(self, data: bytes, revision: int) -> None:
-        if revision == self.last_revision:  # a new watcher replays the last value
+    async def _read(self, data: bytes | None) -> None:
+        if data is None:  # a deleted deployment: the model in service stays
             return
-        self.last_revision = revision
         try:
             dep = decode(data, Deployment)
         except DecodeError as exc:
@@ -226,42 +236,5 @@ class Follower:
 
     async def run(self) -> None:
         """Follow the group's key until stopped; survives NATS and deployer restarts."""
-        key = group_key(self.group)
-        waiting_logged = False
         await asyncio.to_thread(cache.clean, self.cache)
-        while not self.rt.stop.is_set():
-            try:
-                kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
-                watcher = await kv.watch(key)
-            except (BucketNotFoundError, NotFoundError, nats.errors.Error, OSError) as exc:
-                if not waiting_logged:
-                    log.info("waiting for the deployments bucket (%s)", exc)
-                    waiting_logged = True
-                await sleep_unless_stopped(self.rt.stop, RECHECK_S)
-                continue
-            try:
-                await self._follow(kv, watcher)
-            except (nats.errors.Error, OSError) as exc:
-                log.debug("deployment watch interrupted: %s", exc)
-                await sleep_unless_stopped(self.rt.stop, RECHECK_S)
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
-
-    async def _follow(self, kv: KeyValue, watcher: KeyValue.KeyWatcher) -> None:
-        key = group_key(self.group)
-        while not self.rt.stop.is_set():
-            try:
-                entry = await watcher.updates(timeout=RECHECK_S)
-            except nats.errors.TimeoutError:
-                try:
-                    entry = await kv.get(key)
-                except KeyNotFoundError:
-                    continue
-                if entry.revision != self.last_revision and entry.value:
-                    await self._read(entry.value, entry.revision or 0)
-                    return  # the watch missed it: start a new one
-                continue
-            if entry is None or not entry.value or entry.operation is not None:
-                continue
-            await self._read(entry.value, entry.revision or 0)
+        await KeyFollower(self.rt, group_key(self.group), self._read).run()

@@ -5,20 +5,33 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lensbus.codec import decode
 from lensbus.errors import DecodeError, ImageError, Rejected
 from lensbus.images import MAX_PIXELS, decode_jpeg, reduction_for
-from lensbus.schemas import FrameEnvelope, Result, Timings
+from lensbus.schemas import FrameEnvelope, Result, StageTiming, Timings
+from lensbus_inference import metrics
+from lensbus_inference.cascade import Cascade, run_stage
 from lensbus_inference.mailbox import Pending
 from lensbus_inference.model import LoadedModel
 
 # A large frame that capture encoded in strips is decoded in this many strips at once when it
 # is decoded at reduced scale (lensbus.images): the same pixels, in about half the time.
 DECODE_THREADS = min(2, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The group's pipeline as inference runs it: the primary stage's name, the classify
+    stages in service, and whether results go to analytics (a track stage)."""
+
+    primary: str = "model"
+    cascades: Sequence[Cascade] = field(default_factory=tuple)
+    analytics: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,14 +87,34 @@ def decode_frame(
     return DecodedFrame(env, image, factor, item.arrived, t0, time.perf_counter())
 
 
-def run_model(frame: DecodedFrame, model: LoadedModel, instance: str) -> Result:
-    """Run a decoded frame through the model and describe the result."""
+def run_model(
+    frame: DecodedFrame, model: LoadedModel, instance: str, plan: Plan | None = None
+) -> Result:
+    """Run a decoded frame through the model (and the plan's classify stages, on crops of
+    the same decoded frame) and describe the result."""
     t0 = time.perf_counter()
     # Queue: every wait between arrival and the model, before and after the decode.
     queue_s = (frame.started - frame.arrived) + (t0 - frame.finished)
     env = frame.env
     width, height = env.frame_size  # a model-stream frame's boxes are in full-frame pixels
     out = model.run(frame.image, width, height)
+    detections, stages = out.detections, []
+    if plan is not None:
+        model_s = out.preprocess_s + out.compute_s + out.postprocess_s
+        metrics.PIPELINE_STAGE_SECONDS.labels(plan.primary, "model").observe(model_s)
+        m = model.manifest
+        stages.append(
+            StageTiming(
+                stage=plan.primary,
+                kind="model",
+                model=f"{m.name}:{m.version}",
+                ms=model_s * 1000.0,
+                items=len(detections),
+            )
+        )
+        for cascade in plan.cascades:
+            detections, timing = run_stage(frame.image, detections, cascade)
+            stages.append(timing)
     return Result(
         camera=env.camera,
         seq=env.seq,
@@ -92,7 +125,7 @@ def run_model(frame: DecodedFrame, model: LoadedModel, instance: str) -> Result:
         model=model.ref,
         task=model.manifest.task,
         instance=instance,
-        detections=out.detections,
+        detections=detections,
         classes=out.classes,
         segments=out.segments,
         mask_png=out.mask_png,
@@ -103,6 +136,7 @@ def run_model(frame: DecodedFrame, model: LoadedModel, instance: str) -> Result:
             compute=out.compute_s,
             postprocess=out.postprocess_s,
         ),
+        stages=stages,
     )
 
 
@@ -114,8 +148,9 @@ def process(
     reduced: bool,
     threads: int = DECODE_THREADS,
     max_pixels: int = MAX_PIXELS,
+    plan: Plan | None = None,
 ) -> Result:
     """Decode, run and describe one frame. Raises :class:`~lensbus.errors.Rejected` for bad
     input."""
     frame = decode_frame(item, model.input_size, max_bytes, reduced, threads, max_pixels)
-    return run_model(frame, model, instance)
+    return run_model(frame, model, instance, plan)

@@ -44,3 +44,18 @@ def set_model_info(new: ModelRef, old: ModelRef | None = None) -> None:
     if old is not None:
         MODEL_INFO.labels(old.name, old.version, old.framework, old.device).set(0)
     MODEL_INFO.labels(new.name, new.version, new.framework, new.device).set(1)
+
+
+PIPELINE_STAGE_SECONDS = latency_histogram(
+    "lensbus_inference_pipeline_stage_seconds",
+    "Seconds per frame in each stage of the group's pipeline (model, classify)",
+    ("stage", "kind"),
+)
+CROPS = Counter(
+    "lensbus_inference_crops_total", "Crops a classify stage ran its model on", ["stage"]
+)
+STAGE_SWAPS = Counter(
+    "lensbus_inference_stage_swaps_total",
+    "Live swaps of a pipeline's classify stage models",
+    ["stage", "outcome"],
+)

@@ -18,7 +18,7 @@ from lensbus.schemas import Result
 from lensbus.waiting import wait_unless_stopped
 from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
-from lensbus_inference.frames import process
+from lensbus_inference.frames import Plan, process
 from lensbus_inference.mailbox import Mailbox, Pending
 from lensbus_inference.model import LoadedModel
 
@@ -38,6 +38,8 @@ class Worker:
         self.s = settings
         self.rt = rt
         self.model = model
+        # The group's pipeline as run here (None: no pipeline, today's single model).
+        self.plan: Plan | None = None
         # Held while a frame is in the model: a swap takes it, so it lands between frames.
         self.busy = asyncio.Lock()
         self.mailbox = Mailbox(settings.queue_depth)
@@ -128,7 +130,7 @@ class Worker:
         measured: on 2 cores the decode thread slowed the model's two threads more than it
         hid, 18.2 fps with it against 19.8 without, ONNX at 1080p.)"""
         async with self.busy:
-            model = self.model
+            model, plan = self.model, self.plan
             if model is None:  # following a group that has no loadable model yet
                 raise NoModelInService
             s = self.s
@@ -140,6 +142,7 @@ class Worker:
                 s.max_frame_bytes,
                 s.reduced_decode,
                 max_pixels=s.max_frame_pixels,
+                plan=plan,
             )
 
     def _reject(self, exc: Rejected) -> None:
@@ -165,8 +168,12 @@ class Worker:
         if not self.rt.bus.connected:
             metrics.FRAMES_DROPPED.labels("nats_down").inc()
             return
+        # With a track stage, analytics owns the camera's results: it tracks and republishes.
+        plan = self.plan
+        subjects = self.rt.subjects
+        to = subjects.detections if plan is not None and plan.analytics else subjects.results
         try:
-            await self.rt.nc.publish(self.rt.subjects.results(result.camera), encode(result))
+            await self.rt.nc.publish(to(result.camera), encode(result))
         except Exception as exc:
             metrics.FRAMES_DROPPED.labels("publish_error").inc()
             log_limited(
@@ -185,3 +192,9 @@ class Worker:
         metrics.set_model_info(new.ref, old.ref if old is not None else None)
         if old is not None:
             await asyncio.to_thread(old.close)
+
+    async def set_plan(self, plan: Plan | None) -> None:
+        """Put the pipeline's stages in service between two frames (the models they drop
+        are the caller's to close)."""
+        async with self.busy:
+            self.plan = plan

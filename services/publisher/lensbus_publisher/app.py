@@ -14,10 +14,11 @@ from nats.aio.subscription import Subscription
 from lensbus.runtime import Runtime
 from lensbus_publisher.clips import Clips
 from lensbus_publisher.config import PublisherSettings
-from lensbus_publisher.directory import follow
+from lensbus_publisher.directory import follow, follow_pipelines
 from lensbus_publisher.durable import Durable
 from lensbus_publisher.events import Events
 from lensbus_publisher.hub import Hub
+from lensbus_publisher.overlay import Overlays
 from lensbus_publisher.project import ProjectRenderer
 from lensbus_publisher.web import Web
 from lensbus_publisher.webhooks import Webhooks
@@ -33,7 +34,10 @@ class Publisher:
     def __init__(self, settings: PublisherSettings) -> None:
         self.s = settings
         self.hub = Hub(settings)
+        self.overlays = Overlays(settings, self.hub)
+        self.hub.on_forget.append(self.overlays.forget)
         self.renderer = ProjectRenderer(settings, self.hub)
+        self.renderer.overlays = self.overlays
         self.web = Web(settings, self.hub, self.renderer)
         self.webhooks = Webhooks(settings)
         self.subs: list[Subscription] = []
@@ -50,6 +54,7 @@ class Publisher:
             "frames_rendered": sum(c.frames_rendered for c in cams),
             "open_streams": self.web.open_streams,
             "events": self.events.raised if self.events else 0,
+            "zone_events": self.events.zone_events if self.events else 0,
             "clips": self.clips.kept if self.clips else 0,
             "webhook_failures": self.webhooks.dropped,
             "rejected": self.hub.rejected,
@@ -71,6 +76,10 @@ class Publisher:
             cam, result = got
             self.events.check(result, cam.frames.get(result.seq))
 
+    async def _on_event(self, msg: Msg) -> None:
+        if self.events is not None:
+            self.events.on_bus_event(self.rt.subjects.camera_of(msg.subject), msg.data)
+
     async def _on_status(self, msg: Msg) -> None:
         self.hub.on_status(msg.data, msg.subject)
 
@@ -79,7 +88,9 @@ class Publisher:
         durable = Durable(self.s, rt)
         self.clips = Clips(self.s, rt, durable) if self.s.rules else None
         self.web.media.bind(durable, self.clips)
-        self.events = Events(self.s, rt, self.hub, durable, self.webhooks, self.clips)
+        self.events = Events(
+            self.s, rt, self.hub, durable, self.webhooks, self.clips, self.overlays
+        )
         self.hub.on_forget.append(self.events.engine.forget)
         if self.clips is not None:
             self.hub.on_forget.append(self.clips.forget)
@@ -88,6 +99,7 @@ class Publisher:
             asyncio.create_task(durable.run(), name="durable"),
             asyncio.create_task(self.events.run(), name="events"),
             asyncio.create_task(follow(rt, self.hub), name="cameras"),
+            asyncio.create_task(follow_pipelines(rt, self.hub, self.overlays), name="pipelines"),
         ]
         if self.clips is not None:
             self.tasks.append(asyncio.create_task(self.clips.run(), name="clips"))
@@ -97,9 +109,22 @@ class Publisher:
                 subjects.all_frames(), cb=self._on_frame, pending_bytes_limit=FRAME_PENDING_BYTES
             ),
             await nc.subscribe(subjects.all_results(), cb=self._on_result),
+            await nc.subscribe(subjects.all_events(), cb=self._on_event),
             await nc.subscribe(subjects.all_status(), cb=self._on_status),
         ]
         for rule in self.s.rules:
+            zone_triggers = sorted(t for t in rule.triggers if t != "rule")
+            if zone_triggers:
+                log.info(
+                    "rule %s: zone events %s of %s, cooldown %.0f s%s",
+                    rule.name,
+                    ",".join(zone_triggers),
+                    ",".join(sorted(rule.zones)) or "every zone and line",
+                    rule.cooldown_s,
+                    " -> clip, webhook" if rule.webhook else " -> clip",
+                )
+            if not rule.on_results:
+                continue
             log.info(
                 "rule %s: %s score >= %.2f, %d in a row, cooldown %.0f s%s",
                 rule.name,

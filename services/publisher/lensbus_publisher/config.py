@@ -9,7 +9,7 @@ whole server there, setting it to something else than ``port`` is an error.
 from __future__ import annotations
 
 import ipaddress
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from lensbus.schemas import Event
 from lensbus.settings import ServiceSettings
 from lensbus.subjects import validate_camera_id, validate_token
 
@@ -36,13 +37,34 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+Trigger = Literal["rule", "enter", "leave", "loiter", "cross"]
+ZONE_TRIGGERS: frozenset[str] = frozenset({"enter", "leave", "loiter", "cross"})
+
+
 class Rule(BaseModel):
-    """An event rule: fire when a label is seen, at most once per cooldown."""
+    """An event rule: fire when a label is seen, at most once per cooldown.
+
+    A rule whose ``triggers`` name zone triggers also selects the analytics service's zone
+    and line events (of its ``zones``, ``cameras`` and ``labels``; empty: all): those get a
+    clip and the rule's webhook, at most once per cooldown and camera."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="rule name (A-Z a-z 0-9 _ -), in events and metrics")
-    labels: frozenset[str] = Field(min_length=1, description="labels that fire the rule")
+    labels: frozenset[str] = Field(
+        default=frozenset(),
+        description="labels that fire the rule (required with trigger 'rule'); for zone "
+        "events, the labels selected (empty: all)",
+    )
+    triggers: frozenset[Trigger] = Field(
+        default=frozenset({"rule"}),
+        min_length=1,
+        description="'rule': fire on results (as always); enter, leave, loiter, cross: "
+        "select the zone events the analytics service raises",
+    )
+    zones: frozenset[str] = Field(
+        default=frozenset(), description="zone events: zones and lines selected; empty: all"
+    )
     min_score: float = Field(default=0.5, ge=0.0, le=1.0, description="detection/class score")
     min_area: float = Field(
         default=0.01, ge=0.0, le=1.0, description="segmentation: fraction of the frame, at least"
@@ -72,6 +94,26 @@ class Rule(BaseModel):
         for cam in v:
             validate_camera_id(cam)
         return v
+
+    @model_validator(mode="after")
+    def _labels_for_results(self) -> Rule:
+        if "rule" in self.triggers and not self.labels:
+            raise ValueError("labels: at least one is needed when triggers has 'rule'")
+        return self
+
+    @property
+    def on_results(self) -> bool:
+        return "rule" in self.triggers
+
+    def selects(self, event: Event) -> bool:
+        """Whether a zone event is one this rule selects (cooldown aside)."""
+        return (
+            event.trigger in self.triggers
+            and event.trigger in ZONE_TRIGGERS
+            and (not self.zones or event.zone in self.zones)
+            and (not self.cameras or event.camera in self.cameras)
+            and (not self.labels or event.label in self.labels)
+        )
 
 
 class PublisherSettings(ServiceSettings):
@@ -150,6 +192,11 @@ class PublisherSettings(ServiceSettings):
 
     # Event rules and webhooks.
     rules: list[Rule] = Field(default_factory=list, description="event rules (JSON list in env)")
+    pipeline_group: str = Field(
+        default="default",
+        description="the group whose pipeline (zones, lines) is drawn for a camera the "
+        "cameras bucket gives no group",
+    )
     event_queue: int = Field(default=100, gt=0, description="events waiting to be raised")
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=300, description="per attempt")
     webhook_retries: int = Field(
@@ -205,6 +252,11 @@ class PublisherSettings(ServiceSettings):
                 "or bind to 127.0.0.1"
             )
         return v
+
+    @field_validator("pipeline_group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        return validate_token(v, "pipeline_group")
 
     @field_validator("rules")
     @classmethod

@@ -3,6 +3,13 @@
 
 Rules are checked on the event loop as results arrive (cheap); the I/O of raising an event
 runs in its own task from a bounded queue, so it never holds up the streams.
+
+The analytics service's zone and line events (trigger enter, leave, loiter, cross) come in
+on the same subjects and get the same treatment, without a second event: the frame's JPEG
+is stored under :func:`snapshot_name` of the event's camera, seq and capture time (a reader
+derives it; the page's list shows it), the rules that select the event
+(:meth:`Rule.selects`) start its clip and queue their webhook. Rule events coming back
+(ours, or another publisher's) are left alone, and malformed ones are counted.
 """
 
 from __future__ import annotations
@@ -11,8 +18,12 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from functools import partial
 
-from lensbus.codec import encode
+from lensbus.codec import DecodeError, decode, encode
+from lensbus.errors import Rejected
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import Event, Result, snapshot_name
@@ -22,10 +33,14 @@ from lensbus_publisher.clips import Clips
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.durable import Durable
 from lensbus_publisher.hub import Hub
+from lensbus_publisher.overlay import Overlays
 from lensbus_publisher.rules import Firing, RuleEngine
 from lensbus_publisher.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
+
+SNAPSHOTS_REMEMBERED = 256  # names stored lately: events of one frame share one snapshot
+Job = tuple[str, Callable[[], Awaitable[object]]]  # what for (logs), the work
 
 
 class Events:
@@ -37,6 +52,7 @@ class Events:
         durable: Durable,
         webhooks: Webhooks,
         clips: Clips | None = None,
+        overlays: Overlays | None = None,
     ) -> None:
         self.s = settings
         self.rt = rt
@@ -44,11 +60,12 @@ class Events:
         self.durable = durable
         self.webhooks = webhooks
         self.clips = clips
+        self.overlays = overlays
         self.engine = RuleEngine(settings.rules)
-        self.queue: asyncio.Queue[tuple[Firing, Result, FrameItem | None, int]] = asyncio.Queue(
-            maxsize=settings.event_queue
-        )
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.event_queue)
         self.raised = 0
+        self.zone_events = 0
+        self._stored: OrderedDict[str, None] = OrderedDict()
         self._limit = RateLimit(60.0)
 
     def check(self, result: Result, frame: FrameItem | None) -> None:
@@ -56,20 +73,72 @@ class Events:
         if not self.engine.rules:
             return
         for firing in self.engine.feed(result):
-            try:
-                self.queue.put_nowait((firing, result, frame, time.time_ns()))
-            except asyncio.QueueFull:
-                metrics.EVENTS_DROPPED.labels("queue_full").inc()
-                log_limited(
-                    log,
-                    self._limit,
-                    "queue_full",
-                    logging.WARNING,
-                    "event of rule %s dropped: queue full",
-                    firing.rule.name,
-                )
+            raising = partial(self.raise_event, firing, result, frame, time.time_ns())
+            self._queue(f"rule {firing.rule.name}", raising)
 
-    async def _snapshot(self, result: Result, frame: FrameItem | None) -> str:
+    def _queue(self, what: str, work: Callable[[], Awaitable[object]]) -> None:
+        try:
+            self.queue.put_nowait((what, work))
+        except asyncio.QueueFull:
+            metrics.EVENTS_DROPPED.labels("queue_full").inc()
+            log_limited(
+                log,
+                self._limit,
+                "queue_full",
+                logging.WARNING,
+                "event of %s dropped: queue full",
+                what,
+            )
+
+    def on_bus_event(self, subject_camera: str, data: bytes) -> None:
+        """An event on ``<prefix>.events.<camera>``: a zone event is counted and queued for
+        its snapshot, clip and webhooks; a rule event (this publisher's own coming back, or
+        another's) is left alone."""
+        try:
+            event = decode(data, Event)
+            if event.camera != subject_camera:
+                raise Rejected("camera_mismatch", f"{event.camera!r} on {subject_camera!r}")
+        except (DecodeError, Rejected) as exc:
+            self.hub.reject(exc.reason, "event", exc)
+            return
+        if event.trigger == "rule":
+            metrics.ZONE_EVENTS_IGNORED.labels("own_rule").inc()
+            return
+        if not event.zone:
+            self.hub.reject("no_zone", "event", ValueError(f"{event.trigger} event names no zone"))
+            return
+        self.zone_events += 1
+        metrics.ZONE_EVENTS.labels(event.camera, event.zone, event.trigger).inc()
+        if self.overlays is not None and self.overlays.on_event(event):
+            self.hub.on_counts(event.camera, self.overlays.crossings.get(event.camera, {}))
+        cam = self.hub.cameras.get(event.camera)
+        frame = None if cam is None else cam.frames.get(event.seq)
+        if frame is not None and frame.capture_ns != event.capture_ns:
+            frame = None  # the camera restarted: that seq is another frame now
+        self._queue(f"zone {event.zone}", partial(self.take_zone_event, event, frame))
+
+    async def take_zone_event(self, event: Event, frame: FrameItem | None) -> Event:
+        """Snapshot, page, clip and webhooks of a zone event; returns it as the page has it
+        (with the snapshot's name; the event on the bus is not changed)."""
+        name = snapshot_name(event.camera, event.seq, event.capture_ns)
+        if name not in self._stored:
+            name = await self._snapshot(event.camera, frame)
+            if name:
+                self._stored[name] = None
+                while len(self._stored) > SNAPSHOTS_REMEMBERED:
+                    self._stored.popitem(last=False)
+        shown = event.model_copy(update={"snapshot": name}) if name else event
+        self.hub.on_event(shown)
+        rules = self.engine.select(event)
+        if rules and self.clips is not None:
+            self.clips.start(event)
+        body = json.dumps(shown.model_dump(mode="json"), separators=(",", ":")).encode()
+        for rule in rules:
+            if rule.webhook is not None:
+                await self.webhooks.submit(rule, body)
+        return shown
+
+    async def _snapshot(self, camera: str, frame: FrameItem | None) -> str:
         if frame is None:
             metrics.SNAPSHOTS.labels("no_frame").inc()
             return ""
@@ -77,7 +146,7 @@ class Events:
         if store is None:
             metrics.SNAPSHOTS.labels("no_store").inc()
             return ""
-        name = snapshot_name(result.camera, frame.seq, frame.capture_ns)
+        name = snapshot_name(camera, frame.seq, frame.capture_ns)
         try:
             await store.put(name, frame.jpeg)
         except Exception as exc:  # JetStream away or full: the event still goes out
@@ -103,7 +172,7 @@ class Events:
             consecutive=firing.consecutive,
             model=result.model,
             box=firing.match.box,
-            snapshot=await self._snapshot(result, frame),
+            snapshot=await self._snapshot(result.camera, frame),
         )
         try:
             await self.rt.nc.publish(self.rt.subjects.events(event.camera), encode(event))
@@ -131,10 +200,10 @@ class Events:
 
     async def run(self) -> None:
         while True:
-            firing, result, frame, event_ns = await self.queue.get()
+            what, work = await self.queue.get()
             try:
-                await self.raise_event(firing, result, frame, event_ns)
+                await work()
             except Exception:  # one bad event must not end event raising
-                log.exception("raising an event of rule %s failed", firing.rule.name)
+                log.exception("raising an event of %s failed", what)
             finally:
                 self.queue.task_done()

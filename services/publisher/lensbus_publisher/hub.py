@@ -171,6 +171,19 @@ class Hub:
             cam.subscribers.send(item)
         self.all_results.send(item)
 
+    def on_counts(self, camera: str, lines: dict[str, list[int]]) -> None:
+        """A line's crossing count changed: ``counts`` to the SSE clients of its camera and
+        of all (``{"camera", "lines": {name: {"in", "out"}}}``)."""
+        body = {
+            "camera": camera,
+            "lines": {name: {"in": c[0], "out": c[1]} for name, c in lines.items()},
+        }
+        item = sse("counts", 0, body)
+        cam = self.cameras.get(camera)
+        if cam is not None:
+            cam.subscribers.send(item)
+        self.all_results.send(item)
+
     def on_status(self, data: bytes, subject: str) -> None:
         try:
             status = decode(data, Status)

@@ -104,3 +104,14 @@ CLIP_BUFFER_BYTES = Gauge(
 CLIP_RECORDING_BYTES = Gauge(
     "lensbus_publisher_clip_recording_bytes", "JPEG bytes held by clips being recorded"
 )
+ZONE_EVENTS = Counter(
+    "lensbus_publisher_zone_events_total",
+    "Zone and line events of the analytics service taken (snapshot, page, rules)",
+    ["camera", "zone", "trigger"],
+)
+ZONE_EVENTS_IGNORED = Counter(
+    "lensbus_publisher_zone_events_ignored_total",
+    "Events on the events subjects not taken, by reason (own_rule: a rule event, ours or "
+    "another publisher's, coming back)",
+    ["reason"],
+)

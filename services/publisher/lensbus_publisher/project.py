@@ -17,6 +17,7 @@ from lensbus_publisher import metrics
 from lensbus_publisher.camera import Camera, FrameItem, ProjectFrame
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.hub import Hub
+from lensbus_publisher.overlay import Overlays
 from lensbus_publisher.render import render
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class ProjectRenderer:
         self.s = settings
         self.hub = hub
         self.pool = ThreadPoolExecutor(settings.render_threads, thread_name_prefix="render")
+        self.overlays: Overlays | None = None  # the zones and lines drawn, once bound
         self._limit = RateLimit(60.0)
 
     def watch(self, cam: Camera) -> None:
@@ -64,9 +66,16 @@ class ProjectRenderer:
         while (frame := await self._next(cam, done)) is not None:
             done = (frame.seq, frame.capture_ns)
             result = cam.result_for_frame(frame, self.s.result_max_age_s)
+            overlay = None if self.overlays is None else self.overlays.overlay(cam.id, result)
             try:
                 out = await loop.run_in_executor(
-                    self.pool, render, frame.jpeg, result, frame.seq, self.s.project_jpeg_quality
+                    self.pool,
+                    render,
+                    frame.jpeg,
+                    result,
+                    frame.seq,
+                    self.s.project_jpeg_quality,
+                    overlay,
                 )
             except Exception as exc:  # a frame that does not decode: skip it, keep going
                 metrics.RENDER_ERRORS.labels(cam.id).inc()

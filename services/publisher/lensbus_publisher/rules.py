@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lensbus.schemas import Box, Result
+from lensbus.schemas import Box, Event, Result
 from lensbus_publisher.config import Rule
 
 
@@ -59,16 +59,33 @@ class RuleEngine:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = list(rules)
         self._state: dict[tuple[str, str], _State] = {}
+        self._zone_fired: dict[tuple[str, str], int] = {}  # (rule, camera): capture_ns
 
     def forget(self, camera: str) -> None:
         """Drop a camera's streaks and cooldowns (its capture restarted)."""
         for key in [k for k in self._state if k[1] == camera]:
             del self._state[key]
+        for key in [k for k in self._zone_fired if k[1] == camera]:
+            del self._zone_fired[key]
+
+    def select(self, event: Event) -> list[Rule]:
+        """The rules a zone event goes to (clip, webhook): those selecting it whose last
+        zone firing on the camera was at least ``cooldown_s`` earlier, in frame time."""
+        chosen = []
+        for rule in self.rules:
+            if not rule.selects(event):
+                continue
+            last = self._zone_fired.get((rule.name, event.camera))
+            if last is not None and 0 <= event.capture_ns - last < rule.cooldown_s * 1e9:
+                continue
+            self._zone_fired[(rule.name, event.camera)] = event.capture_ns
+            chosen.append(rule)
+        return chosen
 
     def feed(self, result: Result) -> list[Firing]:
         fired = []
         for rule in self.rules:
-            if rule.cameras and result.camera not in rule.cameras:
+            if not rule.on_results or (rule.cameras and result.camera not in rule.cameras):
                 continue
             state = self._state.setdefault((rule.name, result.camera), _State())
             match = best_match(rule, result)

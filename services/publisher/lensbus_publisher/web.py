@@ -99,6 +99,7 @@ class Web:
         r.add_get("/static/{name}", self.asset)
         r.add_get("/api/cameras", self.api_cameras)
         r.add_get("/api/status", self.api_status)
+        r.add_get("/api/cameras/{camera}/zones", self.api_zones)
         # Streams answer GET only: a HEAD would hold a handler that never writes a byte.
         r.add_get("/results", self.results_all, allow_head=False)
         r.add_get("/cameras/{camera}/device.mjpeg", self.device, allow_head=False)
@@ -227,6 +228,16 @@ class Web:
 
     async def api_cameras(self, request: web.Request) -> web.Response:
         return web.json_response({"cameras": self.hub.cameras_view()})
+
+    async def api_zones(self, request: web.Request) -> web.Response:
+        """The camera's zones and lines with their occupancy and in/out counts."""
+        cam = self._camera(request)
+        newest = next(reversed(cam.results.values()), None) if cam.results else None
+        result = None if newest is None else newest.result
+        overlays = self.renderer.overlays
+        if overlays is None:  # not started yet
+            raise web.HTTPServiceUnavailable(text='{"error": "starting"}')
+        return web.json_response(overlays.view(cam.id, result))
 
     async def api_status(self, request: web.Request) -> web.Response:
         return web.json_response(

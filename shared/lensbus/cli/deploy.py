@@ -35,7 +35,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 # Commands that change nothing: the read-only NATS user ``client`` may run them.
-READ_COMMANDS = ("models list", "status")
+READ_COMMANDS = ("models list", "status", "pipeline show", "pipeline history")
 
 Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
 
@@ -161,6 +161,11 @@ def _print_status(groups: list[GroupStatus]) -> None:
                 print(f"  reason    {dep.reason}")
             if dep.history:
                 print(f"  history   {', '.join(h.ref for h in reversed(dep.history))}")
+            if dep.pipeline_revision:
+                print(
+                    f"  pipeline  revision {dep.pipeline_revision} (lensbus pipeline show "
+                    f"--group {g.group})"
+                )
         if not g.instances:
             print("  instances (none reporting)")
         for inst in g.instances:

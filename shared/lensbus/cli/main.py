@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 from lensbus import __version__
-from lensbus.cli import cameras, clips, deploy, schemas, up, watch
+from lensbus.cli import cameras, clips, deploy, pipeline, schemas, up, watch
 
 # Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     schemas.register(sub)
     deploy.register(sub)
+    pipeline.register(sub)
     watch.register(sub)
     up.register(sub)
     cameras.register(sub)

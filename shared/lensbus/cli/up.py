@@ -1,11 +1,12 @@
 """``lensbus up``: the whole system on this machine, in one command.
 
 Starts an embedded nats-server (JetStream in ``.lensbus/``, each service with its own NATS
-user and permissions), then the deployer, inference, capture and publisher as child
-processes with their normal settings. When no model is deployed yet it builds the demo
-packages from the installed PyPI packages and uploads and activates YOLOv3-tiny through the
-deployer, as a user would. Children that die, nats-server included, are restarted with
-back-off; Ctrl-C or SIGTERM stops them in order and leaves nothing running.
+user and permissions), then the deployer, inference, analytics (idle until the group's
+pipeline tracks), capture and publisher as child processes with their normal settings.
+When no model is deployed yet it builds the demo packages from the installed PyPI packages
+and uploads and activates YOLOv3-tiny through the deployer, as a user would. Children that
+die, nats-server included, are restarted with back-off; Ctrl-C or SIGTERM stops them in
+order and leaves nothing running.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 GROUP = "default"
 BACKENDS = ("onnx", "opencv", "mxnet", "torch")
 # Start order; they stop in the reverse order (frames stop first, the model store last).
-SERVICES = ("deployer", "inference", "capture", "publisher")
+SERVICES = ("deployer", "inference", "analytics", "capture", "publisher")
 
 
 class UpError(LensbusError):
@@ -175,6 +176,8 @@ class Up:
                 "device": a.device,
                 "model_cache": str(self.data / "model-cache"),
             }
+        if name == "analytics":
+            return {**common, "group": GROUP}
         if name == "capture":
             source, loop = (a.source, True) if a.source else default_source()
             extra = {"width": str(a.width)} if a.width else {}

@@ -2,9 +2,9 @@
 records kept in the KV bucket ``lensbus-deployments``.
 
 KV keys (NATS KV allows dots): ``group.<group>`` holds the group's :class:`Deployment`;
-``report.<group>.<instance>`` holds what an inference instance last did
-(:class:`SwapReport`). Model packages live in the object store ``lensbus-models`` under
-``<name>/<version>`` (see :func:`object_name`).
+``pipeline.<group>`` its desired pipeline; ``report.<group>.<instance>`` holds what an
+inference instance last did (:class:`SwapReport`). Model packages live in the object store
+``lensbus-models`` under ``<name>/<version>`` (see :func:`object_name`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field
 
 from lensbus.schemas.base import WireMessage, WirePart
 from lensbus.schemas.manifest import FrameworkKey, _check_name, _check_version
+from lensbus.schemas.pipeline import Pipeline
 from lensbus.schemas.result import Task
 from lensbus.subjects import TOKEN_PATTERN, validate_token
 
@@ -36,6 +37,11 @@ def object_name(name: str, version: str) -> str:
 
 def group_key(group: str) -> str:
     return f"group.{group}"
+
+
+def pipeline_key(group: str) -> str:
+    """KV key of a group's desired pipeline (:class:`lensbus.schemas.pipeline.Pipeline`)."""
+    return f"pipeline.{group}"
 
 
 def report_key(group: str, instance: str) -> str:
@@ -77,6 +83,49 @@ class Deployment(WireMessage):
     history: list[ModelVersionRef] = Field(
         default_factory=list, description="earlier desired models, most recent last"
     )
+    pipeline_revision: int = Field(
+        default=0,
+        ge=0,
+        description="the group's pipeline revision this model is the primary of (0: the group "
+        "has no pipeline, or a plain deploy/rollback set the model)",
+    )
+
+
+class PipelineRevision(WirePart):
+    """One desired pipeline of a group, as it was set."""
+
+    revision: int = Field(ge=1, description="counts the group's pipeline changes, from 1")
+    pipeline: Pipeline
+    activated_ns: int = Field(ge=0)
+    reason: str = Field(default="", description="what set it (set, deploy, rollback)")
+
+
+class PipelineDeployment(WireMessage):
+    """The desired pipeline of a camera group (KV ``pipeline.<group>``).
+
+    ``pipeline`` stays strict configuration inside this tolerant record: a reader that does
+    not know one of its stages or keys refuses the whole record (``invalid``) and keeps what
+    it ran, rather than running the pipeline with that setting left out. Its primary model
+    (``stages[0].model``) is also the group's :class:`Deployment` (``group.<group>``, with
+    ``pipeline_revision`` = ``revision``), so a reader that knows nothing of pipelines runs
+    the primary model alone.
+    """
+
+    kind: ClassVar[str] = "pipeline_deployment"
+
+    group: Group
+    current: PipelineRevision
+    history: list[PipelineRevision] = Field(
+        default_factory=list, description="earlier desired pipelines, most recent last"
+    )
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.current.pipeline
+
+    @property
+    def revision(self) -> int:
+        return self.current.revision
 
 
 class SwapReport(WireMessage):
@@ -94,6 +143,11 @@ class SwapReport(WireMessage):
     fetch_s: float = 0.0
     load_s: float = 0.0
     warmup_s: float = 0.0
+    stages: dict[str, str] = Field(
+        default_factory=dict,
+        description="each classify stage of the group's pipeline: the model it serves "
+        "('name:version'), or 'loading name:version' / 'failed name:version'",
+    )
 
 
 # ---- request / reply -------------------------------------------------------------------
@@ -159,6 +213,26 @@ class RollbackRequest(WireMessage):
 
 
 class DeploymentReply(Reply):
+    deployment: Deployment | None = None
+
+
+class PipelineSetRequest(WireMessage):
+    kind: ClassVar[str] = "pipeline_set_request"
+    group: Group
+    pipeline: Pipeline
+
+
+class PipelineRequest(WireMessage):
+    """``pipeline_get`` and ``pipeline_rollback``: the group is all they need."""
+
+    kind: ClassVar[str] = "pipeline_request"
+    group: Group
+
+
+class PipelineReply(Reply):
+    """The group's pipeline record and the model deployment that goes with it."""
+
+    pipeline: PipelineDeployment | None = None
     deployment: Deployment | None = None
 
 

@@ -66,6 +66,13 @@ class Event(WireMessage):
         default="", description="object name of the frame's JPEG in snapshot_bucket; '' if none"
     )
     snapshot_bucket: str = Field(default=SNAPSHOTS_BUCKET, description="JetStream object store")
+    trigger: Literal["rule", "enter", "leave", "loiter", "cross"] = Field(
+        default="rule", description="a publisher rule, or what a tracked object did in a zone/line"
+    )
+    zone: str = Field(default="", description="the zone or line (its name is also 'rule')")
+    direction: Literal["", "in", "out"] = Field(default="", description="a line crossing's")
+    track_id: int | None = Field(default=None, ge=1, description="the tracked object")
+    dwell_s: float | None = Field(default=None, ge=0.0, description="seconds in the zone so far")
 
 
 ClipEnd = Literal["complete", "frames_stopped", "max_bytes"]

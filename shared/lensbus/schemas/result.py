@@ -43,11 +43,33 @@ class Box(WirePart):
         )
 
 
+class Attribute(WirePart):
+    """A secondary model's answer about one detection (a cascade stage on its crop)."""
+
+    stage: str = Field(description="the pipeline's classify stage that gave it")
+    model: str = Field(description="that stage's model, 'name:version'")
+    label: str
+    class_id: int = Field(ge=0)
+    score: float = Field(ge=0.0, le=1.0)
+
+
 class Detection(WirePart):
     label: str
     class_id: int = Field(ge=0)
     score: float = Field(ge=0.0, le=1.0)
     box: Box
+    attributes: list[Attribute] = Field(
+        default_factory=list, description="answers of the pipeline's classify stages"
+    )
+    track_id: int | None = Field(
+        default=None, ge=1, description="the object's id across frames (a pipeline's track stage)"
+    )
+    track_label: str = Field(
+        default="", description="the label the track held over most of its frames"
+    )
+    track_since_ns: int | None = Field(
+        default=None, ge=0, description="capture time of the track's first frame"
+    )
 
 
 class ClassScore(WirePart):
@@ -82,6 +104,16 @@ class Timings(WirePart):
     postprocess: float = Field(default=0.0, ge=0.0, description="decoder: outputs to result")
 
 
+class StageTiming(WirePart):
+    """One pipeline stage's part in a result."""
+
+    stage: str = Field(description="the stage's name in the group's pipeline")
+    kind: str = Field(description="model, classify, track or zones")
+    model: str = Field(default="", description="its model, 'name:version'; '' for none")
+    ms: float = Field(ge=0.0, description="milliseconds it took on this frame")
+    items: int = Field(default=0, ge=0, description="crops classified, tracks updated, ...")
+
+
 class Result(WireMessage):
     """The model's output for one frame."""
 
@@ -103,6 +135,9 @@ class Result(WireMessage):
         default=None, description="segmentation class map as a PNG (one byte per pixel), if asked"
     )
     timings: Timings = Field(default_factory=Timings)
+    stages: list[StageTiming] = Field(
+        default_factory=list, description="the pipeline's stages that ran on this frame, in order"
+    )
 
     @property
     def latency_s(self) -> float:

@@ -115,7 +115,7 @@
           li.append(img);
         }
         li.append(el("span", "time", new Date(ev.event_ns / 1e6).toLocaleTimeString()));
-        li.append(el("span", "", `${ev.camera} · ${ev.rule}: ${ev.label} ${ev.score.toFixed(2)}`));
+        li.append(el("span", "", `${ev.camera} · ${eventText(ev)}`));
         if (ev.clip.state === "kept") {
           const play = el("a", "play", "play");
           play.href = "#";
@@ -169,7 +169,10 @@
       : r.segments.map((s) => ({ label: s.label, score: s.area }));
     if (!items.length) labels.append(el("span", "dim", "nothing"));
     for (const d of items) {
-      const span = el("span", "label", d.label + " ");
+      // A tracked object: "#12 car"; a cascade's answers follow it ("taxi 0.91").
+      const name = d.track_id ? `#${d.track_id} ${d.track_label || d.label}` : d.label;
+      const attrs = (d.attributes || []).map((a) => ` · ${a.label} ${a.score.toFixed(2)}`).join("");
+      const span = el("span", "label", name + attrs + " ");
       span.append(el("span", "score", d.score.toFixed(2)));
       labels.append(span);
     }
@@ -179,12 +182,31 @@
     addRow(li);
   }
 
+  function eventText(ev) {
+    if (!ev.trigger || ev.trigger === "rule") return `${ev.rule}: ${ev.label} ${ev.score.toFixed(2)}`;
+    const who = ev.track_id ? `${ev.label} #${ev.track_id}` : ev.label;
+    const how = ev.direction ? ` ${ev.direction}` : ev.dwell_s ? ` ${ev.dwell_s.toFixed(0)} s` : "";
+    return `${ev.zone} ${ev.trigger}${how}: ${who}`;
+  }
+
+  // The selected camera's zones and lines with their figures (occupancy, in/out counts).
+  async function pollZones() {
+    if (!selected) return;
+    try {
+      const z = await getJSON(`/api/cameras/${encodeURIComponent(selected)}/zones`);
+      const box = $("zones");
+      box.replaceChildren();
+      for (const zone of z.zones) box.append(el("span", "badge zone", `${zone.name}: ${zone.occupancy} inside`));
+      for (const ln of z.lines) box.append(el("span", "badge line", `${ln.name}: in ${ln.in} · out ${ln.out}`));
+    } catch (e) { /* no such camera yet */ }
+  }
+
   function onEvent(ev) {
     if (ev.camera !== selected) return;
     const li = el("li", "event");
     li.append(el("span", "time", new Date(ev.event_ns / 1e6).toLocaleTimeString()));
     li.append(el("span", "seq", "#" + ev.seq));
-    li.append(el("span", "labels", `⚑ ${ev.rule}: ${ev.label} ${ev.score.toFixed(2)}`));
+    li.append(el("span", "labels", "⚑ " + eventText(ev)));
     li.append(el("span", "model dim", ev.snapshot || ""));
     li.append(el("span", "latency", "event"));
     addRow(li);
@@ -195,6 +217,7 @@
     source = new EventSource(withToken("/results"));
     source.addEventListener("result", (m) => onResult(JSON.parse(m.data)));
     source.addEventListener("event", (m) => onEvent(JSON.parse(m.data)));
+    source.addEventListener("counts", (m) => { if (JSON.parse(m.data).camera === selected) pollZones(); });
     source.onerror = () => { $("conn").textContent = "reconnecting…"; };
     source.onopen = () => { $("conn").textContent = "connected"; };
   }
@@ -204,6 +227,7 @@
   pollStatus();
   setInterval(pollCameras, 2000);
   setInterval(pollStatus, 2000);
+  setInterval(pollZones, 1000);
   pollEvents();
   setInterval(pollEvents, 2000);
 })();
