@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import cv2
@@ -22,7 +24,7 @@ import pytest
 from browser import Browser, available
 from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from photos import photos
-from test_publisher import Receiver, Viewer, get_json, read_sse, start_publisher, until
+from test_publisher import Receiver, Viewer, get_json, start_publisher, until
 
 from lensbus import Subjects, encode
 from lensbus.images import decode_jpeg
@@ -230,6 +232,28 @@ def check_overlay(img: np.ndarray) -> None:
     assert band.size and color_share(band, color_for(DOG.class_id)) > 0.3
 
 
+async def first_counts(
+    http: aiohttp.ClientSession, url: str, listening: asyncio.Event
+) -> list[dict[str, Any]]:
+    """The first ``counts`` Server-Sent Event from ``url`` (a list of one, as read_sse gives);
+    ``listening`` is set once any event came through, so the stream is subscribed."""
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        event, data = "", ""
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif not line and data:
+                listening.set()
+                if event == "counts":
+                    return [json.loads(data)]
+                event, data = "", ""
+    return []
+
+
 async def test_zone_events_snapshots_clips_webhooks_overlay_and_counts(
     nats: NatsServer, start_service, tmp_path: Path
 ) -> None:
@@ -277,10 +301,13 @@ async def test_zone_events_snapshots_clips_webhooks_overlay_and_counts(
                         await asyncio.sleep(0.1)
 
                 await poll(lambda z: z.get("lines") and z["zones"][0]["occupancy"] == 1, "zones")
+                listening = asyncio.Event()
                 counts = asyncio.create_task(
-                    read_sse(http, f"{base}/cameras/{CAM}/results", 1, kind="counts")
+                    first_counts(http, f"{base}/cameras/{CAM}/results", listening)
                 )
-                await asyncio.sleep(0.3)  # the SSE client is subscribed
+                # Subscribed once a result came through it; the events need earlier frames.
+                await asyncio.wait_for(listening.wait(), 20)
+                await until(lambda: len(cam.sent) >= 5, 20, "five frames sent")
                 cross = cam.event("cross", "gate", direction="in")
                 loiter = cam.event("loiter", "lawn", back=3, dwell_s=12.0)
                 own = cam.event("rule", "")

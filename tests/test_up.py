@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats as nats_py
+import paho.mqtt.client as mqtt
 import pytest
 
 from lensbus import Subjects, decode
@@ -37,6 +38,7 @@ class UpProcess:
         self.data = tmp_path / "data"
         self.port = free_port()
         self.nats_port = free_port()
+        self.mqtt_port = free_port()  # not 1883: another run may hold it
         self.log_path = tmp_path / "up.log"
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -51,6 +53,8 @@ class UpProcess:
                     str(self.port),
                     "--nats-port",
                     str(self.nats_port),
+                    "--mqtt-port",
+                    str(self.mqtt_port),
                     "--fps",
                     "5",
                     *extra,
@@ -99,8 +103,8 @@ class UpProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def client_password(self) -> str:
-        return json.loads((self.data / "secrets.json").read_text())["passwords"]["client"]
+    def client_password(self, user: str = "client") -> str:
+        return json.loads((self.data / "secrets.json").read_text())["passwords"][user]
 
 
 @pytest.fixture
@@ -150,6 +154,18 @@ async def test_up_runs_everything_and_stops_cleanly(up: UpProcess) -> None:
 
     base = f"http://127.0.0.1:{up.port}"
     assert http_get(base + "/")[0] == 200
+    # nats-server's MQTT listener takes the user it names (Home Assistant's login).
+    up.wait_line(
+        rf"MQTT \(Home Assistant\) on mqtt://127\.0\.0\.1:{up.mqtt_port} as the user 'mqtt'", 1
+    )
+    ha = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    ha.username_pw_set("mqtt", up.client_password("mqtt"))
+    ha.connect("127.0.0.1", up.mqtt_port)
+    deadline = time.monotonic() + 10
+    while not ha.is_connected() and time.monotonic() < deadline:
+        ha.loop(timeout=0.5)  # reads the CONNACK: accepted, or refused (bad login)
+    assert ha.is_connected(), up.log
+    ha.disconnect()
     for stream in ("device", "project"):
         status, head = http_get(f"{base}/cameras/cam1/{stream}.mjpeg", 4096)
         assert status == 200 and b"\xff\xd8" in head, stream

@@ -24,7 +24,9 @@ no user reads the replies (JetStream API answers, deployment records) meant for 
   results stream and the snapshots and clips object stores, and reads the cameras bucket.
 - ``analytics`` reads the tracking groups' results (``detections.*``), publishes the
   tracked results and the zone events (``results.*``, ``events.*``) and its heartbeats, and
-  reads the deployments bucket (the groups' pipelines); it writes no bucket.
+  reads the deployments bucket (the groups' pipelines); it writes no bucket. It also
+  publishes the MQTT subjects and Home Assistant's discovery configs (:mod:`lensbus.natsmqtt`).
+- ``mqtt`` (MQTT clients: Home Assistant) reads only those; see :mod:`lensbus.natsmqtt`.
 - ``client`` (programs, viewers; the ``lensbus`` command's read verbs) is read-only: frames,
   results, events and heartbeats, the deployer's ``list`` and ``status``, the results stream
   (with consumers of its own: ordered, ephemeral or durable), the snapshots, the clips and
@@ -58,10 +60,28 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lensbus.jsperms import (
+    CAMERAS_STREAM,
+    CLIPS_STREAM,
+    DEPLOYMENTS_STREAM,
+    JS_API,
+    MODELS_STREAM,
+    SNAPSHOTS_STREAM,
+    cameras_bucket,
+    object_store,
+    stream_admin,
+    stream_read,
+)
+from lensbus.natsmqtt import (
+    DEFAULT_MQTT_PORT,
+    MQTT_USER,
+    analytics_mqtt,
+    mqtt_block,
+    mqtt_permissions,
+)
 from lensbus.schemas.camera import camera_key, state_key
 from lensbus.schemas.deploy import report_key
 from lensbus.subjects import (
-    CAMERAS_BUCKET,
     CLIPS_BUCKET,
     DEFAULT_PREFIX,
     DEPLOYER_VERBS,
@@ -82,6 +102,7 @@ USERS: tuple[str, ...] = (
     "analytics",
     "client",
     "operator",
+    MQTT_USER,
 )
 
 # The camera group the plain ``inference`` user reports for; ``inference-<group>`` for others.
@@ -89,16 +110,6 @@ DEFAULT_GROUP = "default"
 INFERENCE = "inference"
 # The deployer verbs a read-only user may call: they change nothing.
 READ_VERBS = ("list", "status", "pipeline_get")
-
-# JetStream keeps a KV bucket B in the stream KV_B (subjects $KV.B.<key>) and an object
-# store B in the stream OBJ_B (subjects $O.B.C.<nuid> for chunks, $O.B.M.<name> for meta).
-DEPLOYMENTS_STREAM = f"KV_{DEPLOYMENTS_BUCKET}"
-MODELS_STREAM = f"OBJ_{MODELS_BUCKET}"
-SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
-CAMERAS_STREAM = f"KV_{CAMERAS_BUCKET}"
-CLIPS_STREAM = f"OBJ_{CLIPS_BUCKET}"
-
-JS_API = "$JS.API"
 
 # A password from generate_passwords(): also safe unquoted in a nats-server config value
 # (a leading digit would be read as a number) and in a nats:// URL.
@@ -133,58 +144,6 @@ def _inference_group(user: str) -> str | None:
     if user.startswith(f"{INFERENCE}-"):
         return validate_token(user.removeprefix(f"{INFERENCE}-"), "group")
     return None
-
-
-def stream_read(stream: str) -> list[str]:
-    """Publish permissions to read a stream: its info, direct and stored-message gets, and
-    consumers of its own (ephemeral, ordered or durable) with their acks and flow control;
-    not deleting consumers (nats-py never does on its own; ephemeral ones expire).
-
-    ``STREAM.NAMES`` (the names of the account's streams, nothing else) is how nats-py finds
-    the stream of a subject when it subscribes (KV watch, object store get)."""
-    return [
-        f"{JS_API}.STREAM.NAMES",
-        f"{JS_API}.STREAM.INFO.{stream}",
-        f"{JS_API}.STREAM.MSG.GET.{stream}",
-        f"{JS_API}.DIRECT.GET.{stream}",
-        f"{JS_API}.DIRECT.GET.{stream}.>",
-        f"{JS_API}.CONSUMER.CREATE.{stream}",
-        f"{JS_API}.CONSUMER.CREATE.{stream}.>",
-        f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.*",
-        f"{JS_API}.CONSUMER.INFO.{stream}.*",
-        f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.*",
-        f"$JS.ACK.{stream}.>",
-        f"$JS.FC.{stream}.>",
-    ]
-
-
-def stream_admin(stream: str) -> list[str]:
-    """Reading plus creating, updating and purging a stream and deleting its consumers (not
-    deleting the stream)."""
-    return [
-        f"{JS_API}.CONSUMER.DELETE.{stream}.*",
-        f"{JS_API}.STREAM.CREATE.{stream}",
-        f"{JS_API}.STREAM.UPDATE.{stream}",
-        f"{JS_API}.STREAM.PURGE.{stream}",
-        f"{JS_API}.STREAM.MSG.DELETE.{stream}",
-        *stream_read(stream),
-    ]
-
-
-def cameras_bucket(keys: str) -> list[str]:
-    """Writing the ``keys`` of the cameras bucket, reading all of it, and creating it where
-    missing (capture and the CLI both may come first); never updating its limits, purging
-    or deleting it."""
-    return [
-        f"$KV.{CAMERAS_BUCKET}.{keys}",
-        f"{JS_API}.STREAM.CREATE.{CAMERAS_STREAM}",
-        *stream_read(CAMERAS_STREAM),
-    ]
-
-
-def object_store(bucket: str) -> list[str]:
-    """Writing (chunks, meta) and managing the object store ``bucket``."""
-    return [f"$O.{bucket}.>", *stream_admin(f"OBJ_{bucket}")]
 
 
 def _client(p: str, verbs: Iterable[str]) -> list[str]:
@@ -236,7 +195,14 @@ def _publish(user: str, p: str) -> list[str]:
             *stream_admin(WEBHOOKS_STREAM),
         ]
     if user == "analytics":
-        return [f"{p}.results.*", f"{p}.events.*", heartbeat, *stream_read(DEPLOYMENTS_STREAM)]
+        mqtt = analytics_mqtt(p)["publish"]
+        return [
+            f"{p}.results.*",
+            f"{p}.events.*",
+            heartbeat,
+            *stream_read(DEPLOYMENTS_STREAM),
+            *mqtt,
+        ]
     if user == "client":
         return _client(p, READ_VERBS)
     if user == "operator":
@@ -256,7 +222,7 @@ def _subscribe(user: str, p: str) -> list[str]:
         "capture": [],
         "deployer": [f"{p}.api.deployer.*", status],
         "publisher": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
-        "analytics": [f"{p}.detections.*"],
+        "analytics": [f"{p}.detections.*", *analytics_mqtt(p)["subscribe"]],
         "client": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
         "operator": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
     }[user]
@@ -270,11 +236,15 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     subscribes to its own inbox, ``_INBOX_<user>.>``, and no other.
     """
     p = validate_prefix(prefix)
+    if user == MQTT_USER:
+        return mqtt_permissions(p)
     pub = _publish(user, p)  # first: it refuses an unknown user
     sub = [*_subscribe(user, p), f"{inbox_prefix(user)}.>"]
     perms: dict[str, Any] = {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": sub}}
     if user == "deployer":
         perms["allow_responses"] = True
+    if user == "analytics":  # its MQTT wildcards also match these lensbus subjects
+        perms["publish"]["deny"] = analytics_mqtt(p)["deny"]
     return perms
 
 
@@ -296,6 +266,11 @@ def _list(items: list[str]) -> str:
     return "[" + ", ".join(_quote(s) for s in items) + "]"
 
 
+def _allow_deny(perm: dict[str, list[str]]) -> str:
+    deny = f", deny: {_list(perm['deny'])}" if perm.get("deny") else ""
+    return f"{{ allow: {_list(perm['allow'])}{deny} }}"
+
+
 def _user_block(user: str, password: str | None, prefix: str) -> str:
     perms = permissions(user, prefix)
     secret = f"${env_var(user)}" if password is None else _quote(password)
@@ -304,8 +279,7 @@ def _user_block(user: str, password: str | None, prefix: str) -> str:
         f"      user: {_quote(user)}",
         f"      password: {secret}",
         "      permissions: {",
-        f"        publish: {{ allow: {_list(perms['publish']['allow'])} }}",
-        f"        subscribe: {{ allow: {_list(perms['subscribe']['allow'])} }}",
+        *(f"        {way}: {_allow_deny(perms[way])}" for way in ("publish", "subscribe")),
     ]
     if perms.get("allow_responses"):
         lines.append("        allow_responses: true")
@@ -359,7 +333,10 @@ def compose_config(prefix: str = DEFAULT_PREFIX, groups: Iterable[str] = ()) -> 
         + f"max_payload: {MAX_PAYLOAD}\n"
         + "jetstream {\n"
         + '  store_dir: "/data/jetstream"\n'
-        + "}\n\n"
+        + "}\n"
+        + "# MQTT clients (Home Assistant) as the user `mqtt`: lensbus.natsmqtt\n"
+        + mqtt_block(DEFAULT_MQTT_PORT)
+        + "\n"
         + authorization_block(None, prefix, groups)
     )
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lensbus.natsmqtt import mqtt_block
+
 # Frames travel as JPEG (1080p is ~0.3 MB) but 4K frames and model chunks need headroom
 # over NATS's 1 MB default.
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -92,6 +94,7 @@ class NatsServer:
         max_payload: int = MAX_PAYLOAD,
         extra_config: str = "",
         log_file: Path | None = None,
+        mqtt_port: int | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -99,6 +102,8 @@ class NatsServer:
         self.max_payload = max_payload
         self.extra_config = extra_config
         self.log_file = log_file
+        # nats-server's own MQTT listener (lensbus.natsmqtt) on this port, on the same host.
+        self.mqtt_port = mqtt_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -106,15 +111,23 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     @property
+    def mqtt_url(self) -> str | None:
+        return f"mqtt://{self.host}:{self.mqtt_port}" if self.mqtt_port else None
+
+    @property
     def config_path(self) -> Path:
         return self.store_dir / "nats-server.conf"
 
     def write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        mqtt = ""
+        if self.mqtt_port:
+            # MQTT needs a server name (and JetStream, always on here).
+            mqtt = 'server_name: "lensbus"\n' + mqtt_block(self.mqtt_port, self.host)
         # It may hold every user's password.
         write_private(
             self.config_path,
-            f'listen: "{self.host}:{self.port}"\n'
+            f'listen: "{self.host}:{self.port}"\n{mqtt}'
             f"max_payload: {self.max_payload}\n"
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n}}\n'
             f"{self.extra_config}\n",

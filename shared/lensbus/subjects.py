@@ -44,6 +44,23 @@ DEPLOYER_VERBS = (
     "pipeline_rollback",
 )
 
+# The subjects MQTT clients see (nats-server's MQTT listener maps topic '/' to subject '.'):
+# ``<prefix>.<camera>.events`` and deeper. A camera named like one of lensbus's own second
+# tokens gets no MQTT subjects: ``<prefix>.frames.events`` is camera "events"'s frames.
+RESERVED_TOKENS = (
+    "frames",
+    "model-frames",
+    "results",
+    "detections",
+    "events",
+    "webhooks",
+    "status",
+    "api",
+)
+# Home Assistant's MQTT discovery prefix (its default) and its birth message's subject.
+HA_PREFIX = "homeassistant"
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
 # The queue group inference instances join so that they split the frames.
 INFERENCE_QUEUE_GROUP = "inference"
 # The queue group deployers answer requests in, so that several can share the load.
@@ -60,6 +77,12 @@ def validate_token(value: str, what: str = "camera id") -> str:
 
 def validate_camera_id(value: str) -> str:
     return validate_token(value, "camera id")
+
+
+def mqtt_token(value: str) -> str:
+    """``value`` (a model's label: "traffic light") as one subject token and MQTT topic level:
+    characters outside A-Z, a-z, 0-9, '_' and '-' become '_' (a space has no MQTT mapping)."""
+    return _NOT_TOKEN.sub("_", value)[:64] or "_"
 
 
 def validate_prefix(value: str) -> str:
@@ -148,3 +171,54 @@ class Subjects:
         subject: permissions scope who may publish on ``<prefix>.status.<service>.>``, not
         what a payload says, so a reader trusts the payload only when the two agree."""
         return subject == f"{self.prefix}.status.{service}.{instance}"
+
+    # ---- MQTT (through nats-server's MQTT listener) and Home Assistant ------------------------
+
+    def mqtt_camera(self, camera: str) -> str:
+        """``<prefix>.<camera>``: the root of a camera's MQTT subjects (InvalidName for a
+        camera named like a lensbus subject's second token, see RESERVED_TOKENS)."""
+        if validate_camera_id(camera) in RESERVED_TOKENS:
+            raise InvalidName(f"camera id {camera!r} is a lensbus subject token: no MQTT topics")
+        return f"{self.prefix}.{camera}"
+
+    def mqtt_events(self, camera: str) -> str:
+        """A camera's events as JSON (MQTT topic ``<prefix>/<camera>/events``)."""
+        return f"{self.mqtt_camera(camera)}.events"
+
+    def mqtt_occupancy(self, camera: str, zone: str, label: str) -> str:
+        """Objects of ``label`` in ``zone`` now, a number."""
+        zone = validate_token(zone, "zone name")
+        return f"{self.mqtt_camera(camera)}.zone.{zone}.{mqtt_token(label)}.occupancy"
+
+    def mqtt_line_count(self, camera: str, line: str, direction: str, label: str) -> str:
+        """Crossings of ``line`` in ``direction`` by objects of ``label``, a number."""
+        line, direction = validate_token(line, "line name"), validate_token(direction, "direction")
+        return f"{self.mqtt_camera(camera)}.line.{line}.{direction}.{mqtt_token(label)}"
+
+    def mqtt_all(self) -> list[str]:
+        """Every MQTT subject above (for permissions)."""
+        return [f"{self.prefix}.*.events", f"{self.prefix}.*.zone.>", f"{self.prefix}.*.line.>"]
+
+    def mqtt_reserved(self) -> list[str]:
+        """The lensbus subjects :meth:`mqtt_all` would also match (to deny)."""
+        return [f"{self.prefix}.{token}.events" for token in RESERVED_TOKENS]
+
+    def ha_node_id(self, camera: str) -> str:
+        """Home Assistant's node id of a camera (one device per camera and prefix)."""
+        return f"{self.prefix.replace('.', '_')}_{validate_camera_id(camera)}"
+
+    def ha_sensor_config(self, node_id: str, object_id: str) -> str:
+        """A sensor's discovery config (topic ``homeassistant/sensor/<node>/<object>/config``)."""
+        return f"{HA_PREFIX}.sensor.{validate_token(node_id, 'node id')}.{object_id}.config"
+
+    def ha_all_sensor_configs(self) -> str:
+        return f"{HA_PREFIX}.sensor.*.*.config"
+
+    def ha_status(self) -> str:
+        """Where Home Assistant publishes ``online`` when it starts (its birth message)."""
+        return f"{HA_PREFIX}.status"
+
+    @staticmethod
+    def mqtt_topic(subject: str) -> str:
+        """The MQTT topic of a subject written here (its tokens hold no '.', '/' or space)."""
+        return subject.replace(".", "/")

@@ -38,6 +38,11 @@ class AnalyticsSettings(ServiceSettings):
     max_cameras: int = Field(
         default=256, ge=1, description="cameras tracked at once; results of more are rejected"
     )
+    mqtt: bool = Field(
+        default=True,
+        description="publish events, zone occupancy and line counts as JSON on the MQTT "
+        "subjects, with Home Assistant discovery configs (lensbus.natsmqtt)",
+    )
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="0 picks a free port")
 
     @field_validator("group")

@@ -47,3 +47,14 @@ PIPELINE_UPDATES = Counter(
     "Pipelines of the group read (ok), refused (invalid) or deleted (removed)",
     ["outcome"],
 )
+MQTT_MESSAGES = Counter(
+    "lensbus_analytics_mqtt_messages_total",
+    "Messages published on the MQTT subjects: event, occupancy, count, config (discovery)",
+    ["kind"],
+)
+MQTT_SKIPPED = Counter(
+    "lensbus_analytics_mqtt_skipped_total",
+    "Cameras given no MQTT topics (reason: reserved_camera, a camera named like a lensbus "
+    "subject token), counted once each",
+    ["reason"],
+)

