@@ -382,7 +382,7 @@ def tracked_ids(results: list[Result]) -> set[int]:
     return {d.track_id for r in results for d in r.detections if d.track_id is not None}
 
 
-async def test_pipeline_on_a_street_video_swaps_a_stage_keeping_tracks(
+async def test_pipeline_on_a_street_video_swaps_stages_keeping_tracks(
     nats: NatsServer, start_service, demo_models, bus, client: DeployClient, tmp_path: Path
 ) -> None:
     video, is_video = default_source()
@@ -410,6 +410,12 @@ async def test_pipeline_on_a_street_video_swaps_a_stage_keeping_tracks(
     await b.until(lambda: b.detail("einf", "stage:orient") == "text-orientation-onnx:c2", 60, "c2")
     swapped = len(b.results)
     await b.until(lambda: len(b.results) >= swapped + 8, 60, "results after the swap")
+    # Then the primary model: `lensbus deploy` on a group with a pipeline swaps its model stage.
+    await client.upload(version_of(demo_models[YOLO], tmp_path / "yolo2", "c-2"))
+    await client.activate(EGROUP, YOLO, "c-2")
+    await b.until(lambda: b.results[-1].model.version == "c-2", 90, "the primary swapped")
+    swapped = len(b.results)
+    await b.until(lambda: len(b.results) >= swapped + 8, 60, "results after the primary swap")
     cap.stop()
     last_seq = max(b.frames)
     await b.until(lambda: any(r.seq == last_seq for r in b.results), 30, "the last result")
@@ -432,6 +438,12 @@ async def test_pipeline_on_a_street_video_swaps_a_stage_keeping_tracks(
     # Objects seen just before the swap carry the same track ids just after it.
     before = tracked_ids(results[max(0, flip - 3) : flip])
     after = tracked_ids(results[flip : flip + 3])
+    assert before & after, (before, after)
+    # And across the primary model's swap: tracks live in analytics, downstream of it.
+    primary = next(i for i, r in enumerate(results) if r.model.version == "c-2")
+    assert all(r.model.version == "c-1" for r in results[:primary])
+    before = tracked_ids(results[max(0, primary - 3) : primary])
+    after = tracked_ids(results[primary : primary + 3])
     assert before & after, (before, after)
     # Attributes attach to tracked people and cars; labels not listed get none.
     dets = [d for r in results for d in r.detections]
