@@ -42,9 +42,9 @@ from lensbus.schemas import (
 )
 from lensbus.schemas.deploy import PipelineDeployment, PipelineRevision, pipeline_key
 from lensbus.schemas.pipeline import Pipeline
+from lensbus.shapes import inside_polygon
 from lensbus.subjects import CLIPS_BUCKET, DEPLOYMENTS_BUCKET, SNAPSHOTS_BUCKET
 from lensbus_publisher.config import Rule
-from lensbus_publisher.overlay import inside
 from lensbus_publisher.render import FONT, LINE_COLOR, ZONE_COLOR, color_for, det_text
 from lensbus_publisher.rules import RuleEngine
 
@@ -94,8 +94,8 @@ def test_labels_and_point_in_polygon() -> None:
     plain = DOG.model_copy(update={"track_id": None, "attributes": []})
     assert det_text(plain) == "dog 0.90"
     square = [(0.1, 0.1), (0.5, 0.1), (0.5, 0.5), (0.1, 0.5)]
-    assert inside((0.3, 0.3), square) and not inside((0.6, 0.3), square)
-    assert not inside((0.3, 0.55), square)
+    assert inside_polygon(square, (0.3, 0.3)) and not inside_polygon(square, (0.6, 0.3))
+    assert not inside_polygon(square, (0.3, 0.55))
 
 
 def test_rules_select_zone_events_by_trigger_zone_and_cooldown() -> None:

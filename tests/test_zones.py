@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from lensbus.schemas.pipeline import CameraZones, Line, Zone
-from lensbus_analytics.geometry import anchor_point, inside_polygon, side
+from lensbus.shapes import anchor_point, inside_polygon, side
 from lensbus_analytics.zone_metrics import ZoneMetrics
 from lensbus_analytics.zones import (
     LINE_BAND,

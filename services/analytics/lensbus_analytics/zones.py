@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lensbus.schemas.pipeline import CameraZones, Line, Zone
-from lensbus_analytics.geometry import (
+from lensbus.shapes import (
     BoxT,
     Pt,
     anchor_point,

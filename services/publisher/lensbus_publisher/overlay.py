@@ -17,6 +17,7 @@ from typing import Any
 
 from lensbus.schemas import Event, Result
 from lensbus.schemas.pipeline import CameraZones, Pipeline, ZonesStage
+from lensbus.shapes import Pt, anchor_point, inside_polygon
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.hub import Hub
@@ -24,18 +25,6 @@ from lensbus_publisher.hub import Hub
 log = logging.getLogger(__name__)
 
 MAX_LINES = 64  # crossing counters per camera: event names are made up by whoever publishes
-
-Pt = tuple[float, float]
-
-
-def inside(point: Pt, polygon: list[Pt]) -> bool:
-    """Whether ``point`` is inside ``polygon`` (even-odd ray casting)."""
-    x, y = point
-    hit = False
-    for (x1, y1), (x2, y2) in zip(polygon, polygon[1:] + polygon[:1], strict=True):
-        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
-            hit = not hit
-    return hit
 
 
 @dataclass(frozen=True)
@@ -69,8 +58,7 @@ def occupancy(zone_points: list[Pt], labels: list[str], anchor: str, result: Res
         if det.track_id is None or (labels and (det.track_label or det.label) not in labels):
             continue
         b = det.box
-        y = b.ymax if anchor == "bottom_center" else (b.ymin + b.ymax) / 2
-        n += inside(((b.xmin + b.xmax) / 2, y), zone_points)
+        n += inside_polygon(zone_points, anchor_point((b.xmin, b.ymin, b.xmax, b.ymax), anchor))
     return n
 
 

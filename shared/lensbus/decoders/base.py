@@ -201,6 +201,35 @@ def to_detections(
     return out
 
 
+def best_classes(cls: Array, threshold: float) -> tuple[npt.NDArray[np.intp], Array, Array]:
+    """Each row's best class and its score, for the rows whose score reaches ``threshold``:
+    ``(rows kept, their class ids, their scores)``."""
+    ids = cls.argmax(axis=1)
+    scores = cls[np.arange(len(cls)), ids]
+    keep = np.flatnonzero(scores >= threshold)
+    return keep, ids[keep], scores[keep]
+
+
+def suppressed(
+    labels: Sequence[str],
+    ids: Array,
+    scores: Array,
+    boxes: FloatArray,
+    rule: tuple[float, bool, int],
+    geometry: Geometry,
+    frame_w: int,
+    frame_h: int,
+) -> DecodedOutputs:
+    """Detections left by NMS (``rule``: IoU threshold, class-agnostic, at most N) on
+    input-normalized ``xyxy`` boxes: the letterbox mapping only scales and shifts each axis,
+    which leaves IoU unchanged, so this is the same as NMS in frame pixels."""
+    iou, agnostic, most = rule
+    groups = np.zeros_like(ids) if agnostic else ids
+    kept = nms(boxes, scores, groups, iou)[:most]
+    dets = to_detections(labels, ids[kept], scores[kept], boxes[kept], geometry, frame_w, frame_h)
+    return DecodedOutputs(detections=dets)
+
+
 def center_boxes(cxcywh: Array, input_w: int, input_h: int) -> FloatArray:
     """``(K, 4)`` ``[cx, cy, w, h]`` in input pixels -> input-normalized ``xyxy``."""
     a = np.asarray(cxcywh, dtype=np.float64).reshape(-1, 4)

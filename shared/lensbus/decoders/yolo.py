@@ -14,9 +14,9 @@ from lensbus.decoders.base import (
     Decoder,
     DecoderOptions,
     FloatArray,
-    nms,
+    best_classes,
     register,
-    to_detections,
+    suppressed,
 )
 from lensbus.errors import OutputsError
 from lensbus.geometry import Geometry
@@ -141,19 +141,10 @@ class YoloDecoder(Decoder):
         # Class columns are objectness x class probability, so never above objectness: rows
         # whose objectness misses the threshold cannot pass it (most of them; 3x faster).
         rows = rows[rows[:, 4] >= self.threshold]
-        cls = rows[:, 5:]
-        ids = cls.argmax(axis=1)
-        scores = cls[np.arange(len(rows)), ids]
-        keep = np.flatnonzero(scores >= self.threshold)
+        keep, ids, scores = best_classes(rows[:, 5:], self.threshold)
         if keep.size == 0:
             return DecodedOutputs()
         cxcy, wh = rows[keep, 0:2].astype(np.float64), rows[keep, 2:4].astype(np.float64)
         boxes = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1)
-        # NMS on input-normalized boxes: the letterbox mapping only scales and shifts each
-        # axis, which leaves IoU unchanged, so this is the same as NMS in frame pixels.
-        ids, scores = ids[keep], scores[keep]
-        kept = nms(boxes, scores, ids, self.nms_threshold)[: self.max_detections]
-        dets = to_detections(
-            self.labels, ids[kept], scores[kept], boxes[kept], geometry, frame_w, frame_h
-        )
-        return DecodedOutputs(detections=dets)
+        rule = (self.nms_threshold, False, self.max_detections)  # per-class NMS
+        return suppressed(self.labels, ids, scores, boxes, rule, geometry, frame_w, frame_h)

@@ -23,10 +23,10 @@ from lensbus.decoders.base import (
     DecodedOutputs,
     Decoder,
     DecoderOptions,
+    best_classes,
     center_boxes,
-    nms,
     register,
-    to_detections,
+    suppressed,
 )
 from lensbus.errors import OutputsError
 from lensbus.geometry import Geometry
@@ -91,19 +91,11 @@ class Yolov8Decoder(Decoder):
         self, outputs: Sequence[Array], geometry: Geometry, frame_w: int, frame_h: int
     ) -> DecodedOutputs:
         rows = self.rows(outputs)
-        cls = rows[:, 4:]
-        ids = cls.argmax(axis=1)
-        scores = cls[np.arange(len(rows)), ids]
-        keep = np.flatnonzero(scores >= self.threshold)
+        keep, ids, scores = best_classes(rows[:, 4:], self.threshold)
         if keep.size == 0:
             return DecodedOutputs()
-        ids, scores = ids[keep], scores[keep].astype(np.float64)
         boxes = center_boxes(rows[keep, 0:4], *self.input_size)
-        # NMS in input-normalized boxes: the letterbox mapping scales and shifts each axis,
-        # which leaves IoU unchanged (see the yolo decoder).
-        groups = np.zeros_like(ids) if self.options.agnostic_nms else ids
-        kept = nms(boxes, scores, groups, self.nms_threshold)[: self.options.max_detections]
-        dets = to_detections(
-            self.labels, ids[kept], scores[kept], boxes[kept], geometry, frame_w, frame_h
+        rule = (self.nms_threshold, self.options.agnostic_nms, self.options.max_detections)
+        return suppressed(
+            self.labels, ids, scores.astype(np.float64), boxes, rule, geometry, frame_w, frame_h
         )
-        return DecodedOutputs(detections=dets)

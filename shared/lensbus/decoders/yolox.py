@@ -25,11 +25,11 @@ from lensbus.decoders.base import (
     Decoder,
     DecoderOptions,
     FloatArray,
+    best_classes,
     center_boxes,
-    nms,
     output_rows,
     register,
-    to_detections,
+    suppressed,
 )
 from lensbus.errors import OutputsError
 from lensbus.geometry import Geometry
@@ -102,9 +102,7 @@ class YoloxDecoder(Decoder):
     ) -> DecodedOutputs:
         rows = self.rows(outputs)
         cls = rows[:, 5:].astype(np.float64) * rows[:, 4:5]
-        ids = cls.argmax(axis=1)
-        scores = cls[np.arange(len(rows)), ids]
-        keep = np.flatnonzero(scores >= self.threshold)
+        keep, ids, scores = best_classes(cls, self.threshold)
         if keep.size == 0:
             return DecodedOutputs()
         xywh = rows[keep, 0:4].astype(np.float64)
@@ -113,10 +111,5 @@ class YoloxDecoder(Decoder):
             xywh[:, 0:2] = (xywh[:, 0:2] + self.cells[keep]) * stride
             xywh[:, 2:4] = np.exp(xywh[:, 2:4]) * stride
         boxes = center_boxes(xywh, *self.input_size)
-        ids, scores = ids[keep], scores[keep]
-        groups = np.zeros_like(ids) if self.options.agnostic_nms else ids
-        kept = nms(boxes, scores, groups, self.nms_threshold)[: self.options.max_detections]
-        dets = to_detections(
-            self.labels, ids[kept], scores[kept], boxes[kept], geometry, frame_w, frame_h
-        )
-        return DecodedOutputs(detections=dets)
+        rule = (self.nms_threshold, self.options.agnostic_nms, self.options.max_detections)
+        return suppressed(self.labels, ids, scores, boxes, rule, geometry, frame_w, frame_h)

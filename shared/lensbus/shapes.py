@@ -1,4 +1,5 @@
-"""Plane geometry for zones and lines, in normalised frame coordinates (x right, y DOWN).
+"""Plane geometry for zones and lines, in normalised frame coordinates (x right, y DOWN):
+the analytics service counts with it, the publisher draws occupancy with it.
 
 Because y points down, the usual orientation flips: for a line a->b, a point with a positive
 :func:`side` lies to the RIGHT of a->b as drawn on the image (walking from a to b on the
