@@ -5,13 +5,15 @@
 #   docker build --target deployer  -t lensbus/deployer .
 #   docker build --target publisher -t lensbus/publisher .
 #   docker build --target analytics -t lensbus/analytics .
+#   docker build --target projects  -t lensbus/projects .
 #   docker build --target inference --build-arg INFERENCE_EXTRAS=mxnet -t lensbus/inference-mxnet .
 #   GPU (ONNX Runtime with CUDA):
 #   docker build --target inference --build-arg ONNXRUNTIME="onnxruntime-gpu[cuda,cudnn]" \
 #     -t lensbus/inference-gpu .
 #
 # compose.yaml builds the same targets. Each image holds only the shared package and its own
-# service; only inference carries a model runtime (MXNet or PyTorch only in their images). Every image runs as the
+# service; only inference carries a model runtime (MXNet or PyTorch only in their images),
+# and projects ONNX Runtime for DeepLens functions' own models. Every image runs as the
 # unprivileged user `lensbus` (uid 10001). Without --target the last stage (inference) is
 # built.
 # BASE_IMAGE: any Debian bookworm image with python3 (3.11) and python3-venv.
@@ -110,6 +112,26 @@ ENV LENSBUS_ANALYTICS_METRICS_HOST=0.0.0.0 \
 USER lensbus
 EXPOSE 9104
 ENTRYPOINT ["lensbus-analytics"]
+
+# ---- projects: users' own code (handlers, DeepLens inference functions), each project in a ---
+# process of its own; ONNX Runtime for a DeepLens function's own model (awscam.Model).
+FROM deps AS projects-build
+COPY services/projects/pyproject.toml services/projects/
+RUN mkdir -p services/projects/lensbus_projects \
+ && pip install -c constraints.txt ./shared ./services/projects \
+ && pip uninstall -y lensbus lensbus-projects
+COPY shared/lensbus shared/lensbus
+COPY services/projects/lensbus_projects services/projects/lensbus_projects
+RUN pip install --no-deps ./shared ./services/projects
+
+FROM runtime AS projects
+COPY --from=projects-build /opt/venv /opt/venv
+ENV LENSBUS_PROJECTS_METRICS_HOST=0.0.0.0 \
+    LENSBUS_PROJECTS_METRICS_PORT=9105 \
+    LENSBUS_PROJECTS_CACHE_DIR=/tmp/lensbus-projects
+USER lensbus
+EXPOSE 9105
+ENTRYPOINT ["lensbus-projects"]
 
 # ---- publisher: the web page, the device and project MJPEG streams, live results, the -------
 # durable results stream, event rules and webhooks; /metrics and /healthz on the same port.

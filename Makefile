@@ -16,7 +16,7 @@ EXTRAS311 ?= mxnet,torch
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INFERENCE := services/inference$(if $(strip $(EXTRAS)),[$(strip $(EXTRAS))])
-PACKAGES := -e shared[server] -e services/capture -e $(INFERENCE) -e services/deployer -e services/publisher -e services/analytics
+PACKAGES := -e shared[server] -e services/capture -e $(INFERENCE) -e services/deployer -e services/publisher -e services/analytics -e services/projects
 # MXNet holds everything beside it to numpy<1.24: its constraints only where it is installed.
 CONSTRAINTS := -c constraints.txt $(if $(findstring mxnet,$(EXTRAS)),-c constraints-mxnet.txt)
 TYPED := shared/lensbus $(filter-out %.egg-info,$(wildcard services/*/lensbus_*))

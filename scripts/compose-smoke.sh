@@ -34,7 +34,7 @@ BASE_IMAGE=${LENSBUS_SMOKE_BASE:-debian:bookworm-slim}
 REPLICAS=${LENSBUS_SMOKE_REPLICAS:-2}
 PROJECT=lensbus-smoke
 TAG=smoke
-SERVICES=(capture inference deployer analytics publisher)
+SERVICES=(capture inference deployer analytics projects publisher)
 PODMAN_COMPOSE_VERSION=1.6.0
 HEALTH_TIMEOUT_S=240
 RESULTS_TIMEOUT_S=180
@@ -182,6 +182,10 @@ LENSBUS_NATS_CLIENT_PASSWORD=$CLIENT_PASSWORD
 LENSBUS_NATS_OPERATOR_PASSWORD=$(secret)
 LENSBUS_NATS_ANALYTICS_PASSWORD=$(secret)
 LENSBUS_NATS_MQTT_PASSWORD=$(secret)
+LENSBUS_NATS_PROJECTS_PASSWORD=$(secret)
+# The auth callout's key pair, made once the projects image is built (it has nkeys).
+LENSBUS_NATS_CALLOUT_ISSUER=pending
+LENSBUS_PROJECTS_CALLOUT_SEED=pending
 LENSBUS_MQTT_HOST_PORT=127.0.0.1:$(free_port)
 LENSBUS_PUBLISHER_TOKEN=$TOKEN
 LENSBUS_TAG=$TAG
@@ -210,6 +214,13 @@ for s in "${SERVICES[@]}"; do
     || { tail -30 "$WORK/build-$s.log"; die "building $s"; }
   built "$s" "localhost/lensbus/$s:$TAG" $(($(date +%s) - t))
 done
+
+callout=$(podman run --rm --entrypoint python3 "localhost/lensbus/projects:$TAG" -c \
+  'from lensbus.natsprojects import generate_callout_secrets as g; c = g(); print(c["issuer"], c["seed"])') \
+  || die "making the auth callout's issuer key"
+read -r issuer seed <<<"$callout"
+sed -i -e "s/^LENSBUS_NATS_CALLOUT_ISSUER=.*/LENSBUS_NATS_CALLOUT_ISSUER=$issuer/" \
+  -e "s/^LENSBUS_PROJECTS_CALLOUT_SEED=.*/LENSBUS_PROJECTS_CALLOUT_SEED=$seed/" "$ENV_FILE"
 
 # ---- the compose set ----------------------------------------------------------------------
 say "podman-compose up (inference x$REPLICAS)"

@@ -262,6 +262,63 @@ def samples() -> dict[str, Message]:
             "pre_s": 5.0,
             "post_s": 5.0,
         },
+        # Projects (issue 16): project.json, the desired release, a report, outputs.
+        "project": {
+            "name": "hotdog-alert",
+            "version": "2",
+            "groups": ["lobby"],
+            "models": ["yolov3-tiny:2024.1"],
+            "settings": {"label": "hot dog", "min_count": 3},
+            "settings_schema": {"type": "object", "properties": {"min_count": {"type": "integer"}}},
+            "limits": {"memory_mb": 512, "deadline_s": 5.0},
+        },
+        "project_deployment": {
+            "name": "hotdog-alert",
+            "current": {
+                "version": "2",
+                "groups": ["lobby"],
+                "sha256": "c" * 64,
+                "deployed_ns": NOW,
+                "reason": "deploy",
+            },
+            "history": [
+                {"version": "1", "groups": ["lobby"], "sha256": "d" * 64, "deployed_ns": NOW - 10}
+            ],
+        },
+        "project_report": {
+            "project": "hotdog-alert",
+            "instance": "projects-edge-01-88",
+            "version": "2",
+            "state": "running",
+            "serving": "2",
+            "handled": 4200,
+            "errors": 3,
+            "dropped": 12,
+            "restarts": 1,
+            "report_ns": NOW,
+        },
+        "project_message": {
+            "project": "hotdog-alert",
+            "version": "2",
+            "camera": "front-door",
+            "topic": "alert",
+            "seq": 1234,
+            "capture_ns": NOW,
+            "published_ns": NOW + 40_000_000,
+            "payload": {"label": "hot dog", "count": 3},
+        },
+        "overlay": {
+            "project": "privacy-blur",
+            "camera": "front-door",
+            "seq": 1234,
+            "capture_ns": NOW,
+            "shapes": [
+                {"shape": "blur", "points": [[0.4, 0.1], [0.5, 0.3]]},
+                {"shape": "box", "points": [[0.1, 0.2], [0.3, 0.6]], "text": "hot dog"},
+                {"shape": "text", "points": [[0.02, 0.05]], "text": "in 3 out 1"},
+            ],
+            "ttl_s": 1.0,
+        },
     }
     for name, value in wire.items():
         if name in EXPORTED:

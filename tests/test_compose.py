@@ -18,11 +18,12 @@ import pytest
 import yaml
 
 from lensbus.natsauth import USERS, compose_config, env_var
+from lensbus.natsprojects import CALLOUT_ISSUER_ENV, CALLOUT_SEED_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-SERVICES = ("capture", "inference", "deployer", "analytics", "publisher")
+SERVICES = ("capture", "inference", "deployer", "analytics", "projects", "publisher")
 # Inference images besides the default one: GPU, and one per framework set (profiles).
 INFERENCE_VARIANTS = ("inference-gpu", "inference-mxnet", "inference-torch")
 ONE_SHOT = {"init"}  # runs once and exits: no healthcheck
@@ -31,6 +32,7 @@ METRICS_PORTS = {
     "inference": 9102,
     "deployer": 9103,
     "analytics": 9104,
+    "projects": 9105,
     "publisher": 8080,
 }
 HEALTHZ_PORT_VARS = {
@@ -39,9 +41,15 @@ HEALTHZ_PORT_VARS = {
     **{v: "LENSBUS_INFERENCE_METRICS_PORT" for v in INFERENCE_VARIANTS},
     "deployer": "LENSBUS_DEPLOYER_METRICS_PORT",
     "analytics": "LENSBUS_ANALYTICS_METRICS_PORT",
+    "projects": "LENSBUS_PROJECTS_METRICS_PORT",
     "publisher": "LENSBUS_PUBLISHER_PORT",
 }
-REQUIRED = [env_var(u) for u in USERS] + ["LENSBUS_PUBLISHER_TOKEN"]
+# The auth callout's issuer (nats-server) and its seed (the projects service) too.
+REQUIRED = [env_var(u) for u in USERS] + [
+    "LENSBUS_PUBLISHER_TOKEN",
+    CALLOUT_ISSUER_ENV,
+    CALLOUT_SEED_ENV,
+]
 
 
 def compose() -> dict[str, Any]:
@@ -210,7 +218,8 @@ def test_each_service_connects_as_its_own_nats_user() -> None:
         assert env[f"{prefix}NATS_URL"] == "nats://nats:4222"
     nats = svcs["nats"]
     assert nats["image"].startswith("nats:2.10")  # the official image on a device
-    assert set(nats["environment"]) == {env_var(u) for u in USERS}
+    assert set(nats["environment"]) == {env_var(u) for u in USERS} | {CALLOUT_ISSUER_ENV}
+    assert svcs["projects"]["environment"][CALLOUT_SEED_ENV].startswith(f"${{{CALLOUT_SEED_ENV}:?")
     assert "./deploy/nats/nats-server.conf:/etc/nats/nats-server.conf:ro" in nats["volumes"]
     assert (ROOT / "deploy/nats/nats-server.conf").read_text() == compose_config()
 
@@ -409,14 +418,14 @@ def prometheus() -> dict[str, Any]:
 
 def test_prometheus_scrapes_every_service_and_every_inference_replica() -> None:
     jobs = {j["job_name"]: j for j in prometheus()["scrape_configs"]}
-    for name in ("capture", "deployer", "analytics", "publisher"):
+    for name in ("capture", "deployer", "analytics", "projects", "publisher"):
         assert jobs[name]["static_configs"][0]["targets"] == [f"{name}:{METRICS_PORTS[name]}"]
     sd = jobs["inference"]["dns_sd_configs"]
     assert {tuple(s["names"]) for s in sd} == {("inference",)} | {(v,) for v in INFERENCE_VARIANTS}
     assert all(s["type"] == "A" and s["port"] == METRICS_PORTS["inference"] for s in sd)
     assert jobs["publisher"]["authorization"]["credentials_file"] == "/prometheus/publisher.token"
     svcs = services()
-    for name in ("capture", "inference", "deployer", "analytics"):
+    for name in ("capture", "inference", "deployer", "analytics", "projects"):
         port = svcs[name]["environment"][f"LENSBUS_{name.upper()}_METRICS_PORT"]
         assert port.endswith(f":-{METRICS_PORTS[name]}}}"), (name, port)
     assert "/prometheus/publisher.token" in svcs["prometheus"]["command"][0]

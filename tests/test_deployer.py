@@ -31,6 +31,10 @@ from lensbus.schemas import (
     ModelRef,
     ModelVersionRef,
     PipelineReply,
+    ProjectDeployReply,
+    ProjectListReply,
+    ProjectStatusReply,
+    ProjectUploadReply,
     Reply,
     Status,
     SwapReport,
@@ -423,6 +427,14 @@ async def test_malformed_requests_are_refused_and_counted(
         "pipeline_set": PipelineReply,
         "pipeline_get": PipelineReply,
         "pipeline_rollback": PipelineReply,
+        "project_upload_begin": UploadStarted,
+        "project_upload_chunk": Reply,
+        "project_upload_commit": ProjectUploadReply,
+        "project_list": ProjectListReply,
+        "project_deploy": ProjectDeployReply,
+        "project_rollback": ProjectDeployReply,
+        "project_remove": ProjectDeployReply,
+        "project_status": ProjectStatusReply,
     }
     assert set(replies) == set(DEPLOYER_VERBS)
     for verb, reply_cls in replies.items():

@@ -26,26 +26,36 @@ from lensbus.bus import connect as bus_connect
 from lensbus.cameras import CamerasBucket
 from lensbus.deployclient import DeployClient
 from lensbus.natsauth import (
+    CALLOUT_ISSUER_ENV,
     PASSWORD_PATTERN,
     USERS,
     authorization_block,
     compose_config,
     env_var,
+    generate_callout_secrets,
     generate_passwords,
     inference_user,
     permissions,
+    project_authorizer,
+    project_password,
+    project_user,
 )
+from lensbus.natscallout import CalloutService
+from lensbus.natsprojects import PROJECTS_USER
 from lensbus.natsserver import NatsServer
 from lensbus.schemas import Event, Result, Status
 from lensbus.schemas.camera import CameraConfig, CameraState, camera_key, state_key
 from lensbus.schemas.deploy import group_key, report_key
+from lensbus.schemas.project import project_key, project_object_name, project_report_key
 from lensbus.subjects import (
     CAMERAS_BUCKET,
     CLIPS_BUCKET,
     DEPLOYMENTS_BUCKET,
     MODELS_BUCKET,
+    PROJECTS_BUCKET,
     RESULTS_STREAM,
     SNAPSHOTS_BUCKET,
+    project_state_bucket,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,6 +291,25 @@ FORBIDDEN_PUBLISH = [
     ("analytics", "lensbus.frames.cam1"),
     ("analytics", f"$KV.{DEPLOYMENTS_BUCKET}.pipeline.default"),
     ("analytics", f"$JS.API.STREAM.PURGE.KV_{DEPLOYMENTS_BUCKET}"),
+    # issue 16: the projects service follows releases, writes only its reports, and may
+    # manage streams (the state buckets) but none of lensbus's own
+    ("projects", "lensbus.results.cam1"),
+    ("projects", "lensbus.events.cam1"),
+    ("projects", "lensbus.projects.p.cam1.x"),
+    ("projects", f"$KV.{DEPLOYMENTS_BUCKET}.project.p"),
+    ("projects", f"$KV.{DEPLOYMENTS_BUCKET}.group.x"),
+    ("projects", f"$O.{PROJECTS_BUCKET}.M.x"),
+    ("projects", f"$O.{MODELS_BUCKET}.C.x"),
+    ("projects", f"$JS.API.STREAM.DELETE.KV_{DEPLOYMENTS_BUCKET}"),
+    ("projects", f"$JS.API.STREAM.UPDATE.OBJ_{MODELS_BUCKET}"),
+    ("projects", f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"),
+    ("projects", f"$JS.API.STREAM.CREATE.OBJ_{PROJECTS_BUCKET}"),
+    ("projects", "$JS.API.STREAM.DELETE.$MQTT_sess"),
+    ("projects", "$SYS.REQ.USER.AUTH"),
+    ("client", "lensbus.projects.p.cam1.x"),
+    ("client", "lensbus.api.deployer.project_deploy"),
+    ("publisher", "lensbus.projects.p.cam1._overlay"),
+    ("deployer", f"$JS.API.STREAM.DELETE.OBJ_{PROJECTS_BUCKET}"),
 ]
 # ... and what it must not subscribe to (answering the deployer's API, reading frames).
 FORBIDDEN_SUBSCRIBE = [
@@ -298,6 +327,10 @@ FORBIDDEN_SUBSCRIBE = [
     ("client", "_INBOX.>"),
     ("client", "_INBOX_operator.>"),
     ("inference", "_INBOX_deployer.>"),
+    ("projects", "lensbus.frames.*"),
+    ("projects", "lensbus.projects.>"),
+    ("publisher", "lensbus.projects.>"),
+    ("capture", "lensbus.projects.>"),
 ]
 
 
@@ -322,18 +355,35 @@ async def test_forbidden_subjects_are_denied(auth_nats: AuthServer) -> None:
 
 
 async def test_env_referenced_passwords(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compose config's $LENSBUS_NATS_<USER>_PASSWORD references, resolved from the
-    environment nats-server runs in."""
+    """The compose config's $LENSBUS_NATS_<USER>_PASSWORD references and the callout's issuer
+    ($LENSBUS_NATS_CALLOUT_ISSUER), resolved from the environment nats-server runs in."""
     passwords = generate_passwords()
     for user, password in passwords.items():
         monkeypatch.setenv(env_var(user), password)
-    server = NatsServer(tmp_path / "nats", extra_config=authorization_block(None)).start()
+    callout = generate_callout_secrets()
+    monkeypatch.setenv(CALLOUT_ISSUER_ENV, callout["issuer"])
+    config = authorization_block(None, callout=f"${CALLOUT_ISSUER_ENV}")
+    server = NatsServer(tmp_path / "nats", extra_config=config).start()
     try:
         for user in USERS:
             nc = await nats_py.connect(
                 server.url, user=user, password=passwords[user], allow_reconnect=False
             )
+            if user == PROJECTS_USER:  # the callout answers project users
+                authorize = project_authorizer(callout["seed"])
+                service = CalloutService(nc, callout["seed"], authorize)
+                await service.start()
+                continue
             await nc.close()
+        project = await nats_py.connect(
+            server.url,
+            user=project_user("p1"),
+            password=project_password(callout["seed"], "p1"),
+            allow_reconnect=False,
+        )
+        await project.close()
+        assert service.counts == {"allowed": 1}
+        await service.nc.close()
     finally:
         server.stop()
 
@@ -550,3 +600,39 @@ async def test_clips_store_publisher_writes_client_reads(auth_nats: AuthServer) 
     with pytest.raises(Exception):  # noqa: B017 - denied: no answer
         await cap_js.object_store(CLIPS_BUCKET)
     assert denied(cap_errors, "Publish", f"$JS.API.STREAM.INFO.OBJ_{CLIPS_BUCKET}"), cap_errors
+
+
+# ---- projects (issue 16): the projects service's own user -----------------------------------
+
+
+async def test_projects_service_follows_releases_and_writes_only_its_reports(
+    auth_nats: AuthServer,
+) -> None:
+    # The deployer stores a project and its desired release.
+    dep_js = (await auth_nats.connect("deployer")).jetstream(timeout=2)
+    deployments = await dep_js.create_key_value(api.KeyValueConfig(bucket=DEPLOYMENTS_BUCKET))
+    store = await dep_js.create_object_store(PROJECTS_BUCKET)
+    await store.put(project_object_name("p1", "1"), b"packed project")
+    await deployments.put(project_key("p1"), b"release 1")
+
+    errors: list[str] = []
+    js = (await auth_nats.connect(PROJECTS_USER, errors)).jetstream(timeout=2)
+    kv = await js.key_value(DEPLOYMENTS_BUCKET)
+    async for entry in await kv.watch("project.>"):  # what the service follows
+        assert entry is not None and entry.value == b"release 1"
+        break
+    got = await (await js.object_store(PROJECTS_BUCKET)).get(project_object_name("p1", "1"))
+    assert got.data == b"packed project"
+    await kv.put(project_report_key("p1", "box1"), b"running")
+    state = await js.create_key_value(api.KeyValueConfig(bucket=project_state_bucket("p1")))
+    assert (await state.status()).bucket == project_state_bucket("p1")
+    await js.delete_key_value(project_state_bucket("p1"))  # project removed: its state too
+
+    await _denied_write(js, f"$KV.{DEPLOYMENTS_BUCKET}.{project_key('p1')}")
+    assert denied(errors, "Publish", f"$KV.{DEPLOYMENTS_BUCKET}.project.p1"), errors
+    with pytest.raises(Exception):  # noqa: B017 - lensbus's own streams are not its to manage
+        await js.purge_stream(f"KV_{DEPLOYMENTS_BUCKET}")
+    assert (await deployments.get(project_key("p1"))).value == b"release 1"
+    forged = f'"$KV.{DEPLOYMENTS_BUCKET}.project.p1"'
+    purge = f'"$JS.API.STREAM.PURGE.KV_{DEPLOYMENTS_BUCKET}"'
+    assert [v for v in auth_nats.violations() if forged not in v and purge not in v] == []

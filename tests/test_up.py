@@ -175,6 +175,7 @@ async def test_up_runs_everything_and_stops_cleanly(up: UpProcess) -> None:
         "lensbus_deployer",
         "lensbus_inference",
         "lensbus_analytics",
+        "lensbus_projects",
         "lensbus_capture",
         "lensbus_publisher",
         "nats-server",

@@ -19,7 +19,7 @@ import asyncio
 import builtins
 import inspect
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from lensbus.bus import connect
 from lensbus.codec import DecodeError, decode, encode
 from lensbus.errors import DeployError
 from lensbus.modelpkg import PackageError, pack, sha256_file
+from lensbus.projects import package as project_package
 from lensbus.schemas import (
     ActivateRequest,
     Deployment,
@@ -47,6 +48,15 @@ from lensbus.schemas import (
     PipelineReply,
     PipelineRequest,
     PipelineSetRequest,
+    ProjectDeployReply,
+    ProjectDeployRequest,
+    ProjectListReply,
+    ProjectListRequest,
+    ProjectRequest,
+    ProjectStatus,
+    ProjectStatusReply,
+    ProjectStatusRequest,
+    ProjectUploadReply,
     Reply,
     RollbackRequest,
     StatusReply,
@@ -70,6 +80,8 @@ UNREACHABLE = "unreachable"
 # A commit checks the whole package and puts it in the store: allow for slow disks.
 COMMIT_BYTES_PER_S = 10 * 1024 * 1024
 CHUNK_ATTEMPTS = 3
+# A project's commit imports its handler in a child process (the deployer allows it 20 s).
+PROJECT_COMMIT_S = 60.0
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -200,12 +212,23 @@ class DeployClient:
         return await self._upload_archive(path, progress)
 
     async def _upload_archive(self, archive: Path, progress: Progress | None) -> ModelReply:
+        return await self._upload_file(archive, progress, "", ModelReply, 30.0)
+
+    async def _upload_file(
+        self,
+        archive: Path,
+        progress: Progress | None,
+        verbs: str,
+        reply_cls: type[R],
+        commit_s: float,
+    ) -> R:
+        """Upload an archive on the ``<verbs>upload_*`` verbs: begin, chunks, commit."""
         size = (await asyncio.to_thread(archive.stat)).st_size
         if size == 0:
             raise DeployError("invalid_package", f"{archive} is empty")
         digest = await asyncio.to_thread(sha256_file, archive)
         started = await self._call(
-            "upload_begin", UploadBegin(size=size, sha256=digest), UploadStarted
+            f"{verbs}upload_begin", UploadBegin(size=size, sha256=digest), UploadStarted
         )
         chunk_bytes = max(1, min(started.chunk_bytes or UPLOAD_CHUNK_BYTES, UPLOAD_CHUNK_BYTES))
         offset = 0
@@ -215,22 +238,24 @@ class DeployClient:
                 if not data:
                     raise DeployError("bad_request", f"{archive} shrank while being uploaded")
                 chunk = UploadChunk(upload_id=started.upload_id, offset=offset, data=data)
-                for attempt in range(CHUNK_ATTEMPTS):
-                    try:
-                        await self._call("upload_chunk", chunk, Reply)
-                        break
-                    except DeployError as exc:  # a lost chunk or reply: send it again
-                        if exc.code != UNREACHABLE or attempt == CHUNK_ATTEMPTS - 1:
-                            raise
+                await self._send_chunk(f"{verbs}upload_chunk", chunk)
                 offset += len(data)
                 if progress is not None:
                     result = progress(offset, size)
                     if inspect.isawaitable(result):
                         await result
-        commit_timeout = max(self.timeout, 30.0 + 2 * size / COMMIT_BYTES_PER_S)
-        return await self._call(
-            "upload_commit", UploadCommit(upload_id=started.upload_id), ModelReply, commit_timeout
-        )
+        commit_timeout = max(self.timeout, commit_s + 2 * size / COMMIT_BYTES_PER_S)
+        commit = UploadCommit(upload_id=started.upload_id)
+        return await self._call(f"{verbs}upload_commit", commit, reply_cls, commit_timeout)
+
+    async def _send_chunk(self, verb: str, chunk: UploadChunk) -> None:
+        for attempt in range(CHUNK_ATTEMPTS):
+            try:
+                await self._call(verb, chunk, Reply)
+                return
+            except DeployError as exc:  # a lost chunk or reply: send it again
+                if exc.code != UNREACHABLE or attempt == CHUNK_ATTEMPTS - 1:
+                    raise
 
     async def list(self, name: str | None = None) -> builtins.list[ModelInfo]:
         """Every stored model version (of ``name`` only, if given)."""
@@ -282,3 +307,61 @@ class DeployClient:
         """Back to the group's previous pipeline, and its primary model."""
         request = self._request(PipelineRequest, group=group)
         return await self._call("pipeline_rollback", request, PipelineReply)
+
+    # ---- projects -----------------------------------------------------------------------------
+
+    async def project_upload(
+        self, path: str | Path, progress: Progress | None = None
+    ) -> ProjectUploadReply:
+        """Upload a project folder (packed) or a packed ``.tar.gz`` as it is: the deployer
+        checks it (project.json, settings, the handler's import) and stores it once per
+        version. ``reply.created`` is false when the same content was already stored."""
+        path = Path(path)
+        with tempfile.TemporaryDirectory(prefix="lensbus-project-") as tmp:
+            archive = path
+            if await asyncio.to_thread(path.is_dir):
+                archive = Path(tmp) / f"{path.name}.tar.gz"
+                try:
+                    data = await asyncio.to_thread(project_package.pack, path)
+                except PackageError as exc:
+                    raise DeployError("invalid_package", f"invalid project: {exc}") from None
+                await asyncio.to_thread(archive.write_bytes, data)
+            elif not await asyncio.to_thread(path.is_file):
+                raise DeployError("bad_request", f"{path}: no such project folder or .tar.gz")
+            return await self._upload_file(
+                archive, progress, "project_", ProjectUploadReply, PROJECT_COMMIT_S
+            )
+
+    async def project_list(self, name: str | None = None) -> ProjectListReply:
+        """Stored project versions and the deployed projects' records."""
+        request = self._request(ProjectListRequest, name=name)
+        return await self._call("project_list", request, ProjectListReply)
+
+    async def project_deploy(
+        self, name: str, version: str | None = None, groups: Sequence[str] | None = None
+    ) -> ProjectDeployReply:
+        """Make ``version`` (the latest uploaded if omitted) the project's desired release on
+        ``groups`` (default: those its project.json names); ``reply.changes`` says what
+        changed (models activated, pipelines set, the record)."""
+        request = self._request(
+            ProjectDeployRequest,
+            name=name,
+            version=version,
+            groups=list(groups) if groups else None,
+        )
+        return await self._call("project_deploy", request, ProjectDeployReply)
+
+    async def project_rollback(self, name: str) -> ProjectDeployReply:
+        """Back to the project's previous release."""
+        request = self._request(ProjectRequest, name=name)
+        return await self._call("project_rollback", request, ProjectDeployReply)
+
+    async def project_remove(self, name: str) -> ProjectDeployReply:
+        """Stop running the project (its stored versions stay)."""
+        request = self._request(ProjectRequest, name=name)
+        return await self._call("project_remove", request, ProjectDeployReply)
+
+    async def project_status(self, name: str | None = None) -> builtins.list[ProjectStatus]:
+        """Each project's record and what every projects-service instance runs of it."""
+        request = self._request(ProjectStatusRequest, name=name)
+        return (await self._call("project_status", request, ProjectStatusReply)).projects

@@ -92,3 +92,9 @@ class DeployError(LensbusError):
         super().__init__(f"{code}: {message}" if code else message)
         self.code = code
         self.message = message
+
+
+class ProjectError(LensbusError):
+    """A project's handler asked its ``ctx`` for something it cannot have (``ctx.frame()``
+    without ``"frames": true``, a frame that never came, a publish with no camera); the
+    message says what to change."""

@@ -8,6 +8,7 @@ from lensbus.subjects import (
     CLIPS_BUCKET,
     DEPLOYMENTS_BUCKET,
     MODELS_BUCKET,
+    PROJECTS_BUCKET,
     SNAPSHOTS_BUCKET,
 )
 
@@ -18,8 +19,15 @@ MODELS_STREAM = f"OBJ_{MODELS_BUCKET}"
 SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
 CAMERAS_STREAM = f"KV_{CAMERAS_BUCKET}"
 CLIPS_STREAM = f"OBJ_{CLIPS_BUCKET}"
+PROJECTS_STREAM = f"OBJ_{PROJECTS_BUCKET}"
 
 JS_API = "$JS.API"
+
+
+def inbox_prefix(user: str) -> str:
+    """Where ``user`` receives replies (JetStream API, deployer, push consumers' deliveries):
+    nats-py's ``inbox_prefix``; its permissions allow subscribing to this and no other inbox."""
+    return f"_INBOX_{user}"
 
 
 def stream_read(stream: str) -> list[str]:

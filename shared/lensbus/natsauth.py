@@ -27,10 +27,14 @@ no user reads the replies (JetStream API answers, deployment records) meant for 
   reads the deployments bucket (the groups' pipelines); it writes no bucket. It also
   publishes the MQTT subjects and Home Assistant's discovery configs (:mod:`lensbus.natsmqtt`).
 - ``mqtt`` (MQTT clients: Home Assistant) reads only those; see :mod:`lensbus.natsmqtt`.
+- ``projects`` (the service) and ``project-<name>`` (a project's process: not in the config,
+  authorised by the auth callout): :mod:`lensbus.natsprojects`. The deployer stores projects
+  too; the publisher reads their overlays and frames, the client and operator their outputs.
 - ``client`` (programs, viewers; the ``lensbus`` command's read verbs) is read-only: frames,
   results, events and heartbeats, the deployer's ``list`` and ``status``, the results stream
   (with consumers of its own: ordered, ephemeral or durable), the snapshots, the clips and
-  the cameras bucket. It publishes nothing, writes no bucket, and deletes no consumer.
+  the cameras bucket (and ``project_list``, ``project_status``). It publishes nothing, writes
+  no bucket, and deletes no consumer.
 - ``operator`` (``lensbus models upload``, ``deploy``, ``rollback``, ``cameras
   add/update/remove``): all the client may, plus every deployer verb, the ``camera.*`` keys of
   the cameras bucket (it may create that bucket), and deleting consumers of the results
@@ -47,7 +51,8 @@ real ``nats-server`` (``tests/test_natsauth.py`` does it again on every run).
 ``python -m lensbus.natsauth compose-config`` writes ``deploy/nats/nats-server.conf`` (the
 passwords are ``$LENSBUS_NATS_<USER>_PASSWORD`` environment references);
 ``python -m lensbus.natsauth passwords`` prints fresh ``LENSBUS_NATS_<USER>_PASSWORD=...``
-lines for a ``.env``.
+lines for a ``.env`` (and the callout's ``LENSBUS_NATS_CALLOUT_ISSUER`` and
+``LENSBUS_PROJECTS_CALLOUT_SEED``).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from lensbus.jsperms import (
     stream_admin,
     stream_read,
 )
+from lensbus.jsperms import inbox_prefix as inbox_prefix  # "x as x": re-exported (and below)
 from lensbus.natsmqtt import (
     DEFAULT_MQTT_PORT,
     MQTT_USER,
@@ -79,6 +85,18 @@ from lensbus.natsmqtt import (
     mqtt_block,
     mqtt_permissions,
 )
+from lensbus.natsprojects import (
+    CALLOUT_ISSUER_ENV,
+    CALLOUT_SEED_ENV,
+    PROJECTS_USER,
+    callout_block,
+    generate_callout_secrets,
+    projects_service_permissions,
+)
+from lensbus.natsprojects import project_authorizer as project_authorizer
+from lensbus.natsprojects import project_password as project_password
+from lensbus.natsprojects import project_permissions as project_permissions
+from lensbus.natsprojects import project_user as project_user
 from lensbus.schemas.camera import camera_key, state_key
 from lensbus.schemas.deploy import report_key
 from lensbus.subjects import (
@@ -87,9 +105,11 @@ from lensbus.subjects import (
     DEPLOYER_VERBS,
     DEPLOYMENTS_BUCKET,
     MODELS_BUCKET,
+    PROJECTS_BUCKET,
     RESULTS_STREAM,
     SNAPSHOTS_BUCKET,
     WEBHOOKS_STREAM,
+    Subjects,
     validate_prefix,
     validate_token,
 )
@@ -100,6 +120,7 @@ USERS: tuple[str, ...] = (
     "deployer",
     "publisher",
     "analytics",
+    PROJECTS_USER,
     "client",
     "operator",
     MQTT_USER,
@@ -109,7 +130,7 @@ USERS: tuple[str, ...] = (
 DEFAULT_GROUP = "default"
 INFERENCE = "inference"
 # The deployer verbs a read-only user may call: they change nothing.
-READ_VERBS = ("list", "status", "pipeline_get")
+READ_VERBS = ("list", "status", "pipeline_get", "project_list", "project_status")
 
 # A password from generate_passwords(): also safe unquoted in a nats-server config value
 # (a leading digit would be read as a number) and in a nats:// URL.
@@ -119,12 +140,6 @@ PASSWORD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{15,}$")
 def env_var(user: str) -> str:
     """The environment variable holding ``user``'s password (compose's ``.env``)."""
     return f"LENSBUS_NATS_{user.upper().replace('-', '_')}_PASSWORD"
-
-
-def inbox_prefix(user: str) -> str:
-    """Where ``user`` receives replies (JetStream API, deployer, push consumers' deliveries):
-    nats-py's ``inbox_prefix``; its permissions allow subscribing to this and no other inbox."""
-    return f"_INBOX_{user}"
 
 
 def inference_user(group: str) -> str:
@@ -180,6 +195,7 @@ def _publish(user: str, p: str) -> list[str]:
             f"$KV.{DEPLOYMENTS_BUCKET}.>",
             *stream_admin(DEPLOYMENTS_STREAM),
             *object_store(MODELS_BUCKET),
+            *object_store(PROJECTS_BUCKET),
         ]
     if user == "publisher":
         return [
@@ -218,13 +234,16 @@ def _subscribe(user: str, p: str) -> list[str]:
     frames, status = [f"{p}.frames.*", f"{p}.model-frames.*"], f"{p}.status.>"
     if _inference_group(user) is not None:
         return frames
+    s = Subjects(p)
+    drawn = [s.all_project_overlays(), s.all_project_frames()]  # the project streams
+    reader = [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status, s.all_projects()]
     return {
         "capture": [],
         "deployer": [f"{p}.api.deployer.*", status],
-        "publisher": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
+        "publisher": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status, *drawn],
         "analytics": [f"{p}.detections.*", *analytics_mqtt(p)["subscribe"]],
-        "client": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
-        "operator": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status],
+        "client": reader,
+        "operator": reader,
     }[user]
 
 
@@ -233,11 +252,14 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
 
     ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}}``; the deployer's also has
     ``"allow_responses": True`` (it answers on reply subjects, and no other inbox). Each user
-    subscribes to its own inbox, ``_INBOX_<user>.>``, and no other.
+    subscribes to its own inbox, ``_INBOX_<user>.>``, and no other. The projects service's
+    and a project's: :mod:`lensbus.natsprojects`.
     """
     p = validate_prefix(prefix)
     if user == MQTT_USER:
         return mqtt_permissions(p)
+    if user == PROJECTS_USER:
+        return projects_service_permissions(p)
     pub = _publish(user, p)  # first: it refuses an unknown user
     sub = [*_subscribe(user, p), f"{inbox_prefix(user)}.>"]
     perms: dict[str, Any] = {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": sub}}
@@ -288,7 +310,10 @@ def _user_block(user: str, password: str | None, prefix: str) -> str:
 
 
 def authorization_block(
-    passwords: Mapping[str, str] | None, prefix: str = DEFAULT_PREFIX, groups: Iterable[str] = ()
+    passwords: Mapping[str, str] | None,
+    prefix: str = DEFAULT_PREFIX,
+    groups: Iterable[str] = (),
+    callout: str | None = None,
 ) -> str:
     """nats-server config text ``authorization { users = [ ... ] }`` for every user.
 
@@ -296,7 +321,8 @@ def authorization_block(
     ``$LENSBUS_NATS_<USER>_PASSWORD`` (resolved by nats-server when it reads the file: what
     compose's mounted config uses); otherwise ``passwords`` must name every user. The users
     are :func:`users` of ``groups`` and, with ``passwords``, every ``inference-<group>`` user
-    it names.
+    it names. ``callout``: the auth callout's issuer (a public account nkey, or ``$VAR``) for
+    the project users (:mod:`lensbus.natscallout`); every configured user bypasses it.
     """
     names = users(groups)
     if passwords is not None:
@@ -307,7 +333,8 @@ def authorization_block(
     blocks = ",\n".join(
         _user_block(u, None if passwords is None else passwords[u], prefix) for u in names
     )
-    return f"authorization {{\n  users = [\n{blocks}\n  ]\n}}\n"
+    hook = callout_block(callout, names) if callout else ""
+    return f"authorization {{\n  users = [\n{blocks}\n  ]\n{hook}}}\n"
 
 
 COMPOSE_HEADER = """\
@@ -315,7 +342,8 @@ COMPOSE_HEADER = """\
 # one user per lensbus service with only its own subjects and buckets.
 # GENERATED by `python -m lensbus.natsauth compose-config` from shared/lensbus/natsauth.py:
 # edit that, not this (tests/test_natsauth.py fails when they differ). The passwords are
-# environment references, set from .env by compose (LENSBUS_NATS_<USER>_PASSWORD).
+# environment references, set from .env by compose (LENSBUS_NATS_<USER>_PASSWORD), and so
+# is the auth callout's issuer (LENSBUS_NATS_CALLOUT_ISSUER; the project users).
 """
 
 
@@ -323,22 +351,18 @@ def compose_config(prefix: str = DEFAULT_PREFIX, groups: Iterable[str] = ()) -> 
     """The whole ``deploy/nats/nats-server.conf`` compose.yaml mounts into the nats service."""
     from lensbus.natsserver import MAX_PAYLOAD
 
-    return (
-        COMPOSE_HEADER
-        + "\n"
-        + 'server_name: "lensbus"\n'
-        + "port: 4222\n"
-        + "# monitoring (/healthz for the container healthcheck); not published on the host\n"
-        + "http_port: 8222\n"
-        + f"max_payload: {MAX_PAYLOAD}\n"
-        + "jetstream {\n"
-        + '  store_dir: "/data/jetstream"\n'
-        + "}\n"
-        + "# MQTT clients (Home Assistant) as the user `mqtt`: lensbus.natsmqtt\n"
-        + mqtt_block(DEFAULT_MQTT_PORT)
-        + "\n"
-        + authorization_block(None, prefix, groups)
-    )
+    return f"""{COMPOSE_HEADER}
+server_name: "lensbus"
+port: 4222
+# monitoring (/healthz for the container healthcheck); not published on the host
+http_port: 8222
+max_payload: {MAX_PAYLOAD}
+jetstream {{
+  store_dir: "/data/jetstream"
+}}
+# MQTT clients (Home Assistant) as the user `mqtt`: lensbus.natsmqtt
+{mqtt_block(DEFAULT_MQTT_PORT)}
+{authorization_block(None, prefix, groups, f"${CALLOUT_ISSUER_ENV}")}"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     sub.add_parser("compose-config", help="deploy/nats/nats-server.conf (env passwords)")
-    sub.add_parser("passwords", help="fresh LENSBUS_NATS_<USER>_PASSWORD=... lines")
+    sub.add_parser("passwords", help="fresh LENSBUS_NATS_<USER>_PASSWORD=... (and callout) lines")
     sub.add_parser("permissions", help="every user's permissions as JSON")
     args = parser.parse_args(argv)
     if args.what == "compose-config":
@@ -363,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "passwords":
         for user, password in generate_passwords(args.inference_group).items():
             print(f"{env_var(user)}={password}")
+        callout = generate_callout_secrets()
+        print(f"{CALLOUT_ISSUER_ENV}={callout['issuer']}\n{CALLOUT_SEED_ENV}={callout['seed']}")
     else:
         names = users(args.inference_group)
         print(json.dumps({u: permissions(u, args.prefix) for u in names}, indent=2))

@@ -29,6 +29,9 @@ CAMERAS_BUCKET = "lensbus-cameras"
 CLIPS_BUCKET = "lensbus-clips"
 # Pending webhook deliveries (a work queue: a delivery leaves it when its receiver took it).
 WEBHOOKS_STREAM = "LENSBUS_WEBHOOKS"
+# Stored project packages (user code), and each project's own state bucket (ctx.state).
+PROJECTS_BUCKET = "lensbus-projects"
+PROJECT_STATE_BUCKET_PREFIX = "lensbus-project-"
 
 # Verbs of the deployer's request/reply API (``<prefix>.api.deployer.<verb>``).
 DEPLOYER_VERBS = (
@@ -42,6 +45,14 @@ DEPLOYER_VERBS = (
     "pipeline_set",
     "pipeline_get",
     "pipeline_rollback",
+    "project_upload_begin",
+    "project_upload_chunk",
+    "project_upload_commit",
+    "project_list",
+    "project_deploy",
+    "project_rollback",
+    "project_remove",
+    "project_status",
 )
 
 # The subjects MQTT clients see (nats-server's MQTT listener maps topic '/' to subject '.'):
@@ -56,6 +67,7 @@ RESERVED_TOKENS = (
     "webhooks",
     "status",
     "api",
+    "projects",
 )
 # Home Assistant's MQTT discovery prefix (its default) and its birth message's subject.
 HA_PREFIX = "homeassistant"
@@ -65,6 +77,10 @@ _NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 INFERENCE_QUEUE_GROUP = "inference"
 # The queue group deployers answer requests in, so that several can share the load.
 DEPLOYER_QUEUE_GROUP = "deployer"
+# Where nats-server asks who an unknown user is (auth callout, lensbus.natscallout; in the
+# callout's account, not $SYS), and the queue group the projects services answer it in.
+AUTH_CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
+AUTH_CALLOUT_QUEUE_GROUP = "projects"
 
 
 def validate_token(value: str, what: str = "camera id") -> str:
@@ -72,6 +88,19 @@ def validate_token(value: str, what: str = "camera id") -> str:
         raise InvalidName(
             f"invalid {what} {value!r}: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-'"
         )
+    return value
+
+
+def project_state_bucket(project: str) -> str:
+    """The KV bucket holding one project's ``ctx.state`` (only that project's user may use it)."""
+    return f"{PROJECT_STATE_BUCKET_PREFIX}{validate_token(project, 'project name')}"
+
+
+def validate_topic(value: str) -> str:
+    """A project's own topic: a subject token not starting with '_' (lensbus's own topics)."""
+    validate_token(value, "topic")
+    if value.startswith("_"):
+        raise InvalidName(f"invalid topic {value!r}: topics starting with '_' are lensbus's own")
     return value
 
 
@@ -145,6 +174,47 @@ class Subjects:
 
     def all_webhooks(self) -> str:
         return f"{self.prefix}.webhooks.*"
+
+    # ---- projects: what user code sends (lensbus.schemas.project) ------------------------------
+
+    def project_output(self, project: str, camera: str, topic: str) -> str:
+        """What ``ctx.publish(topic, ...)`` of ``project`` sends for ``camera``."""
+        return f"{self._project_camera(project, camera)}.{validate_topic(topic)}"
+
+    def project_overlay(self, project: str, camera: str) -> str:
+        """Shapes the project wants drawn on ``camera``'s project stream."""
+        return f"{self._project_camera(project, camera)}._overlay"
+
+    def project_frame(self, project: str, camera: str) -> str:
+        """Frames the project drew itself (a DeepLens function's local display)."""
+        return f"{self._project_camera(project, camera)}._frame"
+
+    def project_all(self, project: str) -> str:
+        """Everything one project sends (its NATS user may publish only here and events)."""
+        return f"{self.prefix}.projects.{validate_token(project, 'project name')}.>"
+
+    def all_projects(self) -> str:
+        return f"{self.prefix}.projects.>"
+
+    def all_project_overlays(self) -> str:
+        return f"{self.prefix}.projects.*.*._overlay"
+
+    def all_project_frames(self) -> str:
+        return f"{self.prefix}.projects.*.*._frame"
+
+    def project_parts(self, subject: str) -> tuple[str, str, str]:
+        """(project, camera, topic) of a subject under :meth:`all_projects`."""
+        head = f"{self.prefix}.projects."
+        if not subject.startswith(head):
+            raise InvalidName(f"not a project subject: {subject!r}")
+        parts = subject[len(head) :].split(".")
+        if len(parts) != 3:
+            raise InvalidName(f"not a project subject: {subject!r}")
+        return parts[0], parts[1], parts[2]
+
+    def _project_camera(self, project: str, camera: str) -> str:
+        project = validate_token(project, "project name")
+        return f"{self.prefix}.projects.{project}.{validate_camera_id(camera)}"
 
     def status(self, service: str, instance: str) -> str:
         """Heartbeat of one service instance."""

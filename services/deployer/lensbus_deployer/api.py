@@ -33,6 +33,14 @@ from lensbus.schemas import (
     PipelineReply,
     PipelineRequest,
     PipelineSetRequest,
+    ProjectDeployReply,
+    ProjectDeployRequest,
+    ProjectListReply,
+    ProjectListRequest,
+    ProjectRequest,
+    ProjectStatusReply,
+    ProjectStatusRequest,
+    ProjectUploadReply,
     Reply,
     RollbackRequest,
     Status,
@@ -52,11 +60,12 @@ from lensbus.subjects import (
 from lensbus_deployer import decisions, metrics
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.decisions import Heartbeat
-from lensbus_deployer.errors import Refused, StaleRecord
+from lensbus_deployer.errors import Refused
 from lensbus_deployer.jetstream import JetStream
 from lensbus_deployer.model_objects import latest
 from lensbus_deployer.pipeline_verbs import PipelineVerbs
-from lensbus_deployer.store import CAS_ATTEMPTS
+from lensbus_deployer.project_verbs import ProjectVerbs
+from lensbus_deployer.store import compare_and_set
 from lensbus_deployer.upload_verbs import UploadVerbs
 
 log = logging.getLogger(__name__)
@@ -64,7 +73,9 @@ log = logging.getLogger(__name__)
 # Deployers share the API (all verbs but the chunks and commit of an upload, which must
 # reach the deployer holding the upload's file) in this queue group.
 # Verbs every deployer receives; only the owner of the upload answers.
-OWNER_VERBS = frozenset({"upload_chunk", "upload_commit"})
+OWNER_VERBS = frozenset(
+    {"upload_chunk", "upload_commit", "project_upload_chunk", "project_upload_commit"}
+)
 # A heartbeat not renewed for this long is forgotten.
 HEARTBEAT_FORGET_NS = 3600 * 10**9
 
@@ -89,6 +100,7 @@ class Api:
         self.heartbeats: dict[str, Heartbeat] = {}
         up = upload_verbs
         self.pipelines = pv = PipelineVerbs(jetstream, self._update, counts)
+        self.projects = pj = ProjectVerbs(settings, jetstream, upload_verbs, pv, self.activate)
         self._routes: dict[str, tuple[type[Message], type[Reply], Handler]] = {
             "upload_begin": (UploadBegin, UploadStarted, up.upload_begin),
             "upload_chunk": (UploadChunk, Reply, up.upload_chunk),
@@ -100,6 +112,14 @@ class Api:
             "pipeline_set": (PipelineSetRequest, PipelineReply, pv.pipeline_set),
             "pipeline_get": (PipelineRequest, PipelineReply, pv.pipeline_get),
             "pipeline_rollback": (PipelineRequest, PipelineReply, pv.pipeline_rollback),
+            "project_upload_begin": (UploadBegin, UploadStarted, pj.upload_begin),
+            "project_upload_chunk": (UploadChunk, Reply, pj.upload_chunk),
+            "project_upload_commit": (UploadCommit, ProjectUploadReply, pj.upload_commit),
+            "project_list": (ProjectListRequest, ProjectListReply, pj.project_list),
+            "project_deploy": (ProjectDeployRequest, ProjectDeployReply, pj.project_deploy),
+            "project_rollback": (ProjectRequest, ProjectDeployReply, pj.project_rollback),
+            "project_remove": (ProjectRequest, ProjectDeployReply, pj.project_remove),
+            "project_status": (ProjectStatusRequest, ProjectStatusReply, pj.project_status),
         }
         assert set(self._routes) == set(DEPLOYER_VERBS)
         self._subs: list[Subscription] = []
@@ -233,15 +253,12 @@ class Api:
     ) -> Deployment:
         """Compare-and-set the group's record (another deployer may write it too)."""
         store = self.jetstream.require_store()
-        for _ in range(CAS_ATTEMPTS):
+
+        async def read() -> tuple[Deployment | None, int]:
             current = await store.deployment(group)
-            new = change(current.deployment)
-            try:
-                await store.write(new, current.revision)
-            except StaleRecord:
-                continue
-            return new
-        raise Refused("internal", f"group {group!r} changed too often; try again")
+            return current.deployment, current.revision
+
+        return await compare_and_set(read, store.write, change, f"group {group!r}")
 
     async def activate(self, req: ActivateRequest) -> DeploymentReply:
         ref = ModelVersionRef(name=req.name, version=await self._version(req))

@@ -32,6 +32,7 @@ class Deployer:
 
     def __init__(self, settings: DeployerSettings, rt: Runtime) -> None:
         self.counts = {"uploads": 0, "activations": 0, "rollbacks": 0, "models": 0, "pipelines": 0}
+        self.counts["projects"] = 0
         store = Store(rt.nc.jetstream(timeout=settings.request_timeout_s), settings)
         self.uploads = Uploads(
             settings.work_dir,

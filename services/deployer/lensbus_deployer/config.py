@@ -34,6 +34,17 @@ class DeployerSettings(ServiceSettings):
         description="limit of the object store lensbus-models when the deployer creates it "
         "(-1: no limit); JetStream refuses uploads beyond it",
     )
+    projects_max_bytes: int = Field(
+        default=1024 * MiB,
+        description="limit of the object store lensbus-projects when the deployer creates it "
+        "(-1: no limit)",
+    )
+    project_import_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        le=300,
+        description="longest a project's handler may take to import in the upload's check",
+    )
     store_chunk_bytes: int = Field(
         default=512 * 1024,
         ge=16 * 1024,

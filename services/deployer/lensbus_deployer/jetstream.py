@@ -11,11 +11,12 @@ import nats.errors
 from nats.js.errors import ServiceUnavailableError
 
 from lensbus.runtime import Runtime
-from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
+from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET, PROJECTS_BUCKET
 from lensbus_deployer import metrics
 from lensbus_deployer.auto_rollback import AutoRollback
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.errors import Refused
+from lensbus_deployer.project_store import ProjectStore
 from lensbus_deployer.store import Store
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class JetStream:
         self.s = settings
         self.rt = rt
         self.store = store
+        self.projects = ProjectStore(store)
+        self.projects_problem: str | None = "not checked yet"
         self.auto_rollback = auto_rollback
         self.counts = counts
         self.problem: str | None = "not checked yet"
@@ -60,6 +63,17 @@ class JetStream:
             )
         return self.store
 
+    def require_projects(self) -> ProjectStore:
+        """The projects' store, or a refusal saying why JetStream cannot be used now."""
+        self.require_store()
+        if not self.projects.ready:
+            raise Refused(
+                "internal",
+                f"the deployer cannot use the object store {PROJECTS_BUCKET} now "
+                f"({self.projects_problem})",
+            )
+        return self.projects
+
     async def check(self) -> None:
         """Ask JetStream; bind the buckets and restart the report watch where needed."""
         nc = self.rt.bus.nc
@@ -72,6 +86,8 @@ class JetStream:
             fresh = not self.store.ready or reconnects != self._ensured_at_reconnects
             if fresh:
                 await asyncio.wait_for(self.store.ensure(), self.s.request_timeout_s * 2)
+            if fresh or not self.projects.ready:
+                await self._ensure_projects()
             if fresh or not self.auto_rollback.running:
                 # A watcher's consumer does not survive a NATS restart: start a new one.
                 await self.auto_rollback.start()
@@ -81,6 +97,21 @@ class JetStream:
             self._set(jetstream_problem(exc))
             return
         self._set(None)
+
+    async def _ensure_projects(self) -> None:
+        """Bind the projects' store; a failure (e.g. a NATS user without the permission)
+        leaves the models working and the project verbs refusing with the cause."""
+        try:
+            await asyncio.wait_for(self.projects.ensure(), self.s.request_timeout_s)
+        except Exception as exc:
+            problem = jetstream_problem(exc)
+            if problem != self.projects_problem:
+                log.warning("object store %s unavailable: %s", PROJECTS_BUCKET, problem)
+            self.projects_problem = problem
+            return
+        if self.projects_problem is not None:
+            log.info("object store %s ready", PROJECTS_BUCKET)
+        self.projects_problem = None
 
     def _set(self, problem: str | None) -> None:
         if problem != self.problem:
@@ -102,3 +133,7 @@ class JetStream:
         metrics.MODELS_STORED.set(len(models))
         with contextlib.suppress(Exception):
             metrics.STORE_BYTES.set(await self.store.store_bytes())
+        if self.projects.ready:
+            projects = await self.projects.list_projects()
+            self.counts["projects"] = len(projects)
+            metrics.PROJECTS_STORED.set(len(projects))

@@ -45,6 +45,14 @@ PIPELINES_REFUSED = Counter(
     "label that does not fit)",
     ["code"],
 )
+PROJECT_CHANGES = Counter(
+    "lensbus_deployer_project_changes_total",
+    "Project uploads, deploys, rollbacks (manual and auto), removals, by verb and outcome "
+    "(ok, created, identical, or the refusal's code: invalid_package, conflict, not_found, "
+    "bad_request, internal; error: the deployer failed)",
+    ["verb", "outcome"],
+)
+PROJECTS_STORED = Gauge("lensbus_deployer_projects_stored", "Project versions in the object store")
 MODELS_STORED = Gauge("lensbus_deployer_models_stored", "Model versions in the object store")
 STORE_BYTES = Gauge("lensbus_deployer_store_bytes", "Bytes of the object store's stream")
 ORPHAN_CHUNKS_PURGED = Counter(

@@ -30,10 +30,10 @@ from lensbus.schemas import (
     PipelineSetRequest,
 )
 from lensbus_deployer import decisions, metrics, pipelines
-from lensbus_deployer.errors import Refused, StaleRecord
+from lensbus_deployer.errors import Refused
 from lensbus_deployer.jetstream import JetStream
 from lensbus_deployer.pipelines import StoredModel
-from lensbus_deployer.store import CAS_ATTEMPTS
+from lensbus_deployer.store import compare_and_set
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,13 @@ class PipelineVerbs:
     async def _update(self, group: str, change: PipelineChange) -> PipelineDeployment:
         """Compare-and-set the group's pipeline record."""
         store = self.jetstream.require_store()
-        for _ in range(CAS_ATTEMPTS):
+
+        async def read() -> tuple[PipelineDeployment | None, int]:
             current = await store.pipeline(group)
-            new = change(current.record)
-            try:
-                await store.write_pipeline(new, current.revision)
-            except StaleRecord:
-                continue
-            return new
-        raise Refused("internal", f"the pipeline of group {group!r} changed too often; try again")
+            return current.record, current.revision
+
+        what = f"the pipeline of group {group!r}"
+        return await compare_and_set(read, store.write_pipeline, change, what)
 
     async def _activate(self, record: PipelineDeployment) -> Deployment:
         """The group's Deployment follows the pipeline's primary model."""

@@ -15,10 +15,13 @@ import io
 import logging
 import tarfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from nats.js import JetStreamContext, api
+from nats.js.api import ObjectInfo
 from nats.js.errors import (
     BucketNotFoundError,
     KeyWrongLastSequenceError,
@@ -34,7 +37,7 @@ from lensbus.schemas import Deployment, Manifest, ModelInfo, PipelineDeployment,
 from lensbus.schemas.deploy import group_key, object_name, pipeline_key, report_key
 from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
 from lensbus_deployer.config import DeployerSettings
-from lensbus_deployer.errors import StaleRecord
+from lensbus_deployer.errors import Refused, StaleRecord
 from lensbus_deployer.model_objects import (
     H_CONTENT,
     header,
@@ -51,6 +54,66 @@ REPORT_PATTERN = "report.>"
 SNAPSHOT_TIMEOUT_S = 5.0
 # Attempts at a compare-and-set write of a group's record before giving up.
 CAS_ATTEMPTS = 10
+
+R = TypeVar("R")
+
+
+class Stored(Protocol):
+    """What a stored version's info (ModelInfo, ProjectInfo) is sorted by."""
+
+    name: str
+    version: str
+    uploaded_ns: int
+
+
+S = TypeVar("S", bound=Stored)
+
+
+async def stored_objects(obs: ObjectStore, parse: Callable[[ObjectInfo], S | None]) -> list[S]:
+    """Every complete version in an object store (an interrupted put has no meta, so it is
+    not here), by name and upload time."""
+    try:
+        objects = await obs.list(ignore_deletes=True)
+    except NotFoundError:
+        return []
+    found = [info for o in objects if (info := parse(o)) is not None]
+    found.sort(key=lambda i: (i.name, i.uploaded_ns, i.version))
+    return found
+
+
+async def stored_object(
+    obs: ObjectStore, name: str, parse: Callable[[ObjectInfo], S | None]
+) -> tuple[S, str] | None:
+    """One stored version and its content digest, or ``None``."""
+    try:
+        o = await obs.get_info(name)
+    except NotFoundError:
+        return None
+    info = parse(o)
+    return None if info is None else (info, header(o.headers, H_CONTENT) or "")
+
+
+def _model_info(o: ObjectInfo) -> ModelInfo | None:
+    return model_info(o.name, o.size, o.digest, o.description, o.headers)
+
+
+async def compare_and_set(
+    read: Callable[[], Awaitable[tuple[R | None, int]]],
+    write: Callable[[R, int], Awaitable[object]],
+    change: Callable[[R | None], R],
+    what: str,
+) -> R:
+    """Read a record and its revision, change it, write it if it is still at that revision;
+    again when another deployer wrote it first (:class:`StaleRecord`), at most CAS_ATTEMPTS."""
+    for _ in range(CAS_ATTEMPTS):
+        record, revision = await read()
+        new = change(record)
+        try:
+            await write(new, revision)
+        except StaleRecord:
+            continue
+        return new
+    raise Refused("internal", f"{what} changed too often; try again")
 
 
 @dataclass(frozen=True)
@@ -134,28 +197,11 @@ class Store:
 
     async def list_models(self) -> list[ModelInfo]:
         """Every complete model version (an interrupted put has no meta, so is not here)."""
-        try:
-            objects = await self.obs.list(ignore_deletes=True)
-        except NotFoundError:
-            return []
-        models = []
-        for o in objects:
-            info = model_info(o.name, o.size, o.digest, o.description, o.headers)
-            if info is not None:
-                models.append(info)
-        models.sort(key=lambda m: (m.name, m.uploaded_ns, m.version))
-        return models
+        return await stored_objects(self.obs, _model_info)
 
     async def model(self, name: str, version: str) -> tuple[ModelInfo, str] | None:
         """A stored version and its content digest, or ``None``."""
-        try:
-            o = await self.obs.get_info(object_name(name, version))
-        except NotFoundError:
-            return None
-        info = model_info(o.name, o.size, o.digest, o.description, o.headers)
-        if info is None:
-            return None
-        return info, header(o.headers, H_CONTENT) or ""
+        return await stored_object(self.obs, object_name(name, version), _model_info)
 
     async def labels(self, name: str, version: str) -> list[str] | None:
         """The labels of a stored version's manifest, or ``None`` when it is not stored."""
@@ -284,7 +330,7 @@ class Store:
         except KeyWrongLastSequenceError:
             raise StaleRecord(key) from None
 
-    async def _snapshot(self, pattern: str) -> list[KeyValue.Entry]:
+    async def snapshot(self, pattern: str) -> list[KeyValue.Entry]:
         """The current entries of the keys matching ``pattern``."""
         watcher = await self.kv.watch(pattern, ignore_deletes=True)
         entries = []
@@ -303,7 +349,7 @@ class Store:
 
     async def deployments(self) -> dict[str, Deployment]:
         out = {}
-        for entry in await self._snapshot(f"{GROUP_PREFIX}*"):
+        for entry in await self.snapshot(f"{GROUP_PREFIX}*"):
             try:
                 dep = decode(entry.value or b"", Deployment)
             except DecodeError as exc:
@@ -314,7 +360,7 @@ class Store:
 
     async def reports(self) -> list[SwapReport]:
         out = []
-        for entry in await self._snapshot(REPORT_PATTERN):
+        for entry in await self.snapshot(REPORT_PATTERN):
             try:
                 report = decode(entry.value or b"", SwapReport)
             except DecodeError as exc:

@@ -105,7 +105,7 @@ class UploadVerbs:
 
     async def _commit(self, upload: Upload) -> ModelReply:
         store = self.jetstream.require_store()
-        digest = await self._checked_digest(upload)
+        digest = await self.checked_digest(upload)
         manifest = await self._manifest(upload)
         content = content_sha256(manifest)
         lock = self._model_locks.setdefault(
@@ -123,7 +123,7 @@ class UploadVerbs:
             await self.jetstream.update_gauges()
         return ModelReply(model=info, created=True)
 
-    async def _checked_digest(self, upload: Upload) -> str:
+    async def checked_digest(self, upload: Upload) -> str:
         """The sha256 of the bytes received, once they are all there and as announced."""
         if upload.received != upload.size:
             raise Refused(

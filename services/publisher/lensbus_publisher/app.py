@@ -55,6 +55,7 @@ class Publisher:
             "open_streams": self.web.open_streams,
             "events": self.events.raised if self.events else 0,
             "zone_events": self.events.zone_events if self.events else 0,
+            "project_events": self.events.project_events if self.events else 0,
             "clips": self.clips.kept if self.clips else 0,
             "webhook_failures": self.webhooks.dropped,
             "rejected": self.hub.rejected,
@@ -79,6 +80,12 @@ class Publisher:
     async def _on_event(self, msg: Msg) -> None:
         if self.events is not None:
             self.events.on_bus_event(self.rt.subjects.camera_of(msg.subject), msg.data)
+
+    async def _on_overlay(self, msg: Msg) -> None:
+        self.hub.on_overlay(msg.subject, msg.data)
+
+    async def _on_project_frame(self, msg: Msg) -> None:
+        self.hub.on_project_frame(msg.subject, msg.data)
 
     async def _on_status(self, msg: Msg) -> None:
         self.hub.on_status(msg.data, msg.subject)
@@ -111,29 +118,14 @@ class Publisher:
             await nc.subscribe(subjects.all_results(), cb=self._on_result),
             await nc.subscribe(subjects.all_events(), cb=self._on_event),
             await nc.subscribe(subjects.all_status(), cb=self._on_status),
+            await nc.subscribe(subjects.all_project_overlays(), cb=self._on_overlay),
+            await nc.subscribe(
+                subjects.all_project_frames(),
+                cb=self._on_project_frame,
+                pending_bytes_limit=FRAME_PENDING_BYTES,
+            ),
         ]
-        for rule in self.s.rules:
-            zone_triggers = sorted(t for t in rule.triggers if t != "rule")
-            if zone_triggers:
-                log.info(
-                    "rule %s: zone events %s of %s, cooldown %.0f s%s",
-                    rule.name,
-                    ",".join(zone_triggers),
-                    ",".join(sorted(rule.zones)) or "every zone and line",
-                    rule.cooldown_s,
-                    " -> clip, webhook" if rule.webhook else " -> clip",
-                )
-            if not rule.on_results:
-                continue
-            log.info(
-                "rule %s: %s score >= %.2f, %d in a row, cooldown %.0f s%s",
-                rule.name,
-                ",".join(sorted(rule.labels)),
-                rule.min_score,
-                rule.consecutive,
-                rule.cooldown_s,
-                " -> webhook" if rule.webhook else "",
-            )
+        log_rules(self.s)
 
     async def stop(self) -> None:
         """Stop taking messages, end every stream, finish what is queued (briefly)."""
@@ -154,6 +146,40 @@ class Publisher:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.webhooks.close()
         await asyncio.sleep(0)  # let the stream handlers see the end
+
+
+def log_rules(settings: PublisherSettings) -> None:
+    """What each rule watches, once at start (a misread rule shows here)."""
+    for rule in settings.rules:
+        zone_triggers = sorted(t for t in rule.triggers if t not in ("rule", "project"))
+        if zone_triggers:
+            log.info(
+                "rule %s: zone events %s of %s, cooldown %.0f s%s",
+                rule.name,
+                ",".join(zone_triggers),
+                ",".join(sorted(rule.zones)) or "every zone and line",
+                rule.cooldown_s,
+                " -> clip, webhook" if rule.webhook else " -> clip",
+            )
+        if "project" in rule.triggers:
+            log.info(
+                "rule %s: events of projects %s, cooldown %.0f s%s",
+                rule.name,
+                ",".join(sorted(rule.projects)) or "(all)",
+                rule.cooldown_s,
+                " -> clip, webhook" if rule.webhook else " -> clip",
+            )
+        if not rule.on_results:
+            continue
+        log.info(
+            "rule %s: %s score >= %.2f, %d in a row, cooldown %.0f s%s",
+            rule.name,
+            ",".join(sorted(rule.labels)),
+            rule.min_score,
+            rule.consecutive,
+            rule.cooldown_s,
+            " -> webhook" if rule.webhook else "",
+        )
 
 
 async def run(settings: PublisherSettings) -> int:

@@ -1,19 +1,23 @@
 """One camera as the publisher holds it: the recent frames (as the JPEG bytes they arrived
 in: the device stream serves them as they are) and results, in small rings by seq so that
 results are joined to their frames and events take a snapshot of the frame that fired them;
-the newest project frame; the signals that wake its streams. Nothing here does I/O.
+its project streams (every project's overlays, or one project's) with their newest frame;
+what projects sent for it; the signals that wake its streams. Nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from lensbus.schemas import Result
 from lensbus_publisher import metrics
+from lensbus_publisher.projects import ProjectFrame, ProjectInputs
 from lensbus_publisher.sse import Subscribers
 
 
@@ -53,13 +57,19 @@ class ResultItem:
     sse: bytes  # the Server-Sent Event, serialized once for every client
 
 
-@dataclass(frozen=True, slots=True)
-class ProjectFrame:
-    seq: int
-    capture_ns: int
-    result_seq: int  # -1: drawn without a result
-    jpeg: bytes
-    rendered: float  # time.monotonic() when ready
+MAX_VIEWS = 16  # streams of one project (?project=) per camera, besides the one of all
+
+
+@dataclass
+class ProjectView:
+    """One project stream of a camera: key "" draws every project's overlays, a project's
+    name only that project's (``?project=NAME``). Drawn once per frame for all its viewers."""
+
+    key: str
+    out: ProjectFrame | None = None  # the newest frame, drawn here or by a project
+    signal: Signal = field(default_factory=Signal)
+    viewers: int = 0
+    task: asyncio.Task[None] | None = None  # its renderer, while it has viewers
 
 
 @dataclass
@@ -73,11 +83,10 @@ class Camera:
     newest_result: ResultItem | None = None
     frame_signal: Signal = field(default_factory=Signal)
     changed: Signal = field(default_factory=Signal)  # a frame or a result came
-    project: ProjectFrame | None = None
-    project_signal: Signal = field(default_factory=Signal)
+    views: dict[str, ProjectView] = field(default_factory=lambda: {"": ProjectView("")})
+    inputs: ProjectInputs = field(default_factory=ProjectInputs)
     subscribers: Subscribers = field(default_factory=Subscribers)
     viewers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(metrics.STREAMS, 0))
-    render_task: asyncio.Task[None] | None = None
     arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=31))
     frames_received: int = 0
     results_received: int = 0
@@ -89,6 +98,24 @@ class Camera:
     def watched(self) -> bool:
         """Whether a stream holds this camera (it must not be forgotten under it)."""
         return any(self.viewers.values()) or bool(self.subscribers.queues)
+
+    def view(self, key: str) -> ProjectView | None:
+        """The project stream ``key`` (made on first use); None when there are MAX_VIEWS."""
+        view = self.views.get(key)
+        if view is None and len(self.views) <= MAX_VIEWS:
+            view = self.views[key] = ProjectView(key)
+        return view
+
+    @contextlib.contextmanager
+    def watching(self, view: ProjectView) -> Iterator[None]:
+        """A viewer of ``view`` while in the block; one project's view goes with its last."""
+        view.viewers += 1
+        try:
+            yield
+        finally:
+            view.viewers -= 1
+            if view.key and not view.viewers and self.views.get(view.key) is view:
+                del self.views[view.key]  # its renderer ends with its last viewer
 
     def add_frame(self, item: FrameItem) -> bool:
         """File a frame; returns True when its seq went back (the capture restarted)."""

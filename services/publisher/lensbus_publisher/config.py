@@ -9,7 +9,7 @@ whole server there, setting it to something else than ``port`` is an error.
 from __future__ import annotations
 
 import ipaddress
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -37,7 +37,7 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-Trigger = Literal["rule", "enter", "leave", "loiter", "cross"]
+Trigger = Literal["rule", "enter", "leave", "loiter", "cross", "project"]
 ZONE_TRIGGERS: frozenset[str] = frozenset({"enter", "leave", "loiter", "cross"})
 
 
@@ -46,7 +46,8 @@ class Rule(BaseModel):
 
     A rule whose ``triggers`` name zone triggers also selects the analytics service's zone
     and line events (of its ``zones``, ``cameras`` and ``labels``; empty: all): those get a
-    clip and the rule's webhook, at most once per cooldown and camera."""
+    clip and the rule's webhook, at most once per cooldown and camera. Trigger ``project``
+    likewise selects the events projects raise (``ctx.event``) of its ``projects``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,10 +61,16 @@ class Rule(BaseModel):
         default=frozenset({"rule"}),
         min_length=1,
         description="'rule': fire on results (as always); enter, leave, loiter, cross: "
-        "select the zone events the analytics service raises",
+        "select the zone events the analytics service raises; project: select the events "
+        "projects raise (ctx.event)",
     )
     zones: frozenset[str] = Field(
         default=frozenset(), description="zone events: zones and lines selected; empty: all"
+    )
+    projects: frozenset[str] = Field(
+        default=frozenset(),
+        description="project events: the projects selected; empty: all. Given without "
+        "triggers, triggers is ['project']",
     )
     min_score: float = Field(default=0.5, ge=0.0, le=1.0, description="detection/class score")
     min_area: float = Field(
@@ -95,6 +102,21 @@ class Rule(BaseModel):
             validate_camera_id(cam)
         return v
 
+    @field_validator("projects")
+    @classmethod
+    def _projects(cls, v: frozenset[str]) -> frozenset[str]:
+        for name in v:
+            validate_token(name, "project name")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _projects_imply_trigger(cls, data: Any) -> Any:
+        # {"projects": ["hotdog-alert"], "webhook": ...} means the events of that project.
+        if isinstance(data, dict) and data.get("projects") and "triggers" not in data:
+            data = {**data, "triggers": ["project"]}
+        return data
+
     @model_validator(mode="after")
     def _labels_for_results(self) -> Rule:
         if "rule" in self.triggers and not self.labels:
@@ -106,11 +128,15 @@ class Rule(BaseModel):
         return "rule" in self.triggers
 
     def selects(self, event: Event) -> bool:
-        """Whether a zone event is one this rule selects (cooldown aside)."""
+        """Whether a zone or project event is one this rule selects (cooldown aside)."""
+        if event.trigger not in self.triggers:
+            return False
+        if event.trigger == "project":
+            chosen = not self.projects or event.project in self.projects
+        else:
+            chosen = event.trigger in ZONE_TRIGGERS and (not self.zones or event.zone in self.zones)
         return (
-            event.trigger in self.triggers
-            and event.trigger in ZONE_TRIGGERS
-            and (not self.zones or event.zone in self.zones)
+            chosen
             and (not self.cameras or event.camera in self.cameras)
             and (not self.labels or event.label in self.labels)
         )

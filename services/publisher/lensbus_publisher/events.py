@@ -8,8 +8,10 @@ The analytics service's zone and line events (trigger enter, leave, loiter, cros
 on the same subjects and get the same treatment, without a second event: the frame's JPEG
 is stored under :func:`snapshot_name` of the event's camera, seq and capture time (a reader
 derives it; the page's list shows it), the rules that select the event
-(:meth:`Rule.selects`) start its clip and queue their webhook. Rule events coming back
-(ours, or another publisher's) are left alone, and malformed ones are counted.
+(:meth:`Rule.selects`) start its clip and queue their webhook. The events projects raise
+(``ctx.event``: trigger ``project``, the project's name in ``project``) are taken the same
+way. Rule events coming back (ours, or another publisher's) are left alone, and malformed
+ones are counted.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Events:
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.event_queue)
         self.raised = 0
         self.zone_events = 0
+        self.project_events = 0
         self._stored: OrderedDict[str, None] = OrderedDict()
         self._limit = RateLimit(60.0)
 
@@ -91,9 +94,9 @@ class Events:
             )
 
     def on_bus_event(self, subject_camera: str, data: bytes) -> None:
-        """An event on ``<prefix>.events.<camera>``: a zone event is counted and queued for
-        its snapshot, clip and webhooks; a rule event (this publisher's own coming back, or
-        another's) is left alone."""
+        """An event on ``<prefix>.events.<camera>``: a zone or project event is counted and
+        queued for its snapshot, clip and webhooks; a rule event (this publisher's own coming
+        back, or another's) is left alone."""
         try:
             event = decode(data, Event)
             if event.camera != subject_camera:
@@ -104,22 +107,38 @@ class Events:
         if event.trigger == "rule":
             metrics.ZONE_EVENTS_IGNORED.labels("own_rule").inc()
             return
-        if not event.zone:
-            self.hub.reject("no_zone", "event", ValueError(f"{event.trigger} event names no zone"))
+        what = self._project_event(event) if event.trigger == "project" else self._zone(event)
+        if not what:
             return
-        self.zone_events += 1
-        metrics.ZONE_EVENTS.labels(event.camera, event.zone, event.trigger).inc()
-        if self.overlays is not None and self.overlays.on_event(event):
-            self.hub.on_counts(event.camera, self.overlays.crossings.get(event.camera, {}))
         cam = self.hub.cameras.get(event.camera)
         frame = None if cam is None else cam.frames.get(event.seq)
         if frame is not None and frame.capture_ns != event.capture_ns:
             frame = None  # the camera restarted: that seq is another frame now
-        self._queue(f"zone {event.zone}", partial(self.take_zone_event, event, frame))
+        self._queue(what, partial(self.take_zone_event, event, frame))
+
+    def _zone(self, event: Event) -> str:
+        """Count a zone event (and its line's crossing); what it is, '' if refused."""
+        if not event.zone:
+            self.hub.reject("no_zone", "event", ValueError(f"{event.trigger} event names no zone"))
+            return ""
+        self.zone_events += 1
+        metrics.ZONE_EVENTS.labels(event.camera, event.zone, event.trigger).inc()
+        if self.overlays is not None and self.overlays.on_event(event):
+            self.hub.on_counts(event.camera, self.overlays.crossings.get(event.camera, {}))
+        return f"zone {event.zone}"
+
+    def _project_event(self, event: Event) -> str:
+        """Count a project's event; what it is, '' if refused."""
+        if not event.project:
+            self.hub.reject("no_project", "event", ValueError("project event names no project"))
+            return ""
+        self.project_events += 1
+        metrics.PROJECT_EVENTS.labels(event.project).inc()
+        return f"project {event.project}"
 
     async def take_zone_event(self, event: Event, frame: FrameItem | None) -> Event:
-        """Snapshot, page, clip and webhooks of a zone event; returns it as the page has it
-        (with the snapshot's name; the event on the bus is not changed)."""
+        """Snapshot, page, clip and webhooks of a zone or project event; returns it as the
+        page has it (with the snapshot's name; the event on the bus is not changed)."""
         name = snapshot_name(event.camera, event.seq, event.capture_ns)
         if name not in self._stored:
             name = await self._snapshot(event.camera, frame)

@@ -15,13 +15,15 @@ from typing import Any
 from lensbus import metrics as shared_metrics
 from lensbus.cameras import View
 from lensbus.codec import DecodeError, decode
-from lensbus.errors import Rejected
+from lensbus.errors import InvalidName, Rejected
 from lensbus.logs import RateLimit, log_limited
 from lensbus.schemas import Event, FrameEnvelope, Result, Status, clip_id
+from lensbus.schemas.project import Overlay
 from lensbus.subjects import Subjects
 from lensbus_publisher import metrics
 from lensbus_publisher.camera import Camera, FrameItem, ResultItem
 from lensbus_publisher.config import PublisherSettings
+from lensbus_publisher.projects import ProjectFrame
 from lensbus_publisher.sse import Subscribers, result_json, sse
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,43 @@ class Hub:
         metrics.RESULTS_RECEIVED.labels(cam.id).inc()
         return cam, result
 
+    def _project_camera(self, subject: str, project: str, camera: str) -> Camera:
+        """The camera of a project's message; its subject must name the same project."""
+        on_project, on_camera, _ = Subjects(self.s.prefix).project_parts(subject)
+        if project != on_project:
+            raise Rejected("project_mismatch", f"{project!r} on {subject!r}")
+        return self._camera_of_message(camera, on_camera)
+
+    def on_overlay(self, subject: str, data: bytes) -> None:
+        """File a project's overlay (``ctx.overlay``) for its camera's project streams."""
+        try:
+            overlay = decode(data, Overlay)
+            cam = self._project_camera(subject, overlay.project, overlay.camera)
+            cam.inputs.add_overlay(overlay, time.monotonic())
+        except (DecodeError, Rejected, InvalidName) as exc:
+            self.reject(getattr(exc, "reason", "subject_mismatch"), "overlay", exc)
+            return
+        metrics.PROJECT_OVERLAYS.labels(overlay.project).inc()
+
+    def on_project_frame(self, subject: str, data: bytes) -> None:
+        """A frame a project drew: shown at once by the streams of every project and of it."""
+        try:
+            env = decode(data, FrameEnvelope)
+            project = Subjects(self.s.prefix).project_parts(subject)[0]
+            cam = self._project_camera(subject, project, env.camera)
+            now = time.monotonic()
+            frame = ProjectFrame(env.seq, env.capture_ns, -1, env.data, now, drawn_by=project)
+            cam.inputs.add_drawn(frame, now)
+        except (DecodeError, Rejected, InvalidName) as exc:
+            self.reject(getattr(exc, "reason", "subject_mismatch"), "project frame", exc)
+            return
+        metrics.PROJECT_FRAMES.labels(project).inc()
+        for view in cam.views.values():
+            if view.key in ("", project) and view.viewers > 0:
+                view.out = frame
+                view.signal.notify()
+                metrics.PROJECT_FRAMES_SHOWN.labels(project).inc()
+
     def on_event(self, event: Event) -> None:
         """An event this publisher raised: to the SSE clients of its camera and of all."""
         self.events.append(event)
@@ -264,6 +303,7 @@ class Hub:
         for cam in self.cameras.values():
             cam.frame_signal.notify()
             cam.changed.notify()
-            cam.project_signal.notify()
+            for view in cam.views.values():
+                view.signal.notify()
             cam.subscribers.send(None)
         self.all_results.send(None)

@@ -115,3 +115,28 @@ ZONE_EVENTS_IGNORED = Counter(
     "another publisher's, coming back)",
     ["reason"],
 )
+PROJECT_OVERLAYS = Counter(
+    "lensbus_publisher_project_overlays_total",
+    "Overlays received from projects (ctx.overlay)",
+    ["project"],
+)
+PROJECT_OVERLAYS_DRAWN = Counter(
+    "lensbus_publisher_project_overlays_drawn_total",
+    "Project stream frames drawn with a project's overlay",
+    ["project"],
+)
+PROJECT_FRAMES = Counter(
+    "lensbus_publisher_project_frames_total",
+    "Frames projects drew themselves (a DeepLens function's display), received",
+    ["project"],
+)
+PROJECT_FRAMES_SHOWN = Counter(
+    "lensbus_publisher_project_frames_shown_total",
+    "Frames a project drew, put on a project stream that has viewers",
+    ["project"],
+)
+PROJECT_EVENTS = Counter(
+    "lensbus_publisher_project_events_total",
+    "Events projects raised (ctx.event) taken: snapshot, page, rules",
+    ["project"],
+)

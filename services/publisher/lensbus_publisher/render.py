@@ -1,6 +1,7 @@
 """Drawing the project stream: a result's boxes, labels, scores and masks on its frame; a
 tracked detection's id and its cascade attributes (``#12 car 0.88 | taxi 0.91``); the
-camera's zones (outline, name, occupancy) and lines (name, in/out counts).
+camera's zones (outline, name, occupancy) and lines (name, in/out counts); the shapes
+projects asked for (``ctx.overlay``: boxes, lines, polygons, text, and blurred regions).
 
 Pure functions on bytes and arrays, run in worker threads (OpenCV releases the GIL).
 Boxes are placed from their normalized coordinates, so a result for a frame of another
@@ -10,6 +11,7 @@ size (a smaller rendition) still lands right.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -17,6 +19,7 @@ import numpy as np
 
 from lensbus.images import decode_jpeg, decode_png, encode_jpeg
 from lensbus.schemas import Box, Detection, Result
+from lensbus.schemas.project import Shape
 from lensbus_publisher.overlay import Overlay
 
 # Saturated, bright BGR colours that survive JPEG's chroma subsampling; picked by class id.
@@ -38,6 +41,9 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 # Zones and lines: colours of their own, so they are not taken for a box of some class.
 ZONE_COLOR = (200, 120, 0)  # BGR steel blue
 LINE_COLOR = (60, 20, 220)  # BGR crimson
+# A blurred region is shrunk to this many pixels across its longer side and scaled back:
+# whatever was there (a face) is a few soft colour patches, not recognisable.
+BLUR_CELLS = 6
 
 
 def color_for(class_id: int) -> tuple[int, int, int]:
@@ -151,13 +157,68 @@ def _zones(img: np.ndarray, overlay: Overlay, thick: int, scale: float) -> None:
         _label(img, text, min(a[0], b[0]), min(a[1], b[1]), LINE_COLOR, scale)
 
 
+def hex_bgr(color: str) -> tuple[int, int, int]:
+    """'#rrggbb' as OpenCV's BGR."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return b, g, r
+
+
+def _shape_px(img: np.ndarray, shape: Shape) -> np.ndarray:
+    h, w = img.shape[:2]
+    pts = [(round(x * w), round(y * h)) for x, y in shape.points]
+    return np.clip(np.array(pts, np.int32), 0, [w - 1, h - 1]).astype(np.int32)
+
+
+def blur(img: np.ndarray, shapes: Sequence[Shape]) -> None:
+    """Blur the regions of the ``blur`` shapes beyond recognition (in place)."""
+    for shape in shapes:
+        if shape.shape != "blur":
+            continue
+        pts = _shape_px(img, shape)
+        (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0) + 1
+        roi = img[y0:y1, x0:x1]
+        rh, rw = roi.shape[:2]
+        if rh < 2 or rw < 2:
+            continue
+        f = BLUR_CELLS / max(rw, rh)
+        small = cv2.resize(
+            roi, (max(1, round(rw * f)), max(1, round(rh * f))), interpolation=cv2.INTER_AREA
+        )
+        # Bilinear back up: soft gradients with no cell edges (a Gaussian pass on the full
+        # region would cost ~10x the whole blur, for nothing a viewer could recognise).
+        roi[:] = cv2.resize(small, (rw, rh), interpolation=cv2.INTER_LINEAR)
+
+
+def draw_shapes(img: np.ndarray, shapes: Sequence[Shape], scale: float) -> None:
+    """The projects' boxes (with their label), lines, polygons and texts (in place)."""
+    for shape in shapes:
+        color = hex_bgr(shape.color)
+        pts = _shape_px(img, shape)
+        if shape.shape == "box":
+            (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+            cv2.rectangle(img, (int(x0), int(y0)), (int(x1), int(y1)), color, shape.thickness)
+            if shape.text:
+                _label(img, shape.text, int(x0) - shape.thickness // 2, int(y0), color, scale)
+        elif shape.shape in ("line", "polygon"):
+            closed = shape.shape == "polygon"
+            cv2.polylines(img, [pts], closed, color, shape.thickness, cv2.LINE_AA)
+        elif shape.shape == "text" and shape.text:
+            _label(img, shape.text, int(pts[0][0]), int(pts[0][1]), color, scale)
+
+
 def draw(
-    img: np.ndarray, result: Result | None, note: str = "", overlay: Overlay | None = None
+    img: np.ndarray,
+    result: Result | None,
+    note: str = "",
+    overlay: Overlay | None = None,
+    shapes: Sequence[Shape] = (),
 ) -> None:
-    """Draw ``result`` (and the camera's zones and lines) on ``img`` (BGR, in place)."""
+    """Draw ``result`` (and the camera's zones and lines, and the projects' shapes) on
+    ``img`` (BGR, in place). Blurred regions go first: what is drawn on top stays sharp."""
     h, w = img.shape[:2]
     thick = line_width(w, h)
     scale = max(0.45, min(w, h) / 900)
+    blur(img, shapes)
     if overlay is not None:  # under the boxes: an object on a line stays readable
         _zones(img, overlay, thick, scale)
     if result is not None:
@@ -181,6 +242,7 @@ def draw(
         small = max(0.4, scale * 0.8)
         (_, th), base = cv2.getTextSize(note, FONT, small, 1)
         _label(img, note, 0, h, (40, 40, 40), small)
+    draw_shapes(img, shapes, scale)
 
 
 def caption(result: Result | None, frame_seq: int) -> str:
@@ -197,12 +259,13 @@ def render(
     frame_seq: int,
     quality: int = 80,
     overlay: Overlay | None = None,
+    shapes: Sequence[Shape] = (),
 ) -> Rendered:
     """Decode a frame, draw a result on it, encode it again (one project frame)."""
     t0 = time.perf_counter()
     img = decode_jpeg(jpeg)
     t1 = time.perf_counter()
-    draw(img, result, caption(result, frame_seq), overlay)
+    draw(img, result, caption(result, frame_seq), overlay, shapes)
     t2 = time.perf_counter()
     out = encode_jpeg(img, quality)
     t3 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,10 +21,11 @@ from urllib.parse import quote
 from aiohttp import web
 
 from lensbus import __version__
-from lensbus.errors import LensbusError
+from lensbus.errors import InvalidName, LensbusError
 from lensbus.logs import RateLimit, log_limited
+from lensbus.subjects import validate_token
 from lensbus_publisher import metrics
-from lensbus_publisher.camera import Camera, Signal
+from lensbus_publisher.camera import Camera, ProjectView, Signal
 from lensbus_publisher.config import PublisherSettings
 from lensbus_publisher.hub import Hub
 from lensbus_publisher.media import Media
@@ -291,24 +293,42 @@ class Web:
                 pass
             return resp
 
+    @contextlib.contextmanager
+    def _watching(self, request: web.Request, cam: Camera) -> Iterator[ProjectView]:
+        """Watching the project stream asked for: every project's (``""``), or
+        ``?project=NAME``'s."""
+        key = request.query.get("project", "")
+        try:
+            view = cam.view(validate_token(key, "project name") if key else "")
+        except InvalidName as exc:
+            error = json.dumps({"error": str(exc)})
+            raise web.HTTPBadRequest(text=error, content_type="application/json") from None
+        if view is None:
+            raise web.HTTPServiceUnavailable(
+                text='{"error": "too many project streams of this camera"}',
+                content_type="application/json",
+            )
+        with cam.watching(view):
+            yield view
+
     async def project(self, request: web.Request) -> web.StreamResponse:
-        """The frames with the model's output drawn, each drawn once for every viewer."""
+        """The frames with the model's output and the projects' overlays drawn, each drawn
+        once for every viewer; or, while a project sends them, the frames it drew."""
         cam = self._camera(request)
-        with self._viewing(cam.id, "project", cam):
-            self.renderer.watch(cam)
+        with self._viewing(cam.id, "project", cam), self._watching(request, cam) as view:
+            self.renderer.watch(cam, view)
             resp = await self._mjpeg(request)
             served = metrics.FRAMES_SERVED.labels(cam.id, "project")
-            sent = None
-            if (
-                cam.project is not None
-                and cam.newest is not None
-                and (cam.project.seq != cam.newest.seq)
+            sent = view.out
+            if sent is not None and (
+                sent.fresh(time.monotonic())
+                and (sent.drawn_by or cam.newest is None or sent.seq == cam.newest.seq)
             ):
-                sent = cam.project  # stale: wait for the renderer's next frame
+                sent = None  # current: show it at once; else wait for the next one
             try:
                 while not self.hub.closing:
-                    version = cam.project_signal.version
-                    out = cam.project
+                    version = view.signal.version
+                    out = view.out
                     if out is not None and out is not sent:
                         head = part_head(
                             len(out.jpeg),
@@ -316,14 +336,15 @@ class Web:
                                 "X-Seq": out.seq,
                                 "X-Capture-Ns": out.capture_ns,
                                 "X-Result-Seq": out.result_seq,
+                                "X-Project": out.drawn_by or "-",
                             },
                         )
                         await self._write(resp, head, out.jpeg, b"\r\n")
                         served.inc()
                         sent = out
-                        if cam.project_signal.version != version:
+                        if view.signal.version != version:
                             continue
-                    await self._next(request, cam.project_signal, version)
+                    await self._next(request, view.signal, version)
             except Stalled:
                 self._cut_off(request, "project", cam.id)
             except ConnectionError:

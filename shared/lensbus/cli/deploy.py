@@ -35,7 +35,15 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 # Commands that change nothing: the read-only NATS user ``client`` may run them.
-READ_COMMANDS = ("models list", "status", "pipeline show", "pipeline history")
+READ_COMMANDS = (
+    "models list",
+    "status",
+    "pipeline show",
+    "pipeline history",
+    "project list",
+    "project status",
+    "project watch",
+)
 
 Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
 
@@ -237,7 +245,23 @@ async def _status(dc: DeployClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]:
+# A check before connecting: (message, exit code) when the command must not go on.
+Precheck = Callable[[argparse.Namespace], tuple[str, int] | None]
+
+
+def _package_exists(args: argparse.Namespace) -> tuple[str, int] | None:
+    if Path(args.path).exists():
+        return None
+    return f"{args.path}: no such package folder or .tar.gz file", EXIT_USAGE
+
+
+def deployer_command(
+    command: Command, title: str, precheck: Precheck | None = None
+) -> Callable[[argparse.Namespace], int]:
+    """A `lensbus <title>` verb talking to the deployer: connects as ``client`` for the
+    READ_COMMANDS and ``operator`` otherwise, and turns refusals into messages and exit codes
+    (the models, pipeline and project verbs share it)."""
+
     async def run(args: argparse.Namespace) -> int:
         user = "client" if title in READ_COMMANDS else "operator"
         options = nats_user_options(args, user)
@@ -248,12 +272,10 @@ def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]
             return await command(dc, args)
 
     def main(args: argparse.Namespace) -> int:
-        if title == "models upload" and not Path(args.path).exists():
-            print(
-                f"lensbus {title}: {args.path}: no such package folder or .tar.gz file",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
+        refused = precheck(args) if precheck is not None else None
+        if refused is not None:
+            print(f"lensbus {title}: {refused[0]}", file=sys.stderr)
+            return refused[1]
         try:
             return asyncio.run(run(args))
         except WrongUser as exc:
@@ -272,7 +294,7 @@ def _runner(command: Command, title: str) -> Callable[[argparse.Namespace], int]
 # ---- registration ----------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def deployer_options(p: argparse.ArgumentParser) -> None:
     add_nats_options(p)
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the deployer (default 10)"
@@ -291,14 +313,14 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("path", metavar="PATH", help="package folder or .tar.gz")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    _common(p)
-    p.set_defaults(func=_runner(_upload, "models upload"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_upload, "models upload", _package_exists))
 
     p = verbs.add_parser("list", help="list the stored model versions")
     p.add_argument("--name", help="only this model's versions")
     p.add_argument("--json", action="store_true", help="JSON (a list of ModelInfo)")
-    _common(p)
-    p.set_defaults(func=_runner(_list, "models list"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_list, "models list"))
 
     p = sub.add_parser(
         "deploy",
@@ -308,16 +330,16 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("model", metavar="NAME[:VERSION]", type=_model_ref, help="a stored model")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
-    _common(p)
-    p.set_defaults(func=_runner(_deploy, "deploy"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_deploy, "deploy"))
 
     p = sub.add_parser("rollback", help="return a camera group to its previous model")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
-    _common(p)
-    p.set_defaults(func=_runner(_rollback, "rollback"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_rollback, "rollback"))
 
     p = sub.add_parser("status", help="desired vs served model of each camera group")
     p.add_argument("--group", "-g", type=_group, help="only this group")
     p.add_argument("--json", action="store_true", help="JSON (a list of GroupStatus)")
-    _common(p)
-    p.set_defaults(func=_runner(_status, "status"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_status, "status"))

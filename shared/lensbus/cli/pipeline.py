@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lensbus.cli.common import SubParsers
-from lensbus.cli.deploy import EXIT_OK, _common, _group, _runner, when
+from lensbus.cli.deploy import EXIT_OK, _group, deployer_command, deployer_options, when
 from lensbus.deployclient import DeployClient, DeployError
 from lensbus.schemas import Deployment, PipelineDeployment, PipelineRevision
 from lensbus.schemas.pipeline import ClassifyStage, ModelStage, Stage, TrackStage, ZonesStage
@@ -167,21 +167,21 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("data", metavar="FILE", type=_file, help="pipeline file (.json, .yaml)")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
-    _common(p)
-    p.set_defaults(func=_runner(_set, "pipeline set"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_set, "pipeline set"))
 
     p = verbs.add_parser("show", help="the desired pipeline of each group (or one)")
     p.add_argument("--group", "-g", type=_group, help="only this group")
     p.add_argument("--json", action="store_true", help="JSON (a list of records)")
-    _common(p)
-    p.set_defaults(func=_runner(_show, "pipeline show"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_show, "pipeline show"))
 
     p = verbs.add_parser("history", help="a group's pipeline revisions, newest first")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
-    _common(p)
-    p.set_defaults(func=_runner(_history, "pipeline history"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_history, "pipeline history"))
 
     p = verbs.add_parser("rollback", help="return a group to its previous pipeline (and model)")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
-    _common(p)
-    p.set_defaults(func=_runner(_rollback, "pipeline rollback"))
+    deployer_options(p)
+    p.set_defaults(func=deployer_command(_rollback, "pipeline rollback"))

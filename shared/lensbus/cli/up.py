@@ -1,9 +1,10 @@
 """``lensbus up``: the whole system on this machine, in one command.
 
 Starts an embedded nats-server (JetStream in ``.lensbus/``, each service with its own NATS
-user and permissions, MQTT for Home Assistant on ``--mqtt-port``), then the deployer,
-inference, analytics (idle until the group's pipeline tracks), capture and publisher as
-child processes with their normal settings.
+user and permissions, each project's process its own user through the auth callout, MQTT for
+Home Assistant on ``--mqtt-port``), then the deployer, inference, analytics (idle until the
+group's pipeline tracks), projects (idle until a project is deployed), capture and publisher
+as child processes with their normal settings.
 When no model is deployed yet it builds the demo packages from the installed PyPI packages
 and uploads and activates YOLOv3-tiny through the deployer, as a user would. Children that
 die, nats-server included, are restarted with back-off; Ctrl-C or SIGTERM stops them in
@@ -33,7 +34,7 @@ from lensbus.cli.inference_python import (
     InferencePythonError,
     choose_python,
 )
-from lensbus.cli.up_setup import default_source, load_secrets
+from lensbus.cli.up_setup import default_source, load_secrets, projects_settings
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.errors import LensbusError
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 GROUP = "default"
 BACKENDS = ("onnx", "opencv", "mxnet", "torch")
 # Start order; they stop in the reverse order (frames stop first, the model store last).
-SERVICES = ("deployer", "inference", "analytics", "capture", "publisher")
+SERVICES = ("deployer", "inference", "analytics", "projects", "capture", "publisher")
 
 
 class UpError(LensbusError):
@@ -69,6 +70,7 @@ class Up:
         self.sup = Supervisor()
         self.url = args.nats_url or ""
         self.passwords: dict[str, str] = {}
+        self.secrets: dict[str, Any] = {}
         self.stopping = False
         # Set when start-up is over: the main loop's supervisor round then watches the server.
         self.started = threading.Event()
@@ -90,12 +92,14 @@ class Up:
         if mqtt_port and not port_free(mqtt_port):
             raise UpError(f"MQTT port {mqtt_port} is in use: pass --mqtt-port N (0: no MQTT)")
         self.data.mkdir(parents=True, exist_ok=True)
-        self.passwords = load_secrets(self.data / "secrets.json")["passwords"]
+        self.secrets = load_secrets(self.data / "secrets.json")
+        self.passwords = self.secrets["passwords"]
+        issuer = self.secrets["callout"]["issuer"]
         self.server = NatsServer(
             self.data / "nats",
             port=self.args.nats_port,
             max_payload=MAX_PAYLOAD,
-            extra_config=natsauth.authorization_block(self.passwords),
+            extra_config=natsauth.authorization_block(self.passwords, callout=issuer),
             log_file=self.logs / "nats-server.log",
             mqtt_port=mqtt_port,
         )
@@ -166,6 +170,8 @@ class Up:
             }
         if name == "analytics":
             return {**common, "group": GROUP, "mqtt": str(bool(a.mqtt_port)).lower()}
+        if name == "projects":
+            return {**common, **projects_settings(self.data, self.secrets)}
         if name == "capture":
             source, loop = (a.source, True) if a.source else default_source()
             extra = {"width": str(a.width)} if a.width else {}

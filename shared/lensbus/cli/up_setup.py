@@ -23,11 +23,27 @@ def default_source() -> tuple[str, bool]:
 
 
 def load_secrets(path: Path) -> dict[str, Any]:
-    """NATS passwords for each service, made once and kept beside the data (mode 600)."""
+    """NATS passwords for each service and the auth callout's issuer key (``callout``:
+    ``issuer``, the server's; ``seed``, the projects service's), made once and kept beside
+    the data (mode 600)."""
     if path.is_file():
         data: dict[str, Any] = json.loads(path.read_text())
-        if set(data.get("passwords", {})) == set(natsauth.USERS):
+        callout = data.get("callout") or {}
+        if set(data.get("passwords", {})) == set(natsauth.USERS) and callout.get("seed"):
             return data
-    data = {"passwords": natsauth.generate_passwords()}
+    data = {
+        "passwords": natsauth.generate_passwords(),
+        "callout": natsauth.generate_callout_secrets(),
+    }
     write_private(path, json.dumps(data, indent=2))
     return data
+
+
+def projects_settings(data: Path, secrets: dict[str, Any]) -> dict[str, str]:
+    """The projects service's own settings: its cache, and the callout's seed (each project's
+    process is a NATS user this service vouches for) when the server has auth."""
+    settings = {"cache_dir": str(data / "projects")}
+    seed = (secrets.get("callout") or {}).get("seed")
+    if seed:
+        settings["callout_seed"] = seed
+    return settings

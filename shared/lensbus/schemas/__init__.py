@@ -51,6 +51,25 @@ from lensbus.schemas.pipeline import (
     Zone,
     ZonesStage,
 )
+from lensbus.schemas.project import (
+    Overlay,
+    ProjectDeployment,
+    ProjectManifest,
+    ProjectMessage,
+    ProjectReport,
+    Shape,
+)
+from lensbus.schemas.project_api import (
+    ProjectDeployReply,
+    ProjectDeployRequest,
+    ProjectListReply,
+    ProjectListRequest,
+    ProjectRequest,
+    ProjectStatus,
+    ProjectStatusReply,
+    ProjectStatusRequest,
+    ProjectUploadReply,
+)
 from lensbus.schemas.result import (
     Attribute,
     Box,
@@ -79,9 +98,29 @@ EXPORTED: dict[str, type[Message]] = {
     "clip": ClipInfo,
     "camera": CameraConfig,
     "camera_state": CameraState,
+    "project": ProjectManifest,
+    "project_deployment": ProjectDeployment,
+    "project_report": ProjectReport,
+    "project_message": ProjectMessage,
+    "overlay": Overlay,
 }
 
 __all__ = [
+    "Overlay",
+    "ProjectDeployment",
+    "ProjectManifest",
+    "ProjectMessage",
+    "ProjectReport",
+    "Shape",
+    "ProjectDeployReply",
+    "ProjectDeployRequest",
+    "ProjectListReply",
+    "ProjectListRequest",
+    "ProjectRequest",
+    "ProjectStatus",
+    "ProjectStatusReply",
+    "ProjectStatusRequest",
+    "ProjectUploadReply",
     "CameraConfig",
     "CameraState",
     "SourceOptions",

@@ -14,7 +14,7 @@ readers from before wire messages ignored unknown fields still read it).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -66,13 +66,19 @@ class Event(WireMessage):
         default="", description="object name of the frame's JPEG in snapshot_bucket; '' if none"
     )
     snapshot_bucket: str = Field(default=SNAPSHOTS_BUCKET, description="JetStream object store")
-    trigger: Literal["rule", "enter", "leave", "loiter", "cross"] = Field(
-        default="rule", description="a publisher rule, or what a tracked object did in a zone/line"
+    trigger: Literal["rule", "enter", "leave", "loiter", "cross", "project"] = Field(
+        default="rule",
+        description="a publisher rule, what a tracked object did in a zone/line, or a project's "
+        "ctx.event (its name in 'project')",
     )
     zone: str = Field(default="", description="the zone or line (its name is also 'rule')")
     direction: Literal["", "in", "out"] = Field(default="", description="a line crossing's")
     track_id: int | None = Field(default=None, ge=1, description="the tracked object")
     dwell_s: float | None = Field(default=None, ge=0.0, description="seconds in the zone so far")
+    project: str = Field(default="", description="the project that raised it (trigger 'project')")
+    detail: dict[str, Any] | None = Field(
+        default=None, description="what a project attached to its event (msgpack types)"
+    )
 
 
 ClipEnd = Literal["complete", "frames_stopped", "max_bytes"]

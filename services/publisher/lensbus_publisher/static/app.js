@@ -184,6 +184,7 @@
 
   function eventText(ev) {
     if (!ev.trigger || ev.trigger === "rule") return `${ev.rule}: ${ev.label} ${ev.score.toFixed(2)}`;
+    if (ev.trigger === "project") return `project ${ev.project}: ${ev.label} ${ev.score.toFixed(2)}`;
     const who = ev.track_id ? `${ev.label} #${ev.track_id}` : ev.label;
     const how = ev.direction ? ` ${ev.direction}` : ev.dwell_s ? ` ${ev.dwell_s.toFixed(0)} s` : "";
     return `${ev.zone} ${ev.trigger}${how}: ${who}`;

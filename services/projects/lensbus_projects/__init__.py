@@ -1,0 +1,1 @@
+"""lensbus projects service: runs each deployed project in a supervised process of its own."""

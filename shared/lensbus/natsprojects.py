@@ -1,0 +1,186 @@
+"""The NATS users of projects (issue 16): the ``projects`` service and one user per project.
+
+A project's process (the host) connects as ``project-<name>`` (:func:`project_user`) with the
+password :func:`project_password` derives from the projects service's secret (the callout
+issuer's seed): nobody else can compute it. nats-server does not know these users; it asks
+the projects service through the auth callout (:mod:`lensbus.natscallout`), which answers
+with :func:`project_permissions`, so NATS itself enforces what user code may do:
+
+- publish its own outputs ``<p>.projects.<name>.>`` (topics, ``_overlay``, ``_frame``) and
+  events ``<p>.events.*`` (ctx.event), nothing else lensbus reads;
+- read frames and results of every camera (``<p>.frames.*``, ``<p>.results.*``) and its own
+  inbox ``_INBOX_project-<name>``;
+- its own state bucket ``lensbus-project-<name>`` (ctx.state): get, put, delete, keys and
+  watch; not creating it (the projects service creates it, with its limits, before the host
+  starts: a project creating it first could leave out those limits), nor any other bucket.
+
+The ``projects`` user (the service, :func:`projects_service_permissions`) follows the project
+releases in the deployments bucket, writes only the ``project-report.*`` keys there, reads the
+projects and the models object stores, answers the auth callout, and creates and manages the
+state buckets. A stream name is one subject token and permissions match whole tokens only, so
+"the streams ``KV_lensbus-project-*``" cannot be written: it may manage any stream but those
+lensbus and nats-server's MQTT listener own (a deny list, :data:`PROTECTED_STREAMS`). It holds
+the issuer's seed, so it can mint any user anyway: its own permissions guard against its
+bugs, not its intent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from base64 import urlsafe_b64encode
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from lensbus.jsperms import (
+    CAMERAS_STREAM,
+    CLIPS_STREAM,
+    DEPLOYMENTS_STREAM,
+    JS_API,
+    MODELS_STREAM,
+    PROJECTS_STREAM,
+    SNAPSHOTS_STREAM,
+    inbox_prefix,
+    stream_read,
+)
+from lensbus.natscallout import generate_issuer
+from lensbus.schemas.project import project_report_key
+from lensbus.subjects import (
+    AUTH_CALLOUT_SUBJECT,
+    DEFAULT_PREFIX,
+    DEPLOYMENTS_BUCKET,
+    RESULTS_STREAM,
+    WEBHOOKS_STREAM,
+    Subjects,
+    project_state_bucket,
+    validate_prefix,
+    validate_token,
+)
+
+PROJECTS_USER = "projects"
+PROJECT_USER_PREFIX = "project-"
+# The issuer's public key (nats-server's config) and its seed (the projects service's secret).
+CALLOUT_ISSUER_ENV = "LENSBUS_NATS_CALLOUT_ISSUER"
+CALLOUT_SEED_ENV = "LENSBUS_PROJECTS_CALLOUT_SEED"
+# Streams the projects service must never create, change, purge or delete: lensbus's own and
+# those of nats-server's MQTT listener (server/mqtt.go).
+PROTECTED_STREAMS = (
+    DEPLOYMENTS_STREAM,
+    MODELS_STREAM,
+    SNAPSHOTS_STREAM,
+    CAMERAS_STREAM,
+    CLIPS_STREAM,
+    PROJECTS_STREAM,
+    RESULTS_STREAM,
+    WEBHOOKS_STREAM,
+    "$MQTT_msgs",
+    "$MQTT_rmsgs",
+    "$MQTT_sess",
+    "$MQTT_qos2in",
+    "$MQTT_out",
+)
+_STREAM_ADMIN = ("CREATE", "UPDATE", "DELETE", "PURGE")
+
+
+def project_user(name: str) -> str:
+    """The NATS user of project ``name``'s process."""
+    return f"{PROJECT_USER_PREFIX}{validate_token(name, 'project name')}"
+
+
+def project_of(user: str) -> str | None:
+    """The project a user name is the user of, None for any other user."""
+    if not user.startswith(PROJECT_USER_PREFIX):
+        return None
+    name = user.removeprefix(PROJECT_USER_PREFIX)
+    try:
+        return validate_token(name, "project name")
+    except ValueError:
+        return None
+
+
+def project_password(secret: str, name: str) -> str:
+    """Project ``name``'s password: an HMAC-SHA256 of its name by ``secret`` (the callout
+    issuer's seed), a letter then base64url (``natsauth.PASSWORD_PATTERN``-safe)."""
+    mac = hmac.new(secret.encode(), f"lensbus-project:{name}".encode(), hashlib.sha256)
+    return "p" + urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+
+def state_stream(name: str) -> str:
+    """The stream holding project ``name``'s state bucket."""
+    return f"KV_{project_state_bucket(name)}"
+
+
+def project_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """What the user of project ``name`` may do (module docstring), in
+    :func:`lensbus.natsauth.permissions`'s shape."""
+    s, bucket = Subjects(validate_prefix(prefix)), project_state_bucket(name)
+    return {
+        "publish": {
+            "allow": [
+                s.project_all(name),
+                s.all_events(),
+                f"{JS_API}.INFO",
+                f"$KV.{bucket}.>",
+                *stream_read(state_stream(name)),
+            ]
+        },
+        "subscribe": {
+            "allow": [s.all_frames(), s.all_results(), f"{inbox_prefix(project_user(name))}.>"]
+        },
+    }
+
+
+def project_authorizer(
+    secret: str, prefix: str = DEFAULT_PREFIX, exists: Callable[[str], bool] | None = None
+) -> Callable[[str, str], dict[str, Any] | None]:
+    """An ``authorize(user, password)`` for :class:`lensbus.natscallout.CalloutService`: the
+    permissions of ``project-<name>`` when the password is that project's (and ``exists(name)``
+    holds, when given), else None."""
+
+    def authorize(user: str, password: str) -> dict[str, Any] | None:
+        name = project_of(user)
+        if name is None or (exists is not None and not exists(name)):
+            return None
+        if not hmac.compare_digest(password.encode(), project_password(secret, name).encode()):
+            return None
+        return project_permissions(name, prefix)
+
+    return authorize
+
+
+def projects_service_permissions(p: str) -> dict[str, Any]:
+    """The ``projects`` user's permissions (module docstring); it answers the auth callout's
+    requests (``allow_responses``)."""
+    publish = [
+        f"{p}.status.{PROJECTS_USER}.>",
+        f"{JS_API}.INFO",
+        f"$KV.{DEPLOYMENTS_BUCKET}.{project_report_key('*', '*')}",
+        *stream_read(DEPLOYMENTS_STREAM),
+        *stream_read(PROJECTS_STREAM),
+        *stream_read(MODELS_STREAM),
+        *stream_read(CAMERAS_STREAM),  # which cameras are in a project's groups
+        *(f"{JS_API}.STREAM.{verb}.*" for verb in _STREAM_ADMIN),
+        f"{JS_API}.STREAM.INFO.*",
+    ]
+    deny = [f"{JS_API}.STREAM.{v}.{s}" for s in PROTECTED_STREAMS for v in _STREAM_ADMIN]
+    return {
+        "publish": {"allow": list(dict.fromkeys(publish)), "deny": deny},
+        "subscribe": {"allow": [AUTH_CALLOUT_SUBJECT, f"{inbox_prefix(PROJECTS_USER)}.>"]},
+        "allow_responses": True,
+    }
+
+
+def callout_block(issuer: str, auth_users: Iterable[str]) -> str:
+    """nats-server config text (inside ``authorization {}``): unknown users go to the auth
+    callout; ``auth_users`` (every configured user) bypass it. ``issuer``: the public account
+    nkey, or an environment reference ``$VAR``."""
+    value = issuer if issuer.startswith("$") else f'"{issuer}"'
+    users = ", ".join(f'"{u}"' for u in auth_users)
+    return f"  auth_callout {{\n    issuer: {value}\n    auth_users: [{users}]\n  }}\n"
+
+
+def generate_callout_secrets() -> dict[str, str]:
+    """A fresh issuer for ``lensbus up``'s secrets file: ``{"issuer": "A...", "seed":
+    "SA..."}``; the server's config gets the issuer, the projects service the seed."""
+    seed, issuer = generate_issuer()
+    return {"issuer": issuer, "seed": seed}
