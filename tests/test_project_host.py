@@ -37,7 +37,6 @@ from lensbus.schemas.event import Event
 from lensbus.schemas.frame import FrameEnvelope
 from lensbus.schemas.project import Overlay, ProjectMessage
 from lensbus.schemas.result import Box, Detection, ModelRef, Result
-from lensbus.subjects import project_state_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -414,7 +413,7 @@ SLOW = """
     import time
 
     def on_result(result, ctx):
-        time.sleep(3.0 if result.seq == 11 else 0.3)  # 11: long enough for a beat to see it
+        time.sleep(3.0 if result.seq == 12 else 0.3)  # 12: long enough for a beat to see it
         ctx.publish("done", result.seq)
 """
 
@@ -428,16 +427,17 @@ async def test_slow_handler_gets_the_newest_and_counts_drops(
     hosts.append(run := await HostRun.start(project, nats, prefix))
     await run.expect("ready")
     run.send({"t": "go", "after": None})
-    await run.beat_until(lambda b: b.busy_s is None)
-    await send_results(nc, s, "cam1", range(1, 11))
-    beat = await run.beat_until(lambda b: b.handled + b.dropped == 10 and b.busy_s is None)
+    await send_results(nc, s, "cam1", range(1, 2))  # handled: the host has taken over
+    await run.beat_until(lambda b: b.handled == 1 and b.busy_s is None)
+    await send_results(nc, s, "cam1", range(2, 12))
+    beat = await run.beat_until(lambda b: b.handled + b.dropped == 11 and b.busy_s is None)
     assert beat.dropped >= 3, beat  # ten in ~0 s, one handled per 0.3 s
-    assert beat.last == {"cam1": 10}  # the newest is handled, the oldest were dropped
-    await send_results(nc, s, "cam1", range(11, 12))
+    assert beat.last == {"cam1": 11}  # the newest is handled, the oldest were dropped
+    await send_results(nc, s, "cam1", range(12, 13))
     busy = await run.beat_until(lambda b: b.busy_s is not None)
     assert busy.busy_s is not None and 0 <= busy.busy_s < 3.0
-    stopped = await run.stop()  # while 11 is in hand: it finishes first
-    assert stopped["last"] == {"cam1": 11}
+    stopped = await run.stop()  # while 12 is in hand: it finishes first
+    assert stopped["last"] == {"cam1": 12}
 
 
 RAISING = """
@@ -471,6 +471,40 @@ async def test_raising_handler_counted_logged_once_and_keeps_going(
     log = run.log
     assert log.count("handler raised ValueError: even seq refused") == 1, log
     assert 'ProjectError: ctx.frame() needs "frames": true' in log
+
+
+BASE_EXCEPTIONS = """
+    import asyncio
+
+    class Quit(BaseException):
+        pass
+
+    async def on_result(result, ctx):
+        if result.seq == 2:
+            raise Quit("a library's own BaseException")
+        if result.seq == 3:
+            raise asyncio.CancelledError()  # awaited a task someone cancelled
+        ctx.publish("ok", result.seq)
+"""
+
+
+async def test_a_base_exception_is_counted_and_the_next_result_handled(
+    nats: NatsServer, nc: Client, hosts: list[HostRun], tmp_path: Path
+) -> None:
+    """Before: the dispatch task died, beats went on saying idle, nothing more was handled."""
+    prefix = unique("t")
+    s = Subjects(prefix)
+    project = write_project(tmp_path, BASE_EXCEPTIONS, limits={"mailbox": 16})
+    name = json.loads((project / "project.json").read_text())["name"]
+    ok = await collect(nc, s.project_output(name, "cam1", "ok"))
+    hosts.append(run := await HostRun.start(project, nats, prefix))
+    await run.expect("ready")
+    run.send({"t": "go", "after": None})
+    await send_results(nc, s, "cam1", range(1, 6))
+    got = [decode(m.data, ProjectMessage).payload for m in await take(ok, 3)]
+    assert got == [1, 4, 5]
+    beat = await run.beat_until(lambda b: b.handled == 5)
+    assert beat.errors == 2
 
 
 ECHO = """
@@ -609,7 +643,7 @@ async def test_host_runs_as_the_projects_own_nats_user(
         admin = await connect(
             server.url, name="admin", user="admin", password="admin-secret-0123456789", timeout_s=10
         )
-        kv = await admin.jetstream().create_key_value(bucket=project_state_bucket(name))
+        kv = await admin.jetstream().create_key_value(bucket=s.project_state_bucket(name))
         await kv.put("n", msgpack.packb(10))
         outputs = await collect(admin, s.project_output(name, "cam1", "n"))
         events = await collect(admin, s.events("cam1"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,31 @@ def test_the_import_runs_in_a_child_with_a_limit_and_no_secrets(
     loops = project(tmp_path / "loop", "while True:\n    pass\n")
     with pytest.raises(PackageError, match="took longer than 2 s"):
         package.check(loops, timeout_s=2)
+
+
+def test_what_the_import_starts_dies_with_the_check(tmp_path: Path) -> None:
+    """Before, a process started at import outlived the check (in the deployer)."""
+    pidfile = tmp_path / "child.pid"
+    code = (
+        "import subprocess\n"
+        f"p = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "def on_result(result, ctx): pass\n"
+    )
+    package.check(project(tmp_path, code))
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the process the handler started at import is still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 def test_deeplens_scripts_are_compiled_not_run(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats as nats_py
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -214,6 +215,18 @@ async def test_hostile_projects_are_contained(
     for seq in range(1, RESULTS + 1):
         await inference.publish(S.results("cam1"), encode(result("cam1", seq)))
         await asyncio.sleep(0.1)
+    # `lensbus project run` connects as a project before it is deployed: its password (an
+    # HMAC only the seed's holders can make) is enough.
+    dev = await nats_py.connect(
+        secured.server.url,
+        user=natsauth.project_user("not-deployed"),
+        password=natsauth.project_password(secured.seed, "not-deployed"),
+        allow_reconnect=False,
+        connect_timeout=10,
+    )
+    await dev.publish(S.project_output("not-deployed", "cam1", "hello"), b"")
+    await dev.flush()
+    await dev.close()
     await check_contained(svc, deployer, seen, snooped, forged)
     # NATS itself refused both, each as the project's own user.
     log = (tmp_path / "nats.log").read_text(errors="replace")

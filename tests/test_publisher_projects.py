@@ -110,6 +110,18 @@ def test_drawn_frames_are_fresh_for_a_while_and_projects_are_bounded() -> None:
     assert "dl" not in inputs.drawn
 
 
+def test_a_drawn_frame_never_hides_another_projects_blur() -> None:
+    """Before: with a DeepLens function drawing frames beside privacy-blur, the stream of
+    every project showed the drawn frame and the faces unblurred."""
+    inputs = ProjectInputs()
+    frame = ProjectFrame(1, 1, -1, b"jpeg", rendered=10.0, drawn_by="dl")
+    inputs.add_drawn(frame, 10.0)
+    inputs.add_overlay(overlay("privacy", 1, box_shape(BLUR, "#000000"), ttl_s=1.0), now=10.0)
+    assert inputs.drawn_for("", 10.2) is None  # drawn by the publisher, the blur on it
+    assert inputs.drawn_for("dl", 10.2) is frame  # its own view still shows it
+    assert inputs.drawn_for("", 11.5) is frame  # the blur's overlay expired
+
+
 def test_rules_select_project_events_by_name() -> None:
     def ev(project: str, trigger: str = "project") -> Event:
         return Event(

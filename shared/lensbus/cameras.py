@@ -77,17 +77,20 @@ class View:
     states: dict[str, CameraState] = field(default_factory=dict)
 
 
-async def bind(js: JetStreamContext, *, create: bool = True) -> KeyValue:
-    """The bucket, created (file storage, one value per key) where missing and ``create``."""
+async def bind(
+    js: JetStreamContext, *, create: bool = True, bucket: str = CAMERAS_BUCKET
+) -> KeyValue:
+    """The bucket (``Subjects(prefix).cameras_bucket``), created (file storage, one value per
+    key) where missing and ``create``."""
     try:
-        return await js.key_value(CAMERAS_BUCKET)
+        return await js.key_value(bucket)
     except BucketNotFoundError:
         if not create:
             raise
-    log.info("creating KV bucket %s (file storage)", CAMERAS_BUCKET)
+    log.info("creating KV bucket %s (file storage)", bucket)
     return await js.create_key_value(
         config=api.KeyValueConfig(
-            bucket=CAMERAS_BUCKET,
+            bucket=bucket,
             description="lensbus cameras: camera.<id> desired config, state.<id> reported state",
             history=HISTORY,
             max_value_size=MAX_VALUE_BYTES,
@@ -100,23 +103,29 @@ async def bind(js: JetStreamContext, *, create: bool = True) -> KeyValue:
 class CamerasBucket:
     """The cameras bucket on one NATS connection; every call may raise NATS errors."""
 
-    def __init__(self, js: JetStreamContext, *, create: bool = True) -> None:
+    def __init__(
+        self, js: JetStreamContext, *, create: bool = True, bucket: str = CAMERAS_BUCKET
+    ) -> None:
         """``create``: make the bucket where missing (capture, the CLI); a reader that may
-        not (the publisher) passes False, and :meth:`views` waits for the bucket."""
+        not (the publisher) passes False, and :meth:`views` waits for the bucket. ``bucket``:
+        the installation's (``Subjects(prefix).cameras_bucket``)."""
         self.js = js
         self.create = create
+        self.bucket = bucket
         self._kv: KeyValue | None = None
         self._limit = RateLimit(60.0)
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, create: bool = True) -> CamerasBucket:
-        bucket = cls(js, create=create)
-        await bucket.kv()
-        return bucket
+    async def open(
+        cls, js: JetStreamContext, *, create: bool = True, bucket: str = CAMERAS_BUCKET
+    ) -> CamerasBucket:
+        opened = cls(js, create=create, bucket=bucket)
+        await opened.kv()
+        return opened
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await bind(self.js, create=self.create)
+            self._kv = await bind(self.js, create=self.create, bucket=self.bucket)
         return self._kv
 
     # ---- configs (the CLI) ------------------------------------------------------------------
@@ -188,8 +197,8 @@ class CamerasBucket:
         no cameras.)"""
         kv = await self.kv()
         view = View()
-        stream = f"KV_{CAMERAS_BUCKET}"
-        prefix = f"$KV.{CAMERAS_BUCKET}."
+        stream = f"KV_{self.bucket}"
+        prefix = f"$KV.{self.bucket}."
         info = await asyncio.wait_for(
             self.js.stream_info(stream, subjects_filter=f"{prefix}>"), timeout_s
         )
@@ -247,7 +256,7 @@ class CamerasBucket:
                     "watch",
                     logging.WARNING,
                     "watching %s failed (%s: %s); retrying",
-                    CAMERAS_BUCKET,
+                    self.bucket,
                     type(exc).__name__,
                     exc,
                 )

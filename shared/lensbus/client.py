@@ -7,10 +7,11 @@
             print(frame.seq, frame.image.shape)
 
 Results and events are live by default; with ``since=`` (a datetime, a timedelta ago or a
-stream sequence) they are replayed from the publisher's durable stream ``LENSBUS_RESULTS``
-by an ordered, ephemeral consumer (nothing is left on the server, and the read-only
-``client`` NATS user may create it), then followed live. Snapshots and clips are read from
-their object stores. :class:`lensbus.syncclient.SyncClient` is the same for scripts.
+stream sequence) they are replayed from the publisher's durable stream (``LENSBUS_RESULTS``
+under the default prefix) by an ordered, ephemeral consumer (nothing is left on the server,
+and the read-only ``client`` NATS user may create it), then followed live. Snapshots and
+clips are read from their object stores. :class:`lensbus.syncclient.SyncClient` is the same
+for scripts.
 """
 
 from __future__ import annotations
@@ -45,13 +46,7 @@ from lensbus.feeds import (
 from lensbus.images import ImageError, decode_jpeg
 from lensbus.logs import RateLimit, log_limited
 from lensbus.schemas import ClipInfo, Event, FrameEnvelope, Result
-from lensbus.subjects import (
-    CLIPS_BUCKET,
-    DEFAULT_PREFIX,
-    RESULTS_STREAM,
-    SNAPSHOTS_BUCKET,
-    Subjects,
-)
+from lensbus.subjects import DEFAULT_PREFIX, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +188,13 @@ class Client:
         try:
             sub = await self.nc.jetstream().subscribe(
                 subject,
-                stream=RESULTS_STREAM,
+                stream=self.subjects.results_stream,
                 cb=box.put,
                 ordered_consumer=True,
                 config=replay_config(since),
             )
         except NotFoundError:
-            msg = f"no stream {RESULTS_STREAM} on this NATS (does a publisher run?)"
+            msg = f"no stream {self.subjects.results_stream} on this NATS (does a publisher run?)"
             raise NotStored(msg) from None
         replay = Subscription(sub, box, schema, self._reject, stored=True, follow=follow)
         if not follow and await replay.caught_up_already():
@@ -239,7 +234,7 @@ class Client:
 
     async def snapshots(self, camera: str | None = None) -> list[Snapshot]:
         """The snapshots of raised events (of ``camera``), oldest first."""
-        store = await self._store(SNAPSHOTS_BUCKET)
+        store = await self._store(self.subjects.snapshots_bucket)
         try:
             objects = [] if store is None else await store.list(ignore_deletes=True)
         except NotFoundError:  # an empty bucket
@@ -255,7 +250,7 @@ class Client:
             if not name.snapshot:
                 raise NotStored(f"event {name.rule} #{name.seq} of {name.camera} has no snapshot")
             name = name.snapshot
-        store = await self._store(SNAPSHOTS_BUCKET)
+        store = await self._store(self.subjects.snapshots_bucket)
         try:
             got = None if store is None else await store.get(name)
         except NotFoundError:
@@ -266,15 +261,15 @@ class Client:
 
     async def clips(self, camera: str | None = None) -> list[ClipInfo]:
         """The clips kept around events (of ``camera``), oldest first."""
-        store = await self._store(CLIPS_BUCKET)
+        store = await self._store(self.subjects.clips_bucket)
         return [] if store is None else await clips.list_clips(store, camera)
 
     async def clip(self, clip_id: str) -> tuple[ClipInfo, bytes]:
         """A clip: what it holds and its MJPEG AVI bytes (:func:`lensbus.clips.export`
         writes them as ``.avi`` or ``.mp4``)."""
-        store = await self._store(CLIPS_BUCKET)
+        store = await self._store(self.subjects.clips_bucket)
         if store is None:
-            raise NotStored(f"no clips store ({CLIPS_BUCKET}) on this NATS")
+            raise NotStored(f"no clips store ({self.subjects.clips_bucket}) on this NATS")
         try:
             return await clips.read_clip(store, clip_id)
         except clips.ClipError as exc:

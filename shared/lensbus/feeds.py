@@ -1,5 +1,5 @@
 """Results and events as the SDK reads them: live from their subjects, or replayed from the
-publisher's durable stream ``LENSBUS_RESULTS`` from a time or a stream sequence.
+publisher's durable stream (``Subjects.results_stream``) from a time or a stream sequence.
 
 A replay is an ordered, ephemeral consumer: nothing is left on the server when it ends, and
 the read-only ``client`` NATS user may create it (``lensbus.natsauth``). A

@@ -3,25 +3,20 @@ object store (the building blocks of :mod:`lensbus.natsauth`)."""
 
 from __future__ import annotations
 
-from lensbus.subjects import (
-    CAMERAS_BUCKET,
-    CLIPS_BUCKET,
-    DEPLOYMENTS_BUCKET,
-    MODELS_BUCKET,
-    PROJECTS_BUCKET,
-    SNAPSHOTS_BUCKET,
-)
+from lensbus.subjects import Subjects
+
+JS_API = "$JS.API"
+
 
 # JetStream keeps a KV bucket B in the stream KV_B (subjects $KV.B.<key>) and an object
 # store B in the stream OBJ_B (subjects $O.B.C.<nuid> for chunks, $O.B.M.<name> for meta).
-DEPLOYMENTS_STREAM = f"KV_{DEPLOYMENTS_BUCKET}"
-MODELS_STREAM = f"OBJ_{MODELS_BUCKET}"
-SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
-CAMERAS_STREAM = f"KV_{CAMERAS_BUCKET}"
-CLIPS_STREAM = f"OBJ_{CLIPS_BUCKET}"
-PROJECTS_STREAM = f"OBJ_{PROJECTS_BUCKET}"
+# The bucket names come from the installation's ``Subjects(prefix)``.
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
 
-JS_API = "$JS.API"
+
+def obj_stream(bucket: str) -> str:
+    return f"OBJ_{bucket}"
 
 
 def inbox_prefix(user: str) -> str:
@@ -66,17 +61,17 @@ def stream_admin(stream: str) -> list[str]:
     ]
 
 
-def cameras_bucket(keys: str) -> list[str]:
+def cameras_bucket(s: Subjects, keys: str) -> list[str]:
     """Writing the ``keys`` of the cameras bucket, reading all of it, and creating it where
     missing (capture and the CLI both may come first); never updating its limits, purging
     or deleting it."""
     return [
-        f"$KV.{CAMERAS_BUCKET}.{keys}",
-        f"{JS_API}.STREAM.CREATE.{CAMERAS_STREAM}",
-        *stream_read(CAMERAS_STREAM),
+        f"$KV.{s.cameras_bucket}.{keys}",
+        f"{JS_API}.STREAM.CREATE.{kv_stream(s.cameras_bucket)}",
+        *stream_read(kv_stream(s.cameras_bucket)),
     ]
 
 
 def object_store(bucket: str) -> list[str]:
     """Writing (chunks, meta) and managing the object store ``bucket``."""
-    return [f"$O.{bucket}.>", *stream_admin(f"OBJ_{bucket}")]
+    return [f"$O.{bucket}.>", *stream_admin(obj_stream(bucket))]

@@ -1,6 +1,6 @@
-"""Following one key of the deployments bucket (``lensbus-deployments``): the group's desired
-model (inference), its pipeline (inference's stages, analytics). A watcher's consumer does not
-survive a NATS restart, so the key is also re-read every :data:`RECHECK_S`.
+"""Following one key of the deployments bucket (``Subjects(prefix).deployments_bucket``): the
+group's desired model (inference), its pipeline (inference's stages, analytics). A watcher's
+consumer does not survive a NATS restart, so the key is also re-read every :data:`RECHECK_S`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from lensbus.runtime import Runtime
-from lensbus.subjects import DEPLOYMENTS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class KeyFollower:
         waiting_logged = False
         while not self.rt.stop.is_set():
             try:
-                kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+                kv = await self.rt.nc.jetstream().key_value(self.rt.subjects.deployments_bucket)
                 watcher = await kv.watch(self.key)
             except (BucketNotFoundError, NotFoundError, nats.errors.Error, OSError) as exc:
                 if not waiting_logged:

@@ -66,13 +66,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lensbus.jsperms import (
-    CAMERAS_STREAM,
-    CLIPS_STREAM,
-    DEPLOYMENTS_STREAM,
     JS_API,
-    MODELS_STREAM,
-    SNAPSHOTS_STREAM,
     cameras_bucket,
+    kv_stream,
+    obj_stream,
     object_store,
     stream_admin,
     stream_read,
@@ -100,15 +97,8 @@ from lensbus.natsprojects import project_user as project_user
 from lensbus.schemas.camera import camera_key, state_key
 from lensbus.schemas.deploy import report_key
 from lensbus.subjects import (
-    CLIPS_BUCKET,
     DEFAULT_PREFIX,
     DEPLOYER_VERBS,
-    DEPLOYMENTS_BUCKET,
-    MODELS_BUCKET,
-    PROJECTS_BUCKET,
-    RESULTS_STREAM,
-    SNAPSHOTS_BUCKET,
-    WEBHOOKS_STREAM,
     Subjects,
     validate_prefix,
     validate_token,
@@ -164,51 +154,58 @@ def _inference_group(user: str) -> str | None:
 def _client(p: str, verbs: Iterable[str]) -> list[str]:
     """What a program may publish: the deployer ``verbs``, reading the results stream, the
     snapshots, the clips and the cameras bucket."""
+    s = Subjects(p)
     return [
         *(f"{p}.api.deployer.{verb}" for verb in verbs),
         f"{JS_API}.INFO",
-        *stream_read(RESULTS_STREAM),
-        *stream_read(SNAPSHOTS_STREAM),
-        *stream_read(CLIPS_STREAM),
-        *stream_read(CAMERAS_STREAM),
+        *stream_read(s.results_stream),
+        *stream_read(obj_stream(s.snapshots_bucket)),
+        *stream_read(obj_stream(s.clips_bucket)),
+        *stream_read(kv_stream(s.cameras_bucket)),
     ]
 
 
 def _publish(user: str, p: str) -> list[str]:
-    heartbeat = f"{p}.status.{user}.>"
+    heartbeat, s = f"{p}.status.{user}.>", Subjects(p)
+    deployments = kv_stream(s.deployments_bucket)
     group = _inference_group(user)
     if group is not None:
         return [
             f"{p}.results.*",
             f"{p}.detections.*",  # a group's results before its pipeline's analytics
             f"{p}.status.{INFERENCE}.>",
-            f"$KV.{DEPLOYMENTS_BUCKET}.{report_key(group, '*')}",
-            *stream_read(DEPLOYMENTS_STREAM),
-            *stream_read(MODELS_STREAM),
+            f"$KV.{s.deployments_bucket}.{report_key(group, '*')}",
+            *stream_read(deployments),
+            *stream_read(obj_stream(s.models_bucket)),
         ]
     if user == "capture":
-        return [f"{p}.frames.*", f"{p}.model-frames.*", heartbeat, *cameras_bucket(state_key("*"))]
+        return [
+            f"{p}.frames.*",
+            f"{p}.model-frames.*",
+            heartbeat,
+            *cameras_bucket(s, state_key("*")),
+        ]
     if user == "deployer":
         return [
             heartbeat,
             f"{JS_API}.INFO",
-            f"$KV.{DEPLOYMENTS_BUCKET}.>",
-            *stream_admin(DEPLOYMENTS_STREAM),
-            *object_store(MODELS_BUCKET),
-            *object_store(PROJECTS_BUCKET),
+            f"$KV.{s.deployments_bucket}.>",
+            *stream_admin(deployments),
+            *object_store(s.models_bucket),
+            *object_store(s.projects_bucket),
         ]
     if user == "publisher":
         return [
             f"{p}.events.*",
             heartbeat,
             f"{JS_API}.INFO",
-            *stream_admin(RESULTS_STREAM),
-            *object_store(SNAPSHOTS_BUCKET),
-            *object_store(CLIPS_BUCKET),
-            *stream_read(CAMERAS_STREAM),
-            *stream_read(DEPLOYMENTS_STREAM),  # the groups' pipelines: zones and lines drawn
+            *stream_admin(s.results_stream),
+            *object_store(s.snapshots_bucket),
+            *object_store(s.clips_bucket),
+            *stream_read(kv_stream(s.cameras_bucket)),
+            *stream_read(deployments),  # the groups' pipelines: zones and lines drawn
             f"{p}.webhooks.*",  # pending webhook deliveries, a work queue
-            *stream_admin(WEBHOOKS_STREAM),
+            *stream_admin(s.webhooks_stream),
         ]
     if user == "analytics":
         mqtt = analytics_mqtt(p)["publish"]
@@ -216,7 +213,7 @@ def _publish(user: str, p: str) -> list[str]:
             f"{p}.results.*",
             f"{p}.events.*",
             heartbeat,
-            *stream_read(DEPLOYMENTS_STREAM),
+            *stream_read(deployments),
             *mqtt,
         ]
     if user == "client":
@@ -224,8 +221,8 @@ def _publish(user: str, p: str) -> list[str]:
     if user == "operator":
         return [
             *_client(p, DEPLOYER_VERBS),
-            *cameras_bucket(camera_key("*")),
-            f"{JS_API}.CONSUMER.DELETE.{RESULTS_STREAM}.*",
+            *cameras_bucket(s, camera_key("*")),
+            f"{JS_API}.CONSUMER.DELETE.{s.results_stream}.*",
         ]
     raise ValueError(f"unknown lensbus NATS user {user!r}; one of {', '.join(USERS)}")
 

@@ -10,8 +10,9 @@ with :func:`project_permissions`, so NATS itself enforces what user code may do:
   events ``<p>.events.*`` (ctx.event), nothing else lensbus reads;
 - read frames and results of every camera (``<p>.frames.*``, ``<p>.results.*``) and its own
   inbox ``_INBOX_project-<name>``;
-- its own state bucket ``lensbus-project-<name>`` (ctx.state): get, put, delete, keys and
-  watch; not creating it (the projects service creates it, with its limits, before the host
+- its own state bucket (ctx.state; :meth:`lensbus.subjects.Subjects.project_state_bucket`,
+  ``lensbus-project-<name>`` under the default prefix): get, put, delete, keys and watch;
+  not creating it (the projects service creates it, with its limits, before the host
   starts: a project creating it first could leave out those limits), nor any other bucket.
 
 The ``projects`` user (the service, :func:`projects_service_permissions`) follows the project
@@ -19,7 +20,7 @@ releases in the deployments bucket, writes only the ``project-report.*`` keys th
 projects and the models object stores, answers the auth callout, and creates and manages the
 state buckets. A stream name is one subject token and permissions match whole tokens only, so
 "the streams ``KV_lensbus-project-*``" cannot be written: it may manage any stream but those
-lensbus and nats-server's MQTT listener own (a deny list, :data:`PROTECTED_STREAMS`). It holds
+lensbus and nats-server's MQTT listener own (a deny list, :func:`protected_streams`). It holds
 the issuer's seed, so it can mint any user anyway: its own permissions guard against its
 bugs, not its intent.
 """
@@ -32,27 +33,13 @@ from base64 import urlsafe_b64encode
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lensbus.jsperms import (
-    CAMERAS_STREAM,
-    CLIPS_STREAM,
-    DEPLOYMENTS_STREAM,
-    JS_API,
-    MODELS_STREAM,
-    PROJECTS_STREAM,
-    SNAPSHOTS_STREAM,
-    inbox_prefix,
-    stream_read,
-)
+from lensbus.jsperms import JS_API, inbox_prefix, kv_stream, obj_stream, stream_read
 from lensbus.natscallout import generate_issuer
 from lensbus.schemas.project import project_report_key
 from lensbus.subjects import (
     AUTH_CALLOUT_SUBJECT,
     DEFAULT_PREFIX,
-    DEPLOYMENTS_BUCKET,
-    RESULTS_STREAM,
-    WEBHOOKS_STREAM,
     Subjects,
-    project_state_bucket,
     validate_prefix,
     validate_token,
 )
@@ -62,23 +49,28 @@ PROJECT_USER_PREFIX = "project-"
 # The issuer's public key (nats-server's config) and its seed (the projects service's secret).
 CALLOUT_ISSUER_ENV = "LENSBUS_NATS_CALLOUT_ISSUER"
 CALLOUT_SEED_ENV = "LENSBUS_PROJECTS_CALLOUT_SEED"
-# Streams the projects service must never create, change, purge or delete: lensbus's own and
-# those of nats-server's MQTT listener (server/mqtt.go).
-PROTECTED_STREAMS = (
-    DEPLOYMENTS_STREAM,
-    MODELS_STREAM,
-    SNAPSHOTS_STREAM,
-    CAMERAS_STREAM,
-    CLIPS_STREAM,
-    PROJECTS_STREAM,
-    RESULTS_STREAM,
-    WEBHOOKS_STREAM,
-    "$MQTT_msgs",
-    "$MQTT_rmsgs",
-    "$MQTT_sess",
-    "$MQTT_qos2in",
-    "$MQTT_out",
-)
+# Streams of nats-server's MQTT listener (server/mqtt.go), which the projects service must
+# never create, change, purge or delete (nor lensbus's own: :func:`protected_streams`).
+MQTT_STREAMS = ("$MQTT_msgs", "$MQTT_rmsgs", "$MQTT_sess", "$MQTT_qos2in", "$MQTT_out")
+
+
+def protected_streams(prefix: str = DEFAULT_PREFIX) -> tuple[str, ...]:
+    """The streams the projects service of installation ``prefix`` must never create, change,
+    purge or delete: that installation's own and the MQTT listener's."""
+    s = Subjects(validate_prefix(prefix))
+    return (
+        kv_stream(s.deployments_bucket),
+        obj_stream(s.models_bucket),
+        obj_stream(s.snapshots_bucket),
+        kv_stream(s.cameras_bucket),
+        obj_stream(s.clips_bucket),
+        obj_stream(s.projects_bucket),
+        s.results_stream,
+        s.webhooks_stream,
+        *MQTT_STREAMS,
+    )
+
+
 _STREAM_ADMIN = ("CREATE", "UPDATE", "DELETE", "PURGE")
 
 
@@ -105,15 +97,16 @@ def project_password(secret: str, name: str) -> str:
     return "p" + urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
-def state_stream(name: str) -> str:
+def state_stream(name: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The stream holding project ``name``'s state bucket."""
-    return f"KV_{project_state_bucket(name)}"
+    return kv_stream(Subjects(validate_prefix(prefix)).project_state_bucket(name))
 
 
 def project_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     """What the user of project ``name`` may do (module docstring), in
     :func:`lensbus.natsauth.permissions`'s shape."""
-    s, bucket = Subjects(validate_prefix(prefix)), project_state_bucket(name)
+    s = Subjects(validate_prefix(prefix))
+    bucket = s.project_state_bucket(name)
     return {
         "publish": {
             "allow": [
@@ -121,7 +114,7 @@ def project_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> dict[str, An
                 s.all_events(),
                 f"{JS_API}.INFO",
                 f"$KV.{bucket}.>",
-                *stream_read(state_stream(name)),
+                *stream_read(kv_stream(bucket)),
             ]
         },
         "subscribe": {
@@ -151,18 +144,19 @@ def project_authorizer(
 def projects_service_permissions(p: str) -> dict[str, Any]:
     """The ``projects`` user's permissions (module docstring); it answers the auth callout's
     requests (``allow_responses``)."""
+    s = Subjects(validate_prefix(p))
     publish = [
         f"{p}.status.{PROJECTS_USER}.>",
         f"{JS_API}.INFO",
-        f"$KV.{DEPLOYMENTS_BUCKET}.{project_report_key('*', '*')}",
-        *stream_read(DEPLOYMENTS_STREAM),
-        *stream_read(PROJECTS_STREAM),
-        *stream_read(MODELS_STREAM),
-        *stream_read(CAMERAS_STREAM),  # which cameras are in a project's groups
+        f"$KV.{s.deployments_bucket}.{project_report_key('*', '*')}",
+        *stream_read(kv_stream(s.deployments_bucket)),
+        *stream_read(obj_stream(s.projects_bucket)),
+        *stream_read(obj_stream(s.models_bucket)),
+        *stream_read(kv_stream(s.cameras_bucket)),  # which cameras are in a project's groups
         *(f"{JS_API}.STREAM.{verb}.*" for verb in _STREAM_ADMIN),
         f"{JS_API}.STREAM.INFO.*",
     ]
-    deny = [f"{JS_API}.STREAM.{v}.{s}" for s in PROTECTED_STREAMS for v in _STREAM_ADMIN]
+    deny = [f"{JS_API}.STREAM.{v}.{n}" for n in protected_streams(p) for v in _STREAM_ADMIN]
     return {
         "publish": {"allow": list(dict.fromkeys(publish)), "deny": deny},
         "subscribe": {"allow": [AUTH_CALLOUT_SUBJECT, f"{inbox_prefix(PROJECTS_USER)}.>"]},

@@ -20,19 +20,6 @@ TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*$")
 
-# Names of the JetStream resources lensbus owns.
-MODELS_BUCKET = "lensbus-models"
-DEPLOYMENTS_BUCKET = "lensbus-deployments"
-RESULTS_STREAM = "LENSBUS_RESULTS"
-SNAPSHOTS_BUCKET = "lensbus-snapshots"
-CAMERAS_BUCKET = "lensbus-cameras"
-CLIPS_BUCKET = "lensbus-clips"
-# Pending webhook deliveries (a work queue: a delivery leaves it when its receiver took it).
-WEBHOOKS_STREAM = "LENSBUS_WEBHOOKS"
-# Stored project packages (user code), and each project's own state bucket (ctx.state).
-PROJECTS_BUCKET = "lensbus-projects"
-PROJECT_STATE_BUCKET_PREFIX = "lensbus-project-"
-
 # Verbs of the deployer's request/reply API (``<prefix>.api.deployer.<verb>``).
 DEPLOYER_VERBS = (
     "upload_begin",
@@ -91,11 +78,6 @@ def validate_token(value: str, what: str = "camera id") -> str:
     return value
 
 
-def project_state_bucket(project: str) -> str:
-    """The KV bucket holding one project's ``ctx.state`` (only that project's user may use it)."""
-    return f"{PROJECT_STATE_BUCKET_PREFIX}{validate_token(project, 'project name')}"
-
-
 def validate_topic(value: str) -> str:
     """A project's own topic: a subject token not starting with '_' (lensbus's own topics)."""
     validate_token(value, "topic")
@@ -130,6 +112,70 @@ class Subjects:
 
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
+
+    # ---- JetStream resources: named after the prefix, so installations sharing a NATS (each
+    # with its own prefix) share no stream, bucket or durable consumer. The default prefix
+    # gives the names lensbus always used (lensbus-models, LENSBUS_RESULTS, ...), so an
+    # existing installation keeps its data. A '.' in a prefix is not allowed in a stream or
+    # bucket name: buckets get '-' ("site.b" -> "site-b-models"), streams '_' and upper case
+    # ("SITE_B_RESULTS"). Two prefixes differing only there (or in case) would share names.
+
+    @property
+    def install_name(self) -> str:
+        """The prefix as a bucket name's head: ``lensbus``, ``site-b``."""
+        return self.prefix.replace(".", "-")
+
+    def _stream(self, what: str) -> str:
+        return f"{self.prefix.replace('.', '_').replace('-', '_').upper()}_{what}"
+
+    @property
+    def models_bucket(self) -> str:
+        """Object store of model packages (the deployer writes, inference reads)."""
+        return f"{self.install_name}-models"
+
+    @property
+    def deployments_bucket(self) -> str:
+        """KV of desired state: groups' models and pipelines, projects, reports."""
+        return f"{self.install_name}-deployments"
+
+    @property
+    def cameras_bucket(self) -> str:
+        """KV of the cameras capture runs and what each reports."""
+        return f"{self.install_name}-cameras"
+
+    @property
+    def snapshots_bucket(self) -> str:
+        """Object store of event snapshots (the publisher's)."""
+        return f"{self.install_name}-snapshots"
+
+    @property
+    def clips_bucket(self) -> str:
+        """Object store of clips around events (the publisher's)."""
+        return f"{self.install_name}-clips"
+
+    @property
+    def projects_bucket(self) -> str:
+        """Object store of packed projects (user code)."""
+        return f"{self.install_name}-projects"
+
+    @property
+    def project_state_bucket_prefix(self) -> str:
+        return f"{self.install_name}-project-"
+
+    def project_state_bucket(self, project: str) -> str:
+        """The KV bucket of one project's ``ctx.state`` (only that project's user may use it)."""
+        return f"{self.project_state_bucket_prefix}{validate_token(project, 'project name')}"
+
+    @property
+    def results_stream(self) -> str:
+        """The publisher's durable stream of results and events (replay, ``--since``)."""
+        return self._stream("RESULTS")
+
+    @property
+    def webhooks_stream(self) -> str:
+        """Pending webhook deliveries (a work queue: a delivery leaves it when taken). Its
+        durable consumers (``webhook-<rule>``) live in this stream, so they are per prefix too."""
+        return self._stream("WEBHOOKS")
 
     def frames(self, camera: str) -> str:
         """Frames of one camera as captured (the device stream), JPEG in a frame envelope."""
@@ -292,3 +338,18 @@ class Subjects:
     def mqtt_topic(subject: str) -> str:
         """The MQTT topic of a subject written here (its tokens hold no '.', '/' or space)."""
         return subject.replace(".", "/")
+
+
+# The default installation's names, for code and tests that only ever use the default prefix.
+# Services, the SDK and the permissions take them from their own ``Subjects(prefix)``.
+_DEFAULT = Subjects()
+MODELS_BUCKET = _DEFAULT.models_bucket
+DEPLOYMENTS_BUCKET = _DEFAULT.deployments_bucket
+RESULTS_STREAM = _DEFAULT.results_stream
+SNAPSHOTS_BUCKET = _DEFAULT.snapshots_bucket
+CAMERAS_BUCKET = _DEFAULT.cameras_bucket
+CLIPS_BUCKET = _DEFAULT.clips_bucket
+WEBHOOKS_STREAM = _DEFAULT.webhooks_stream
+PROJECTS_BUCKET = _DEFAULT.projects_bucket
+PROJECT_STATE_BUCKET_PREFIX = _DEFAULT.project_state_bucket_prefix
+project_state_bucket = _DEFAULT.project_state_bucket

@@ -182,7 +182,8 @@ class Follower:
         self.rt = rt
         self.cameras = cameras
         self.desired = Desired(settings)
-        self.bucket = CamerasBucket(rt.nc.jetstream(timeout=JS_TIMEOUT_S))
+        js = rt.nc.jetstream(timeout=JS_TIMEOUT_S)
+        self.bucket = CamerasBucket(js, bucket=rt.subjects.cameras_bucket)
         self.writer = StateWriter(self.bucket, settings.instance, self.desired)
         self.running: dict[str, CameraConfig] = {}
         self.done = asyncio.Event()

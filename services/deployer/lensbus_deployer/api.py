@@ -51,12 +51,7 @@ from lensbus.schemas import (
     UploadCommit,
     UploadStarted,
 )
-from lensbus.subjects import (
-    DEPLOYER_QUEUE_GROUP,
-    DEPLOYER_VERBS,
-    DEPLOYMENTS_BUCKET,
-    MODELS_BUCKET,
-)
+from lensbus.subjects import DEPLOYER_QUEUE_GROUP, DEPLOYER_VERBS
 from lensbus_deployer import decisions, metrics
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.decisions import Heartbeat
@@ -139,8 +134,8 @@ class Api:
             "deployer API on %s (queue group %r); store %s, deployments %s",
             self.rt.subjects.deployer_api("list").rsplit(".", 1)[0] + ".*",
             DEPLOYER_QUEUE_GROUP,
-            MODELS_BUCKET,
-            DEPLOYMENTS_BUCKET,
+            self.rt.subjects.models_bucket,
+            self.rt.subjects.deployments_bucket,
         )
 
     async def stop(self) -> None:

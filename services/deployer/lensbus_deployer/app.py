@@ -14,6 +14,7 @@ import contextlib
 import logging
 
 from lensbus.runtime import Runtime
+from lensbus.secrecy import hide_environment
 from lensbus_deployer import metrics
 from lensbus_deployer.api import Api
 from lensbus_deployer.auto_rollback import AutoRollback
@@ -62,6 +63,7 @@ class Deployer:
 
 
 async def run(settings: DeployerSettings) -> int:
+    hide_environment()  # a project's import check runs in a child of ours
     deployer: Deployer | None = None
 
     def counters() -> dict[str, float]:

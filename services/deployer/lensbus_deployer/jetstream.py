@@ -11,7 +11,6 @@ import nats.errors
 from nats.js.errors import ServiceUnavailableError
 
 from lensbus.runtime import Runtime
-from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET, PROJECTS_BUCKET
 from lensbus_deployer import metrics
 from lensbus_deployer.auto_rollback import AutoRollback
 from lensbus_deployer.config import DeployerSettings
@@ -69,7 +68,7 @@ class JetStream:
         if not self.projects.ready:
             raise Refused(
                 "internal",
-                f"the deployer cannot use the object store {PROJECTS_BUCKET} now "
+                f"the deployer cannot use the object store {self.rt.subjects.projects_bucket} now "
                 f"({self.projects_problem})",
             )
         return self.projects
@@ -106,11 +105,13 @@ class JetStream:
         except Exception as exc:
             problem = jetstream_problem(exc)
             if problem != self.projects_problem:
-                log.warning("object store %s unavailable: %s", PROJECTS_BUCKET, problem)
+                log.warning(
+                    "object store %s unavailable: %s", self.rt.subjects.projects_bucket, problem
+                )
             self.projects_problem = problem
             return
         if self.projects_problem is not None:
-            log.info("object store %s ready", PROJECTS_BUCKET)
+            log.info("object store %s ready", self.rt.subjects.projects_bucket)
         self.projects_problem = None
 
     def _set(self, problem: str | None) -> None:
@@ -118,8 +119,8 @@ class JetStream:
             if problem is None:
                 log.info(
                     "JetStream available; buckets %s and %s ready",
-                    MODELS_BUCKET,
-                    DEPLOYMENTS_BUCKET,
+                    self.rt.subjects.models_bucket,
+                    self.rt.subjects.deployments_bucket,
                 )
             else:
                 log.warning("JetStream unavailable: %s", problem)

@@ -25,7 +25,6 @@ from lensbus.schemas.project import (
     project_key,
     project_object_name,
 )
-from lensbus.subjects import PROJECTS_BUCKET
 from lensbus_deployer.errors import StaleRecord
 from lensbus_deployer.project_records import (
     object_headers,
@@ -65,13 +64,13 @@ class ProjectStore:
         return self._obs
 
     async def ensure(self) -> None:
-        js, s = self.store.js, self.store.s
+        js, s, bucket = self.store.js, self.store.s, self.store.names.projects_bucket
         try:
-            obs = await js.object_store(PROJECTS_BUCKET)
+            obs = await js.object_store(bucket)
         except BucketNotFoundError:
-            log.info("creating object store %s (file storage)", PROJECTS_BUCKET)
+            log.info("creating object store %s (file storage)", bucket)
             obs = await js.create_object_store(
-                PROJECTS_BUCKET,
+                bucket,
                 config=api.ObjectStoreConfig(
                     description="lensbus projects, user code (<name>/<version>, .tar.gz)",
                     storage=api.StorageType.FILE,
@@ -168,8 +167,12 @@ class ProjectStore:
                 out.append(report)
         return out
 
+    @property
+    def stream(self) -> str:
+        return f"OBJ_{self.store.names.projects_bucket}"
+
     async def store_bytes(self) -> int:
-        info = await self.store.js.stream_info(f"OBJ_{PROJECTS_BUCKET}")
+        info = await self.store.js.stream_info(self.stream)
         return int(info.state.bytes)
 
     async def manifest(self, name: str, version: str) -> ProjectManifest:

@@ -46,7 +46,6 @@ from lensbus.schemas.project import (
     ProjectManifest,
     ProjectRelease,
 )
-from lensbus.subjects import PROJECTS_BUCKET
 from lensbus_deployer import metrics, pipelines
 from lensbus_deployer import project_records as records
 from lensbus_deployer.config import DeployerSettings
@@ -163,7 +162,7 @@ class ProjectVerbs:
                 raise Refused(
                     "internal",
                     f"the project store did not take {key} ({exc.description or exc}); if "
-                    f"it is full, raise the limit of the stream OBJ_{PROJECTS_BUCKET}",
+                    f"it is full, raise the limit of the stream {store.stream}",
                 ) from None
         log.info("stored project %s: %s, sha256 %s", key, human_bytes(info.size), digest[:12])
         with contextlib.suppress(Exception):

@@ -35,7 +35,7 @@ from lensbus.codec import DecodeError, decode, encode
 from lensbus.modelpkg import MANIFEST, PackageError, read_manifest
 from lensbus.schemas import Deployment, Manifest, ModelInfo, PipelineDeployment, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, pipeline_key, report_key
-from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
+from lensbus.subjects import Subjects
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.errors import Refused, StaleRecord
 from lensbus_deployer.model_objects import (
@@ -140,6 +140,7 @@ class Store:
     def __init__(self, js: JetStreamContext, settings: DeployerSettings) -> None:
         self.js = js
         self.s = settings
+        self.names = Subjects(settings.prefix)  # the installation's buckets
         self._obs: ObjectStore | None = None
         self._kv: KeyValue | None = None
         # Labels of stored packages by content digest (a stored version never changes).
@@ -162,11 +163,11 @@ class Store:
     async def ensure(self) -> None:
         """Bind the buckets, creating them (file storage, limits) where missing."""
         try:
-            obs = await self.js.object_store(MODELS_BUCKET)
+            obs = await self.js.object_store(self.names.models_bucket)
         except BucketNotFoundError:
-            log.info("creating object store %s (file storage)", MODELS_BUCKET)
+            log.info("creating object store %s (file storage)", self.names.models_bucket)
             obs = await self.js.create_object_store(
-                MODELS_BUCKET,
+                self.names.models_bucket,
                 config=api.ObjectStoreConfig(
                     description="lensbus model packages (<name>/<version>, .tar.gz)",
                     storage=api.StorageType.FILE,
@@ -174,12 +175,12 @@ class Store:
                 ),
             )
         try:
-            kv = await self.js.key_value(DEPLOYMENTS_BUCKET)
+            kv = await self.js.key_value(self.names.deployments_bucket)
         except BucketNotFoundError:
-            log.info("creating KV bucket %s (file storage)", DEPLOYMENTS_BUCKET)
+            log.info("creating KV bucket %s (file storage)", self.names.deployments_bucket)
             kv = await self.js.create_key_value(
                 config=api.KeyValueConfig(
-                    bucket=DEPLOYMENTS_BUCKET,
+                    bucket=self.names.deployments_bucket,
                     description="lensbus desired model per camera group, and swap reports",
                     history=self.s.kv_history,
                     max_value_size=self.s.kv_max_value_bytes,
@@ -191,7 +192,7 @@ class Store:
 
     @property
     def models_stream(self) -> str:
-        return f"OBJ_{MODELS_BUCKET}"
+        return f"OBJ_{self.names.models_bucket}"
 
     # ---- models ---------------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class Store:
         """Purge chunk subjects no object's meta refers to (nats-py has no call for it: the
         chunk subjects come from the stream's subject list, the live ones from the metas'
         nuids), last written over ``grace_s`` ago. Returns (objects, bytes) purged."""
-        chunks = f"$O.{MODELS_BUCKET}.C.>"
+        chunks = f"$O.{self.names.models_bucket}.C.>"
         info = await self.js.stream_info(self.models_stream, subjects_filter=chunks)
         subjects = info.state.subjects or {}
         if not subjects:

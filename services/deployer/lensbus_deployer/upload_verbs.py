@@ -25,7 +25,6 @@ from lensbus.schemas import (
     UploadStarted,
 )
 from lensbus.schemas.deploy import UPLOAD_CHUNK_BYTES, object_name
-from lensbus.subjects import MODELS_BUCKET
 from lensbus_deployer import metrics
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.errors import Refused
@@ -191,5 +190,5 @@ class UploadVerbs:
                 "internal",
                 f"the model store did not take {manifest.ref} "
                 f"({exc.description or type(exc).__name__}); if it is full, raise the "
-                f"limit of the stream OBJ_{MODELS_BUCKET} or free space",
+                f"limit of the stream {store.models_stream} or free space",
             ) from None

@@ -28,7 +28,6 @@ from lensbus.modelpkg import Package, open_package_aside
 from lensbus.runtime import Runtime
 from lensbus.schemas import Deployment, ModelVersionRef, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, report_key
-from lensbus.subjects import DEPLOYMENTS_BUCKET, MODELS_BUCKET
 from lensbus_inference import cache, metrics
 from lensbus_inference.config import InferenceSettings
 from lensbus_inference.model import LoadedModel, load_model
@@ -108,7 +107,7 @@ class Follower:
             stages=dict(self.stages),
         )
         try:
-            kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+            kv = await self.rt.nc.jetstream().key_value(self.rt.subjects.deployments_bucket)
             await kv.put(report_key(self.group, self.s.instance), encode(rep))
         except Exception as exc:  # the heartbeat still carries the state
             log.warning("swap report for %s not written: %s", desired.ref, exc)
@@ -128,7 +127,7 @@ class Follower:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.part_path(dest)
         try:
-            store = await self.rt.nc.jetstream().object_store(MODELS_BUCKET)
+            store = await self.rt.nc.jetstream().object_store(self.rt.subjects.models_bucket)
             # Straight into a file: nats-py assembles an in-memory object by joining bytes,
             # which gets slow for tens of MB.
             with open(tmp, "wb") as out:  # noqa: ASYNC230 - local file, written in chunks

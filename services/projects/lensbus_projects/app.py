@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from lensbus.runtime import Runtime
+from lensbus.secrecy import hide_environment
 from lensbus_projects.auth import Auth
 from lensbus_projects.config import ProjectsSettings
 from lensbus_projects.follow import ProjectsFollower
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 async def run(settings: ProjectsSettings) -> int:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    hide_environment()  # users' code runs in children of ours, as our OS user
     auth = Auth(settings)
     projects: Projects | None = None
 
@@ -34,7 +36,7 @@ async def run(settings: ProjectsSettings) -> int:
         if rt.bus.nc is None:  # stopped before NATS was reachable
             return 0
         projects = Projects(rt, settings, auth.password)
-        await auth.start(rt, lambda name: name in projects.runners)
+        await auth.start(rt)
         follower = ProjectsFollower(rt, projects.on_record)
         tasks = [
             asyncio.create_task(follower.run(), name="follow"),

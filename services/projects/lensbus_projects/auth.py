@@ -15,7 +15,6 @@ connect without credentials.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from lensbus import natsprojects
 from lensbus.natscallout import CalloutService
@@ -41,11 +40,13 @@ class Auth:
             return ""
         return natsprojects.project_password(self.seed, project)
 
-    async def start(self, rt: Runtime, exists: Callable[[str], bool]) -> None:
-        """Answer the callout for the projects ``exists(name)`` says this service runs."""
+    async def start(self, rt: Runtime) -> None:
+        """Answer the callout for every ``project-<name>`` user whose password checks out: the
+        password (an HMAC of the name only the seed's holders can make) is the proof, and
+        `lensbus project run` connects as a project that is not deployed yet."""
         if self.seed is None:
             return
-        authorize = natsprojects.project_authorizer(self.seed, self.s.prefix, exists)
+        authorize = natsprojects.project_authorizer(self.seed, self.s.prefix)
         self.service = CalloutService(
             rt.nc,
             self.seed,

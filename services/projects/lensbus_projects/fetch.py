@@ -31,7 +31,6 @@ from lensbus.schemas.project import (
     ProjectRelease,
     project_object_name,
 )
-from lensbus.subjects import MODELS_BUCKET, PROJECTS_BUCKET
 from lensbus_projects import metrics
 
 MODELS_DIR = "_models"
@@ -101,10 +100,11 @@ class Fetcher:
     async def _fetch_project(self, name: str, release: ProjectRelease, dest: Path) -> None:
         obj = project_object_name(name, release.version)
         try:
-            store = await self.rt.nc.jetstream().object_store(PROJECTS_BUCKET)
+            bucket = self.rt.subjects.projects_bucket
+            store = await self.rt.nc.jetstream().object_store(bucket)
             data = (await store.get(obj)).data or b""
         except (NotFoundError, nats.errors.Error) as exc:
-            raise _store_error(obj, PROJECTS_BUCKET, exc) from None
+            raise _store_error(obj, bucket, exc) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != release.sha256:
             metrics.FETCHES.labels("sha256").inc()
@@ -150,7 +150,9 @@ class Fetcher:
         work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.models))
         try:
             archive = work / "model.tar.gz"
-            await self._download(MODELS_BUCKET, object_name(name, version), archive)
+            await self._download(
+                self.rt.subjects.models_bucket, object_name(name, version), archive
+            )
             try:
                 pkg = await asyncio.to_thread(open_package, archive, work / "root")
             except PackageError as exc:

@@ -27,7 +27,6 @@ from lensbus.codec import DecodeError, decode
 from lensbus.runtime import Runtime
 from lensbus.schemas.camera import CAMERA_PREFIX, CameraConfig
 from lensbus.schemas.project import ProjectDeployment, ProjectManifest, project_key
-from lensbus.subjects import CAMERAS_BUCKET, DEPLOYMENTS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_projects import metrics
 
@@ -86,7 +85,7 @@ class ProjectsFollower:
         waiting_logged = False
         while not self.rt.stop.is_set():
             try:
-                kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+                kv = await self.rt.nc.jetstream().key_value(self.rt.subjects.deployments_bucket)
                 watcher = await kv.watch(f"{KEY_PREFIX}*")
             except (BucketNotFoundError, NotFoundError, nats.errors.Error, OSError) as exc:
                 if not waiting_logged:
@@ -149,12 +148,14 @@ class CameraGroups:
         self.rt = rt
         self.groups: dict[str, str] = {}  # camera -> group
 
-    def cameras(self, manifest: ProjectManifest) -> list[str] | str:
+    def cameras(self, manifest: ProjectManifest, groups: list[str]) -> list[str] | str:
+        """project.json's cameras, else those of ``groups`` (the deploy's, which may differ
+        from project.json's): every camera for ``default``, else the cameras bucket's."""
         if manifest.cameras:
             return list(manifest.cameras)
-        if DEFAULT_GROUP in manifest.groups:
+        if DEFAULT_GROUP in groups:
             return "*"
-        wanted = set(manifest.groups)
+        wanted = set(groups)
         return sorted(cam for cam, group in self.groups.items() if group in wanted)
 
     async def run(self) -> None:
@@ -164,7 +165,7 @@ class CameraGroups:
             await sleep_unless_stopped(self.rt.stop, RECHECK_S)
 
     async def _read(self) -> None:
-        kv = await self.rt.nc.jetstream().key_value(CAMERAS_BUCKET)
+        kv = await self.rt.nc.jetstream().key_value(self.rt.subjects.cameras_bucket)
         keys = await keys_with(kv, CAMERA_PREFIX)
         groups: dict[str, str] = {}
         for key in keys:

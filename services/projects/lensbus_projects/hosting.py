@@ -98,14 +98,6 @@ async def start_host(
     raise StartFailed(f"{reason} (log: {tail})" if tail and tail not in reason else reason)
 
 
-def merged(a: control.Last, b: control.Last) -> control.Last:
-    """The later seq per camera of two 'last' maps."""
-    out = dict(a)
-    for cam, seq in b.items():
-        out[cam] = max(seq, out.get(cam, -1))
-    return out
-
-
 async def stop_host(host: HostProcess, deadline_s: float) -> control.Last | None:
     """Stop ``host`` (it finishes its call in hand): the last seq it handled per camera, or
     None when it never answered (it is killed; its last beat is what is known)."""
@@ -122,22 +114,22 @@ async def stop_host(host: HostProcess, deadline_s: float) -> control.Last | None
 
 
 async def take_over(
-    project: str,
-    new: HostProcess,
-    old: HostProcess | None,
-    deadline_s: float,
-    known: control.Last | None,
+    project: str, new: HostProcess, old: HostProcess | None, deadline_s: float
 ) -> control.Last | None:
-    """Hand results over from ``old`` (None, or dead) to ``new``: stop the old, send the new
-    'go' after what the old handled (``known``: the last seqs known handled, from beats; None
-    on a first start). Returns the 'after' sent."""
+    """Hand results over from ``old`` (None, or dead) to ``new`` and return the 'after' sent.
+
+    A live old host is stopped and its "stopped" ``last`` (what it handled last per camera;
+    its last beat's if it had to be killed) is the new one's 'after': the new host holds only
+    results that came since it subscribed, and skips those the old one handled. After a crash
+    (or on a first start) 'after' is None: everything the new host holds came after the old
+    one died. Nothing older is carried over: a capture restarted meanwhile numbers its frames
+    from 0 again, and a kept maximum would skip them."""
     t0 = time.monotonic()
-    after = None if known is None else dict(known)
+    after: control.Last | None = None
     alive = old is not None and old.returncode is None and not old.killed
     if old is not None and alive:
         last = await stop_host(old, deadline_s)
-        base = after or {}
-        after = merged(merged(base, old.beat.last), last if last is not None else {})
+        after = last if last is not None else dict(old.beat.last)
     elif old is not None:
         await old.close()
     await new.send({"t": "go", "after": after})

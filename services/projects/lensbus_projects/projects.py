@@ -17,9 +17,9 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import NotFoundError
 
 from lensbus.codec import encode
+from lensbus.projects.state import MAX_VALUE_BYTES, STATE_MAX_BYTES
 from lensbus.runtime import Runtime
 from lensbus.schemas.project import ProjectDeployment, ProjectReport, project_report_key
-from lensbus.subjects import DEPLOYMENTS_BUCKET, project_state_bucket
 from lensbus_projects import metrics
 from lensbus_projects.config import ProjectsSettings
 from lensbus_projects.fetch import Fetcher
@@ -76,12 +76,20 @@ class Projects:
     async def prepare(self, name: str) -> None:
         """The project's state bucket (ctx.state), made before its host first starts."""
         js = self.rt.nc.jetstream()
-        bucket = project_state_bucket(name)
+        bucket = self.rt.subjects.project_state_bucket(name)
         try:
             await js.key_value(bucket)
         except NotFoundError:
             with contextlib.suppress(nats.errors.Error):  # made meanwhile by another instance
-                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+                # Bounded on the server: a project writing to its bucket directly (its
+                # permissions allow it) cannot fill the store models and results share.
+                config = KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    max_bytes=STATE_MAX_BYTES,
+                    max_value_size=MAX_VALUE_BYTES,
+                )
+                await js.create_key_value(config)
 
     # ---- reports ---------------------------------------------------------------------------
 
@@ -105,7 +113,7 @@ class Projects:
         report = self.report_of(runner)
         self.rt.detail[f"project.{runner.name}"] = f"{report.state} {report.version}"
         try:
-            kv = await self.rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+            kv = await self.rt.nc.jetstream().key_value(self.rt.subjects.deployments_bucket)
             await kv.put(project_report_key(runner.name, self.s.instance), encode(report))
             metrics.REPORTS.labels("ok").inc()
         except Exception as exc:  # the heartbeat still carries the state

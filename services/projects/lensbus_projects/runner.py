@@ -55,7 +55,8 @@ class Status:
 
 
 # Hooks the service gives each runner.
-Cameras = Callable[[ProjectManifest], "list[str] | str"]
+# The cameras a project handles: from its manifest and the groups it was deployed to.
+Cameras = Callable[[ProjectManifest, "list[str]"], "list[str] | str"]
 Password = Callable[[str], str]
 Prepare = Callable[[str], Awaitable[None]]  # before a host first starts (its state bucket)
 
@@ -81,7 +82,6 @@ class ProjectRunner:
         self.host: HostProcess | None = None  # the serving host (alive or dead)
         self.manifest: ProjectManifest | None = None
         self.folder: Path | None = None
-        self.last: control.Last | None = None  # handled so far (None: nothing yet)
         self.counts = Counts()
         self.failed: tuple[str, str, str] | None = None  # (version, sha256, reason)
         self.starting: str = ""
@@ -133,8 +133,6 @@ class ProjectRunner:
                 counter.labels(self.name).inc(delta)
                 setattr(self.counts, attr, getattr(self.counts, attr) + delta)
         self._counted = control.Beat(beat.busy_s, beat.handled, beat.errors, beat.dropped)
-        if beat.last:
-            self.last = merged_last(self.last, beat.last)
         metrics.PROJECT_METRICS.update(self.name, beat.metrics)
 
     def check(self, host: HostProcess, deadline_s: float) -> str | None:
@@ -148,21 +146,28 @@ class ProjectRunner:
 
     async def watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            host, manifest = self.host, self.manifest
-            if host is not None and manifest is not None and host.returncode is None:
-                self.account(host)
-                why = None if host.killed else self.check(host, manifest.limits.deadline_s)
-                if why is not None:
-                    log.warning(
-                        "project %s %s: %s for %.1f s (deadline_s); killing its process",
-                        self.name,
-                        manifest.version,
-                        "a handler call ran" if why == "hang" else "no beat",
-                        manifest.limits.deadline_s,
-                    )
-                    host.kill_reason = why
-                    host.kill()
+            try:
+                self._watch_once()
+            except Exception:  # a bug here must not end the watch: hangs would go unseen
+                log.exception("project %s: watchdog round failed", self.name)
             await asyncio.sleep(TICK_S)
+
+    def _watch_once(self) -> None:
+        host, manifest = self.host, self.manifest
+        if host is None or manifest is None or host.returncode is not None:
+            return
+        self.account(host)
+        why = None if host.killed else self.check(host, manifest.limits.deadline_s)
+        if why is not None:
+            log.warning(
+                "project %s %s: %s for %.1f s (deadline_s); killing its process",
+                self.name,
+                manifest.version,
+                "a handler call ran" if why == "hang" else "no beat",
+                manifest.limits.deadline_s,
+            )
+            host.kill_reason = why
+            host.kill()
 
     # ---- the main loop ---------------------------------------------------------------------
 
@@ -227,7 +232,7 @@ class ProjectRunner:
             folder, manifest = await self.fetcher.project(self.name, d)
             models = await self.fetcher.models_for(manifest)
             await self.prepare(self.name)
-            cameras = self.cameras(manifest)
+            cameras = self.cameras(manifest, d.groups)
             env = host_env(self.s, folder, manifest, cameras, self.password(self.name), models)
             new = await start_host(self.s, manifest, folder, env)
         except FetchUnavailable as exc:  # not the version's fault: again after a back-off
@@ -265,14 +270,13 @@ class ProjectRunner:
             self.account(old)
         if cameras == []:  # the environment cannot say "none" ('' is every camera)
             await new.send({"t": "cameras", "cameras": []})
-        after = await take_over(self.name, new, old, deadline, self.last)
+        await take_over(self.name, new, old, deadline)
         if old is not None and old is self.host:
             self.account(old)  # its beats up to 'stopped', before the new one's count
         if not restart:
             self.counts = Counts()
         self.host, self.manifest, self.folder = new, manifest, folder
         self._counted = control.Beat()
-        self.last = after
         self.sent_cameras = cameras
         self.restart_at = None
         self.failed = None
@@ -286,7 +290,8 @@ class ProjectRunner:
         self._changed()
 
     async def _update_cameras(self, host: HostProcess, manifest: ProjectManifest) -> None:
-        cameras = self.cameras(manifest)
+        groups = self.desired.groups if self.desired is not None else manifest.groups
+        cameras = self.cameras(manifest, groups)
         if cameras != self.sent_cameras and await host.send({"t": "cameras", "cameras": cameras}):
             log.info("project %s: cameras now %s", self.name, cameras)
             self.sent_cameras = cameras
@@ -302,10 +307,3 @@ class ProjectRunner:
         self.ended = True
         metrics.PROJECT_METRICS.forget(self.name)
         self._changed()
-
-
-def merged_last(a: control.Last | None, b: control.Last) -> control.Last:
-    out = dict(a or {})
-    for cam, seq in b.items():
-        out[cam] = max(seq, out.get(cam, -1))
-    return out

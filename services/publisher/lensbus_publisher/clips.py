@@ -125,9 +125,9 @@ class Recording:
         )
 
 
-def build(rec: Recording, pre_s: float, post_s: float) -> tuple[ClipInfo, bytes]:
+def build(rec: Recording, pre_s: float, post_s: float, bucket: str) -> tuple[ClipInfo, bytes]:
     """The clip's description and AVI (in a worker thread: a copy of every JPEG)."""
-    info = rec.info(pre_s, post_s)
+    info = rec.info(pre_s, post_s).model_copy(update={"bucket": bucket})
     return info, avi_bytes([f.jpeg for f in rec.frames], info.width, info.height, info.fps)
 
 
@@ -247,7 +247,9 @@ class Clips:
             return
         t0 = time.perf_counter()
         try:
-            info, data = await asyncio.to_thread(build, rec, self.s.clip_pre_s, self.s.clip_post_s)
+            info, data = await asyncio.to_thread(
+                build, rec, self.s.clip_pre_s, self.s.clip_post_s, self.rt.subjects.clips_bucket
+            )
             evicted = await put_clip(store, info, data, self.s.clips_max_bytes)
         except ClipError as exc:
             self._drop(rec.id, "too_large", exc)

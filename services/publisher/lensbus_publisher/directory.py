@@ -25,7 +25,6 @@ from lensbus.cameras import CamerasBucket
 from lensbus.codec import DecodeError, decode
 from lensbus.runtime import Runtime
 from lensbus.schemas.deploy import PipelineDeployment, pipeline_key
-from lensbus.subjects import CAMERAS_BUCKET, DEPLOYMENTS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_publisher.hub import Hub
 from lensbus_publisher.overlay import Overlays
@@ -40,16 +39,18 @@ async def follow(rt: Runtime, hub: Hub) -> None:
     bucket: CamerasBucket | None = None
     while bucket is None and not rt.stop.is_set():
         try:
-            bucket = await CamerasBucket.open(rt.nc.jetstream(), create=False)
+            bucket = await CamerasBucket.open(
+                rt.nc.jetstream(), create=False, bucket=rt.subjects.cameras_bucket
+            )
         except BucketNotFoundError:
             pass
         except Exception as exc:  # JetStream not answering yet: try again
-            log.debug("cameras bucket %s not readable yet: %s", CAMERAS_BUCKET, exc)
+            log.debug("cameras bucket %s not readable yet: %s", rt.subjects.cameras_bucket, exc)
         if bucket is None and await sleep_unless_stopped(rt.stop, BIND_RETRY_S):
             return
     if bucket is None:
         return
-    log.info("following the cameras bucket %s", CAMERAS_BUCKET)
+    log.info("following the cameras bucket %s", bucket.bucket)
     async for view in bucket.views(rt.stop):
         hub.directory = view
 
@@ -63,7 +64,7 @@ async def follow_pipelines(rt: Runtime, hub: Hub, overlays: Overlays) -> None:
     NATS or the bucket is started again."""
     while not rt.stop.is_set():
         try:
-            kv = await rt.nc.jetstream().key_value(DEPLOYMENTS_BUCKET)
+            kv = await rt.nc.jetstream().key_value(rt.subjects.deployments_bucket)
             await _watch(rt, hub, overlays, kv)
         except (BucketNotFoundError, nats.errors.Error, OSError) as exc:
             log.debug("pipelines not readable yet: %s", exc)

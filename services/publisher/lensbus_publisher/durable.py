@@ -17,7 +17,6 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from lensbus.runtime import Runtime
-from lensbus.subjects import CLIPS_BUCKET, RESULTS_STREAM, SNAPSHOTS_BUCKET
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings
@@ -45,7 +44,7 @@ class Durable:
 
     def stream_config(self) -> api.StreamConfig:
         return api.StreamConfig(
-            name=RESULTS_STREAM,
+            name=self.rt.subjects.results_stream,
             description="lensbus results and events, for replay (lensbus watch --since)",
             subjects=self.subjects,
             storage=api.StorageType.FILE,
@@ -61,7 +60,7 @@ class Durable:
         if self.snapshots is None:
             self.snapshots = await _object_store(
                 js,
-                SNAPSHOTS_BUCKET,
+                self.rt.subjects.snapshots_bucket,
                 "lensbus event snapshots (<camera>/<capture_ns>-<seq>.jpg)",
                 self.s.snapshots_max_bytes,
                 self.s.snapshots_max_age_s,
@@ -75,7 +74,7 @@ class Durable:
             return
         self.clips = await _object_store(
             self.rt.nc.jetstream(),
-            CLIPS_BUCKET,
+            self.rt.subjects.clips_bucket,
             "lensbus clips around events (<camera>-<capture_ns>-<seq>, AVI)",
             self.s.clips_max_bytes,
             self.s.clips_max_age_s,
@@ -111,8 +110,8 @@ class Durable:
             self.snapshots = None
             self.ready.clear()
             metrics.STREAM_READY.set(0)
-            self.rt.health.set("results_stream", f"{RESULTS_STREAM}: {exc}")
-            log.warning("results stream %s not in place: %s", RESULTS_STREAM, exc)
+            self.rt.health.set("results_stream", f"{self.rt.subjects.results_stream}: {exc}")
+            log.warning("results stream %s not in place: %s", self.rt.subjects.results_stream, exc)
             wait = RETRY_S
         else:
             self.ready.set()
@@ -122,17 +121,18 @@ class Durable:
             try:
                 await self.ensure_clips()
             except Exception as exc:  # clips wait; results and events go on
-                log.warning("clips store %s not in place: %s", CLIPS_BUCKET, exc)
+                log.warning("clips store %s not in place: %s", self.rt.subjects.clips_bucket, exc)
                 wait = RETRY_S
         return wait
 
     async def _audit(self) -> bool:
         """Compare what the stream stored with what was published; False if it is gone."""
         seen = self.audit.seen
+        stream = self.rt.subjects.results_stream
         try:
-            info = await self.rt.nc.jetstream().stream_info(RESULTS_STREAM)
+            info = await self.rt.nc.jetstream().stream_info(stream)
         except NotFoundError:
-            log.warning("results stream %s is gone; making it again", RESULTS_STREAM)
+            log.warning("results stream %s is gone; making it again", stream)
             self.ready.clear()
             self.audit.rebase(seen, 0)
             return False
@@ -141,7 +141,7 @@ class Durable:
             return True
         new = self.audit.check(seen, info.state.last_seq)
         if new:
-            problem = f"{new} results not stored in {RESULTS_STREAM} (JetStream store full?)"
+            problem = f"{new} results not stored in {stream} (JetStream store full?)"
             log.warning("%s; %d in all", problem, self.audit.not_stored)
             self.rt.health.set("results_stream", problem)
         else:

@@ -146,7 +146,8 @@ class Events:
                 self._stored[name] = None
                 while len(self._stored) > SNAPSHOTS_REMEMBERED:
                     self._stored.popitem(last=False)
-        shown = event.model_copy(update={"snapshot": name}) if name else event
+        where = {"snapshot": name, "snapshot_bucket": self.rt.subjects.snapshots_bucket}
+        shown = event.model_copy(update=where) if name else event
         self.hub.on_event(shown)
         rules = self.engine.select(event)
         if rules and self.clips is not None:
@@ -192,6 +193,7 @@ class Events:
             model=result.model,
             box=firing.match.box,
             snapshot=await self._snapshot(result.camera, frame),
+            snapshot_bucket=self.rt.subjects.snapshots_bucket,
         )
         try:
             await self.rt.nc.publish(self.rt.subjects.events(event.camera), encode(event))

@@ -196,7 +196,7 @@ class Hub:
             return
         metrics.PROJECT_FRAMES.labels(project).inc()
         for view in cam.views.values():
-            if view.key in ("", project) and view.viewers > 0:
+            if view.viewers > 0 and cam.inputs.drawn_for(view.key, now) is frame:
                 view.out = frame
                 view.signal.notify()
                 metrics.PROJECT_FRAMES_SHOWN.labels(project).inc()

@@ -86,9 +86,23 @@ class ProjectInputs:
         self.drawn[frame.drawn_by] = frame
 
     def drawn_for(self, key: str, now: float) -> ProjectFrame | None:
-        """The newest fresh project-drawn frame a stream of ``key`` shows, if any."""
+        """The newest fresh project-drawn frame a stream of ``key`` shows, if any. The stream
+        of every project shows one only while no other project has shapes to draw: a drawn
+        frame would hide another project's blur (faces shown); ``?project=`` shows it."""
         frames = [f for p, f in self.drawn.items() if (not key or p == key) and f.fresh(now)]
-        return max(frames, key=lambda f: f.rendered, default=None)
+        best = max(frames, key=lambda f: f.rendered, default=None)
+        if best is not None and not key and self.shapes_alive(now, besides=best.drawn_by):
+            return None
+        return best
+
+    def shapes_alive(self, now: float, besides: str) -> bool:
+        """Whether a project other than ``besides`` has an overlay with shapes alive."""
+        return any(
+            item.alive(now) and item.overlay.shapes
+            for project, ring in self.overlays.items()
+            if project != besides
+            for item in ring.values()
+        )
 
     def shapes_for(
         self, key: str, seq: int, capture_ns: int, now: float

@@ -1,10 +1,11 @@
 """Webhook delivery, at least once: pending deliveries live in JetStream, not in memory, so a
 publisher that is restarted (even killed) goes on where it stopped.
 
-A raised event is stored in the work-queue stream ``LENSBUS_WEBHOOKS`` on
-``<prefix>.webhooks.<rule>`` (at most ``webhook_queue`` per rule; beyond that it is dropped,
-counted). Each rule with a webhook has a lane: a durable pull consumer of its own subject
-that takes one delivery at a time, POSTs it (headers: :mod:`lensbus_publisher.signing`) and
+A raised event is stored in the work-queue stream ``Subjects(prefix).webhooks_stream``
+(``LENSBUS_WEBHOOKS``) on ``<prefix>.webhooks.<rule>`` (at most ``webhook_queue`` per rule;
+beyond that it is dropped, counted). Each rule with a webhook has a lane: a durable pull
+consumer of its own subject (``webhook-<rule>``, in the prefix's own stream) that takes one
+delivery at a time, POSTs it (headers: :mod:`lensbus_publisher.signing`) and
 
 - acks it once the receiver answered 2xx (only then does it leave the stream);
 - terminates it (dropped, counted) on another 4xx than 408/429 (the request itself is wrong),
@@ -34,7 +35,6 @@ from nats.js import JetStreamContext, api
 
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
-from lensbus.subjects import WEBHOOKS_STREAM
 from lensbus.waiting import sleep_unless_stopped, wait_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings, Rule
@@ -97,7 +97,10 @@ class Lane:
             max_deliver=-1,  # the lane counts tries and drops itself, counted
         )
         return await js.pull_subscribe(
-            subject, durable=config.durable_name, stream=WEBHOOKS_STREAM, config=config
+            subject,
+            durable=config.durable_name,
+            stream=self.hooks.rt.subjects.webhooks_stream,
+            config=config,
         )
 
     async def _drain(self, sub: JetStreamContext.PullSubscription) -> None:
@@ -224,7 +227,7 @@ class Webhooks:
 
     def stream_config(self) -> api.StreamConfig:
         return api.StreamConfig(
-            name=WEBHOOKS_STREAM,
+            name=self.rt.subjects.webhooks_stream,
             description="lensbus webhook deliveries not yet taken by their receiver",
             subjects=[self.rt.subjects.all_webhooks()],
             storage=api.StorageType.FILE,

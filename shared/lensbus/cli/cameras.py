@@ -30,6 +30,7 @@ from lensbus.cli.common import SubParsers, WrongUser, add_nats_options, nats_use
 from lensbus.cli.deploy import when
 from lensbus.errors import DecodeError
 from lensbus.schemas.camera import CameraConfig
+from lensbus.subjects import Subjects
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -233,7 +234,8 @@ def _runner(command: Command, title: str, create: bool) -> Callable[[argparse.Na
         try:
             js = nc.jetstream(timeout=args.timeout)
             try:
-                bucket = await CamerasBucket.open(js, create=create)
+                name = Subjects(args.prefix).cameras_bucket
+                bucket = await CamerasBucket.open(js, create=create, bucket=name)
             except BucketNotFoundError:
                 if command is _list:  # nothing added yet anywhere
                     return await _list_empty(args)

@@ -24,7 +24,7 @@ from lensbus.bus import connect
 from lensbus.cli.common import add_nats_options, checked, nats_user_options
 from lensbus.clips import ClipError, export, list_clips, read_clip
 from lensbus.schemas import ClipInfo, parse_clip_id
-from lensbus.subjects import CLIPS_BUCKET, validate_camera_id
+from lensbus.subjects import Subjects, validate_camera_id
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,7 +50,7 @@ async def _store(args: argparse.Namespace) -> tuple[NATS, ObjectStore | None]:
     except (NoServersError, OSError, TimeoutError) as exc:
         raise Unreachable(f"NATS at {url} unreachable: {exc}") from None
     try:
-        return nc, await nc.jetstream().object_store(CLIPS_BUCKET)
+        return nc, await nc.jetstream().object_store(Subjects(args.prefix).clips_bucket)
     except BucketNotFoundError:
         return nc, None
 
@@ -89,7 +89,8 @@ async def _export(args: argparse.Namespace) -> int:
     nc, store = await _store(args)
     try:
         if store is None:
-            print(f"lensbus clips: no clips store ({CLIPS_BUCKET}) on NATS", file=sys.stderr)
+            bucket = Subjects(args.prefix).clips_bucket
+            print(f"lensbus clips: no clips store ({bucket}) on NATS", file=sys.stderr)
             return EXIT_FAILED
         info, data = await read_clip(store, args.id)
     except ClipError as exc:

@@ -35,7 +35,6 @@ from lensbus.feeds import replay_config
 from lensbus.schemas import Event, Result
 from lensbus.subjects import (
     DEFAULT_PREFIX,
-    RESULTS_STREAM,
     InvalidName,
     Subjects,
     validate_camera_id,
@@ -152,10 +151,12 @@ class _Printer:
             self.done.set()
 
 
-async def _follow(js: JetStreamContext, subject: str, since: datetime | None, p: _Printer) -> None:
+async def _follow(
+    js: JetStreamContext, stream: str, subject: str, since: datetime | None, p: _Printer
+) -> None:
     sub = await js.subscribe(
         subject,
-        stream=RESULTS_STREAM,
+        stream=stream,
         cb=p.on_msg,
         ordered_consumer=True,
         config=replay_config(since),
@@ -201,17 +202,16 @@ async def watch(
     printer = _Printer(Event if events else Result, json_lines, follow, count, out)
     try:
         with _signals_end(printer.done):
-            js = nc.jetstream()
+            js, stream = nc.jetstream(), Subjects(prefix).results_stream
             try:
-                await js.stream_info(RESULTS_STREAM)
+                await js.stream_info(stream)
             except NotFoundError:
                 print(
-                    f"lensbus watch: no stream {RESULTS_STREAM} on this NATS "
-                    "(does a publisher run?)",
+                    f"lensbus watch: no stream {stream} on this NATS (does a publisher run?)",
                     file=err,
                 )
                 return EXIT_NO_STREAM
-            await _follow(js, _subject(prefix, camera, events), since, printer)
+            await _follow(js, stream, _subject(prefix, camera, events), since, printer)
     finally:
         if printer.rejected:
             print(f"lensbus watch: skipped {printer.rejected} unreadable messages", file=err)

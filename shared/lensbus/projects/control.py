@@ -56,11 +56,16 @@ The host's environment (set by the supervisor, or by ``lensbus project run``):
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
+
+log = logging.getLogger("lensbus.projects.control")
 
 # Seconds between two beats of a host.
 BEAT_S = 0.5
@@ -131,16 +136,56 @@ def parse(line: str | bytes) -> dict[str, Any]:
     return message
 
 
+# A host's own metrics in one beat, at most (a beat is read from a process we do not trust).
+MAX_METRICS = 256
+
+
 def parse_beat(message: dict[str, Any]) -> Beat:
+    """A beat read back, every field checked (ValueError, TypeError): the host runs the
+    project's code, which can write to the protocol stream."""
+    busy = message.get("busy_s")
+    if busy is not None and not _finite(busy):
+        raise ValueError(f"busy_s is not a number: {busy!r:.50}")
+    metrics = message.get("metrics") or []
+    if not isinstance(metrics, list) or len(metrics) > MAX_METRICS:
+        raise ValueError("metrics: not a list of at most MAX_METRICS")
     return Beat(
-        busy_s=message.get("busy_s"),
-        handled=int(message.get("handled", 0)),
-        errors=int(message.get("errors", 0)),
-        dropped=int(message.get("dropped", 0)),
-        last={str(k): int(v) for k, v in (message.get("last") or {}).items()},
-        metrics=[MetricSample(**m) for m in message.get("metrics") or []],
-        rejected={str(k): int(v) for k, v in (message.get("rejected") or {}).items()},
+        busy_s=None if busy is None else float(busy),
+        handled=_count(message.get("handled", 0)),
+        errors=_count(message.get("errors", 0)),
+        dropped=_count(message.get("dropped", 0)),
+        last=_counts(message.get("last")),
+        metrics=[_metric(m) for m in metrics],
+        rejected=_counts(message.get("rejected")),
     )
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"not a count: {value!r:.50}")
+    return value
+
+
+def _counts(value: object) -> dict[str, int]:
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        if value is None:
+            return {}
+        raise ValueError("not a map of counts")
+    return {str(k)[:64]: _count(v) for k, v in value.items()}
+
+
+def _metric(value: object) -> MetricSample:
+    if not isinstance(value, dict):
+        raise ValueError("a metric is not an object")
+    name, kind, number = value.get("name"), value.get("kind"), value.get("value")
+    if not isinstance(name, str) or kind not in ("counter", "gauge") or not _finite(number):
+        raise ValueError(f"a bad metric: {value!r:.100}")
+    assert isinstance(number, int | float)
+    return MetricSample(name[:100], kind, float(number), str(value.get("help", ""))[:200])
 
 
 class Protocol:
@@ -165,3 +210,17 @@ def take_stdout() -> IO[str]:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return open(fd, "w", encoding="utf-8", closefd=True)
+
+
+def read_lines(stream: IO[str], deliver: Callable[[dict[str, Any]], object]) -> None:
+    """The host's stdin thread: each message to ``deliver``; the stream's end is "eof" (stop)."""
+    for line in stream:
+        if not line.strip():
+            continue
+        try:
+            message = parse(line)
+        except ValueError as exc:
+            log.warning("not a control message: %s", exc)
+            continue
+        deliver(message)
+    deliver({"t": "eof"})

@@ -118,7 +118,7 @@ class Host:
         manifest = self.manifest = load_manifest(self.env.project_dir)
         self.mailbox.size = manifest.limits.mailbox  # the same mailbox: a "go" may have come
         self.nc = await self._connect(manifest.name)
-        state = State(manifest.name, loop)
+        state = State(manifest.name, loop, self.subjects)
         await state.open(self.nc.jetstream())
         outbox = Outbox(self.nc, loop, self._echo if self.env.echo else None)
         self.ctx = Context(manifest, self.env.instance, self.subjects, outbox.send, state)
@@ -227,7 +227,10 @@ class Host:
         self.busy_since = time.monotonic()
         try:
             await self._call(self.module.on_result, result, self.ctx)
-        except (Exception, SystemExit) as exc:  # the project's bug: counted, the next goes on
+        except BaseException as exc:  # the project's bug: counted, the next goes on
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                raise  # this host is stopping, not a CancelledError of the handler's own
             self.errors += 1
             self._log_cause(exc)
         finally:
@@ -256,11 +259,8 @@ class Host:
         """One message from the supervisor (on the loop)."""
         kind = message["t"]
         if kind == "go":
-            after = message.get("after") or {}
-            # The hold ends now (what arrives from here is bounded by the mailbox); handling
-            # starts once the state is re-read.
-            self.mailbox.go({str(k): int(v) for k, v in after.items()})
-            self._go_task = asyncio.get_running_loop().create_task(self._go(), name="go")
+            after = {str(k): int(v) for k, v in (message.get("after") or {}).items()}
+            self._go_task = asyncio.get_running_loop().create_task(self._go(after), name="go")
         elif kind in ("stop", "eof"):
             self.done.set()
             self.taken_over.set()  # a stop before the take-over finished: nothing to handle
@@ -270,30 +270,18 @@ class Host:
         else:
             log.warning("unknown control message %r", kind)
 
-    async def _go(self) -> None:
+    async def _go(self, after: dict[str, int]) -> None:
         """Take over: first re-read the state the version before us left (it saved it before
-        answering "stopped"), then handle results."""
+        answering "stopped"), then handle results; until then they are held, none dropped."""
         if self.ctx is not None:
             await self.ctx.state.reload()
+        self.mailbox.go(after)
         self.taken_over.set()
         self.wake.set()
         if self.deeplens is not None and self.manifest is not None:
             loop = asyncio.get_running_loop()
             script = self.env.project_dir / self.manifest.handler
             self.deeplens.start(script, lambda: loop.call_soon_threadsafe(self.done.set))
-
-    def read_control(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The stdin thread: each line to ``control`` on the loop; its end means stop."""
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            try:
-                message = control.parse(line)
-            except ValueError as exc:
-                log.warning("not a control message: %s", exc)
-                continue
-            loop.call_soon_threadsafe(self.on_control, message)
-        loop.call_soon_threadsafe(self.on_control, {"t": "eof"})
 
     def beat(self) -> control.Beat:
         busy, handled, last = self.busy_since, self.handled, self.last
@@ -318,7 +306,11 @@ class Host:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        threading.Thread(target=self.read_control, args=(loop,), daemon=True).start()
+
+        def deliver(message: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self.on_control, message)
+
+        threading.Thread(target=control.read_lines, args=(sys.stdin, deliver), daemon=True).start()
         try:
             await self.start()
         except Exception as exc:  # the start failed: the cause goes to the supervisor
@@ -328,7 +320,12 @@ class Host:
         self.proto.write({"t": "ready"})
         threading.Thread(target=self.beat_loop, name="beat", daemon=True).start()
         dispatcher = loop.create_task(self.dispatch(), name="dispatch")
-        await self.done.wait()
+        stop = loop.create_task(self.done.wait(), name="wait-stop")
+        await asyncio.wait({dispatcher, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if dispatcher.done() and dispatcher.exception() is not None:  # a bug of the host's
+            log.error("dispatch failed", exc_info=dispatcher.exception())
+            stop.cancel()
+            return 1  # the supervisor restarts the host
         self.stopping = True
         self.wake.set()
         await dispatcher

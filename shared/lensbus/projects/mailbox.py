@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +28,10 @@ from lensbus.subjects import Subjects
 HOLD_LIMIT = 1024
 # Frames kept per camera to meet their results (about two seconds at 30 fps).
 FRAME_RING = 64
+# How long after "go" a result at or below the old version's last seq is still taken for one
+# it handled (delivered to the old host before its stop, to this one a little later). Past it
+# nothing is skipped: a capture restarted since numbers its frames from 0 again.
+AFTER_WINDOW_S = 2.0
 
 
 class Item(Protocol):
@@ -52,6 +57,7 @@ class Mailbox(Generic[T]):
         self.dropped = 0
         self.skipped = 0
         self._after: dict[str, int] = {}
+        self._after_until = 0.0
         self._queues: dict[str, deque[T]] = {}
         self._held: dict[str, int] = {}  # per camera: results held at "go", not yet taken
         self._turn = 0
@@ -78,6 +84,7 @@ class Mailbox(Generic[T]):
         arrivals are kept to ``size`` beside it."""
         self.going = True
         self._after = dict(after or {})
+        self._after_until = time.monotonic() + AFTER_WINDOW_S
         for camera, queue in self._queues.items():
             kept = deque(item for item in queue if not self._skip(item))
             self._queues[camera] = kept
@@ -85,9 +92,12 @@ class Mailbox(Generic[T]):
 
     def _skip(self, item: T) -> bool:
         """True for a result the old version handled. A camera leaves ``after`` at its first
-        newer result, so a camera whose seq starts again from 0 later is not skipped."""
+        newer result or AFTER_WINDOW_S after "go", so a camera whose seq starts again from 0
+        later is not skipped."""
         if not self.going:
             return False
+        if self._after and time.monotonic() > self._after_until:
+            self._after.clear()
         last = self._after.get(item.camera)
         if last is None:
             return False

@@ -19,13 +19,16 @@ sees its secrets.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path, PurePosixPath
 
 import jsonschema
@@ -133,25 +136,40 @@ def _child_env() -> dict[str, str]:
 def import_check(root: Path, manifest: ProjectManifest, timeout_s: float) -> None:
     """Import the handler module in a child process; refuse with the child's reason."""
     root = root.resolve()  # the child runs in the folder
-    try:
-        proc = subprocess.run(
+    # A session of its own: whatever the import starts goes with it (killpg), and a
+    # timeout kills the whole group, not only the child.
+    # stderr into a file, not a pipe: a process the import started may hold it open.
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
             [sys.executable, "-m", "lensbus.projects.package", "import-check", str(root)],
             cwd=root,
             env=_child_env(),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout_s,
-            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        raise PackageError(
-            f"{manifest.handler}: importing it took longer than {timeout_s:g} s "
-            "(does it run a loop at import? the runtime 'handler' wants on_result)"
-        ) from None
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise PackageError(
+                f"{manifest.handler}: importing it took longer than {timeout_s:g} s "
+                "(does it run a loop at import? the runtime 'handler' wants on_result)"
+            ) from None
+        finally:
+            _kill_group(proc)
+            proc.wait()
+        err.seek(0)
+        stderr = err.read()
     if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        lines = stderr.decode(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else f"the import check exited with {proc.returncode}"
         raise PackageError(reason.replace(f"{root}/", ""))
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def check(root: str | Path, timeout_s: float = IMPORT_TIMEOUT_S) -> ProjectManifest:

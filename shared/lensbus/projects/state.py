@@ -1,5 +1,6 @@
 """``ctx.state``: a project's own key/value store, kept in its KV bucket
-(:func:`lensbus.subjects.project_state_bucket`, which only the project's NATS user may touch).
+(:meth:`lensbus.subjects.Subjects.project_state_bucket`, which only the project's NATS user
+may touch).
 
 Read whole at start; reads come from memory (a handler never waits on the network); writes
 change memory at once and go to the bucket in the background, in order (last write wins).
@@ -21,12 +22,14 @@ from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
 from lensbus.logs import RateLimit, log_limited
-from lensbus.subjects import project_state_bucket, validate_token
+from lensbus.subjects import Subjects, validate_token
 
 log = logging.getLogger(__name__)
 
 # Largest value one key may hold: state is small facts (counts, last seen), not files.
 MAX_VALUE_BYTES = 256 * 1024
+# The whole bucket, on the server (the projects service creates it so).
+STATE_MAX_BYTES = 64 * 1024 * 1024
 # Writes waiting for the bucket; past it a handler writing in a tight loop gets an error.
 MAX_PENDING = 10_000
 
@@ -50,8 +53,10 @@ def _encode(key: str, value: Any) -> bytes:
 class State:
     """The project's state: ``get/set/delete/keys`` from any thread, never blocking."""
 
-    def __init__(self, project: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.bucket = project_state_bucket(project)
+    def __init__(
+        self, project: str, loop: asyncio.AbstractEventLoop, subjects: Subjects | None = None
+    ) -> None:
+        self.bucket = (subjects or Subjects()).project_state_bucket(project)
         self.loop = loop
         self.errors = 0
         self._values: dict[str, Any] = {}
