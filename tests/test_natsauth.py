@@ -375,12 +375,26 @@ async def test_env_referenced_passwords(tmp_path: Path, monkeypatch: pytest.Monk
                 await service.start()
                 continue
             await nc.close()
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
         project = await nats_py.connect(
             server.url,
             user=project_user("p1"),
             password=project_password(callout["seed"], "p1"),
             allow_reconnect=False,
+            error_cb=on_error,
         )
+        # Its events only on its own subject (the publisher republishes them): it cannot
+        # forge a zone event or another project's on the events subjects.
+        s = Subjects()
+        for subject in (s.project_event("p1", "cam1"), s.events("cam1")):  # own first
+            await project.publish(subject, b"an event")
+        await project.flush()
+        await until(lambda: denied(errors, "Publish", s.events("cam1")), 5, "the denial")
+        assert not denied(errors, "Publish", s.project_event("p1", "cam1")), errors
         await project.close()
         assert service.counts == {"allowed": 1}
         await service.nc.close()

@@ -199,8 +199,10 @@ async def test_a_project_publishes_its_outputs_and_events_and_reads_results(
     mine = s.project_output("alpha", "cam1", "count")
     await alpha.publish(mine, b"3")
     await alpha.publish(s.project_overlay("alpha", "cam1"), b"shapes")
-    await alpha.publish(s.events("cam1"), b"an event")
+    await alpha.publish(s.project_event("alpha", "cam1"), b"an event")
+    # Events only on its own subject (the publisher republishes them): none it could forge.
     forged = [s.results("cam1"), s.project_output("beta", "cam1", "count"), s.frames("cam1")]
+    forged += [s.events("cam1"), s.project_event("beta", "cam1")]
     for subject in forged:
         await alpha.publish(subject, b"forged")
     await alpha.subscribe("lensbus.api.deployer.*")
@@ -213,11 +215,12 @@ async def test_a_project_publishes_its_outputs_and_events_and_reads_results(
         5,
         "the server's denials",
     )
-    assert not any(denied(errors, "Publish", x) for x in (mine, s.events("cam1"))), errors
+    own_event = s.project_event("alpha", "cam1")
+    assert not any(denied(errors, "Publish", x) for x in (mine, own_event)), errors
     assert not any(denied(errors, "Subscription", x) for x in (s.all_frames(), s.all_results()))
     await until(lambda: len(seen) >= 4, 5, "the project's outputs at the client")
     await client.flush()
-    assert (mine, b"3") in seen and (s.events("cam1"), b"an event") in seen
+    assert (mine, b"3") in seen and (own_event, b"an event") in seen
     assert (s.project_overlay("alpha", "cam1"), b"shapes") in seen
     assert not [x for x in seen if x[1] == b"forged"], seen
 

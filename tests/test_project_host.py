@@ -291,7 +291,7 @@ async def test_ready_go_outputs_frame_and_metrics(
     s = Subjects(prefix)
     project = write_project(tmp_path, OUTPUTS, name=name, frames=True, settings={"greeting": "hi"})
     outputs = await collect(nc, s.project_output(name, "cam1", "seen"))
-    events = await collect(nc, s.events("cam1"))
+    events = await collect(nc, s.project_event(name, "cam1"))
     overlays = await collect(nc, s.project_overlay(name, "cam1"))
     hosts.append(run := await HostRun.start(project, nats, prefix))
     await run.expect("ready")
@@ -646,7 +646,7 @@ async def test_host_runs_as_the_projects_own_nats_user(
         kv = await admin.jetstream().create_key_value(bucket=s.project_state_bucket(name))
         await kv.put("n", msgpack.packb(10))
         outputs = await collect(admin, s.project_output(name, "cam1", "n"))
-        events = await collect(admin, s.events("cam1"))
+        events = await collect(admin, s.project_event(name, "cam1"))
         project = write_project(tmp_path, OWN_USER, name=name)
         env = {control.ENV_USER: user, control.ENV_PASSWORD: password}
         hosts.append(run := await HostRun.start(project, server, prefix, extra_env=env))

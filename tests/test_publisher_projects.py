@@ -1,7 +1,9 @@
 """The publisher with what running projects send: overlays (``ctx.overlay``) drawn on the
 project stream (boxes, blurred regions; the device stream untouched), frames a project drew
 itself shown instead of the drawn results while they come, and project events
-(``ctx.event``) with their snapshot, page entry and the selecting rule's webhook.
+(``ctx.event``, on the project's own ``_event`` subject) with their snapshot, page entry and
+the selecting rule's webhook, republished on the events subjects; one naming another
+project than its subject, or a project event on the events subjects, is not taken.
 
 A real nats-server, a real publisher process, real JPEG frames; the project messages are
 published as a project's process publishes them.
@@ -22,7 +24,7 @@ import pytest
 from photos import photos
 from test_publisher import Part, Receiver, Viewer, get_json, start_publisher, until
 
-from lensbus import Subjects, encode
+from lensbus import Subjects, decode, encode
 from lensbus.errors import Rejected
 from lensbus.images import decode_jpeg, encode_jpeg
 from lensbus.natsserver import NatsServer
@@ -347,12 +349,48 @@ async def test_frames_a_project_drew_replace_the_drawn_results_while_they_come(
     assert pub.stop() == 0
 
 
+def project_event(feed: Feed, project: str, back: int) -> Event:
+    """What ``ctx.event`` of ``project`` sends for a frame the publisher surely has."""
+    seq = feed.newest - back
+    return Event(
+        rule=project,
+        camera=CAM,
+        label="hot dog",
+        score=0.8,
+        seq=seq,
+        capture_ns=feed.sent[seq],
+        event_ns=time.time_ns(),
+        trigger="project",
+        project=project,
+        detail={"seen": 3},
+    )
+
+
+async def publish_refused(nc: nats_py.NATS, hot: Event) -> None:
+    """Events the publisher must not take: not what their subject (the sender, as NATS
+    checked it) says, and a project event on the events subjects, where only the
+    publisher's own come now."""
+    await nc.publish(S.project_event("stranger", CAM), encode(hot))
+    other_cam = hot.model_copy(update={"camera": "yard"})
+    await nc.publish(S.project_event("hotdog", CAM), encode(other_cam))
+    zone = hot.model_copy(update={"trigger": "cross", "zone": "door", "project": ""})
+    await nc.publish(S.project_event("hotdog", CAM), encode(zone))
+    await nc.publish(S.events(CAM), encode(hot.model_copy(update={"label": "forged"})))
+
+
 async def test_project_events_get_a_snapshot_and_the_selecting_rules_webhook(
     nats: NatsServer, start_service, tmp_path: Path
 ) -> None:
     jpeg = (photos(tmp_path, "dog.jpg") / "dog.jpg").read_bytes()
     h, w = decode_jpeg(jpeg).shape[:2]
     nc = await nats_py.connect(nats.url)
+    on_bus: list[Event] = []  # what programs see on the events subjects
+
+    async def on_event(msg: nats_py.aio.msg.Msg) -> None:
+        if (event := decode(msg.data, Event)).label != "forged":
+            on_bus.append(event)
+
+    await nc.subscribe(S.events(CAM), cb=on_event)
     async with Receiver() as hooks:
         rules = [
             {"name": "hot", "projects": ["hotdog"], "cooldown_s": 0, "webhook": hooks.url("/hook")},
@@ -363,31 +401,15 @@ async def test_project_events_get_a_snapshot_and_the_selecting_rules_webhook(
         try:
             async with Feed(nc, jpeg, w, h) as feed, aiohttp.ClientSession() as http:
                 await until(lambda: len(feed.sent) >= 6, 20, "frames sent")
-
-                def event(project: str, back: int) -> Event:
-                    seq = feed.newest - back  # a frame the publisher surely has
-                    return Event(
-                        rule=project,
-                        camera=CAM,
-                        label="hot dog",
-                        score=0.8,
-                        seq=seq,
-                        capture_ns=feed.sent[seq],
-                        event_ns=time.time_ns(),
-                        trigger="project",
-                        project=project,
-                        detail={"seen": 3},
-                    )
-
-                stranger, hot = event("stranger", 3), event("hotdog", 2)
+                stranger, hot = project_event(feed, "stranger", 3), project_event(feed, "hotdog", 2)
                 for ev in (stranger, hot):
-                    await nc.publish(S.events(CAM), encode(ev))
-                nameless = hot.model_copy(update={"project": ""})
-                await nc.publish(S.events(CAM), encode(nameless))
+                    await nc.publish(S.project_event(ev.project, CAM), encode(ev))
+                await publish_refused(nc, hot)
                 await until(lambda: len(hooks.hook) >= 1, 20, "the webhook")
-                hot2 = event("hotdog", 1)
-                await nc.publish(S.events(CAM), encode(hot2))
+                hot2 = project_event(feed, "hotdog", 1)
+                await nc.publish(S.project_event("hotdog", CAM), encode(hot2))
                 await until(lambda: len(hooks.hook) >= 2, 20, "the second webhook")
+                await until(lambda: len(on_bus) >= 3, 20, "the republished events")
 
                 name = snapshot_name(CAM, hot.seq, hot.capture_ns)
                 assert Event.model_validate(hooks.hook[0][1]) == hot.model_copy(
@@ -404,6 +426,15 @@ async def test_project_events_get_a_snapshot_and_the_selecting_rules_webhook(
                 assert listed[1]["detail"] == {"seen": 3}
                 async with http.get(f"{base}{listed[1]['snapshot_url']}") as resp:
                     assert resp.status == 200 and await resp.read() == jpeg
+                # Republished once each, with the snapshot, for programs and the results stream.
+                assert [e.seq for e in on_bus] == [stranger.seq, hot.seq, hot2.seq]  # in order
+                assert on_bus[1] == hot.model_copy(update={"snapshot": name}), on_bus
+
+                def ignored() -> float:  # three republished coming back, one forged
+                    labels = 'reason="own_project"'
+                    return pub.metric("lensbus_publisher_zone_events_ignored_total", labels)
+
+                await until(lambda: ignored() >= 4, 20, "the events coming back ignored")
             snaps = await nc.jetstream().object_store(SNAPSHOTS_BUCKET)
             stored = await snaps.get(snapshot_name(CAM, stranger.seq, stranger.capture_ns))
             assert stored.data == jpeg
@@ -411,6 +442,8 @@ async def test_project_events_get_a_snapshot_and_the_selecting_rules_webhook(
             await nc.close()
         assert len(hooks.hook) == 2 and hooks.fail == 0
         assert pub.metric("lensbus_publisher_project_events_total", 'project="hotdog"') == 2
-        assert pub.metric("lensbus_messages_rejected_total", 'reason="no_project"') == 1
+        for reason in ("project_mismatch", "camera_mismatch", "not_project_event"):
+            assert pub.metric("lensbus_messages_rejected_total", f'reason="{reason}"') == 1
+        assert ignored() == 4
         assert pub.proc.poll() is None
         assert pub.stop() == 0

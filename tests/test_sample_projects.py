@@ -112,13 +112,13 @@ class Sent:
     def __call__(self, subject: str, data: bytes) -> None:
         if subject.startswith(S.all_projects()[:-1]) and subject.endswith("._overlay"):
             self.overlays.append(decode(data, Overlay))
-        elif subject.startswith(S.all_projects()[:-1]):
+        elif subject.startswith(S.all_projects()[:-1]) and subject.endswith("._event"):
+            event = decode(data, Event)
+            assert event.project and subject == S.project_event(event.project, event.camera)
+            self.events.append(event)
+        else:
             self.messages.append(decode(data, ProjectMessage))
             assert subject == S.project_output(*S.project_parts(subject))
-        else:
-            event = decode(data, Event)
-            assert subject == S.events(event.camera)
-            self.events.append(event)
 
 
 def context(m: ProjectManifest, state: MemoryState | None = None) -> tuple[Context, Sent]:

@@ -232,7 +232,8 @@ def _subscribe(user: str, p: str) -> list[str]:
     if _inference_group(user) is not None:
         return frames
     s = Subjects(p)
-    drawn = [s.all_project_overlays(), s.all_project_frames()]  # the project streams
+    # the project streams, and project events (checked, then republished on events.*)
+    drawn = [s.all_project_overlays(), s.all_project_frames(), s.all_project_events()]
     reader = [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status, s.all_projects()]
     return {
         "capture": [],

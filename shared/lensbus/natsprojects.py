@@ -6,8 +6,9 @@ issuer's seed): nobody else can compute it. nats-server does not know these user
 the projects service through the auth callout (:mod:`lensbus.natscallout`), which answers
 with :func:`project_permissions`, so NATS itself enforces what user code may do:
 
-- publish its own outputs ``<p>.projects.<name>.>`` (topics, ``_overlay``, ``_frame``) and
-  events ``<p>.events.*`` (ctx.event), nothing else lensbus reads;
+- publish only its own outputs ``<p>.projects.<name>.>`` (topics, ``_overlay``, ``_frame``,
+  ``_event``: ctx.event; the publisher checks and republishes those on ``<p>.events.*``, so
+  a project cannot forge a zone event or another project's), nothing else lensbus reads;
 - read frames and results of every camera (``<p>.frames.*``, ``<p>.results.*``) and its own
   inbox ``_INBOX_project-<name>``;
 - its own state bucket (ctx.state; :meth:`lensbus.subjects.Subjects.project_state_bucket`,
@@ -111,7 +112,6 @@ def project_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> dict[str, An
         "publish": {
             "allow": [
                 s.project_all(name),
-                s.all_events(),
                 f"{JS_API}.INFO",
                 f"$KV.{bucket}.>",
                 *stream_read(kv_stream(bucket)),

@@ -235,8 +235,13 @@ class Subjects:
         """Frames the project drew itself (a DeepLens function's local display)."""
         return f"{self._project_camera(project, camera)}._frame"
 
+    def project_event(self, project: str, camera: str) -> str:
+        """Events ``project`` raises on ``camera`` (ctx.event): its own subject proves the sender;
+        the publisher checks them and republishes them on :meth:`events`."""
+        return f"{self._project_camera(project, camera)}._event"
+
     def project_all(self, project: str) -> str:
-        """Everything one project sends (its NATS user may publish only here and events)."""
+        """Everything one project sends (its NATS user may publish only here)."""
         return f"{self.prefix}.projects.{validate_token(project, 'project name')}.>"
 
     def all_projects(self) -> str:
@@ -247,6 +252,9 @@ class Subjects:
 
     def all_project_frames(self) -> str:
         return f"{self.prefix}.projects.*.*._frame"
+
+    def all_project_events(self) -> str:
+        return f"{self.prefix}.projects.*.*._event"
 
     def project_parts(self, subject: str) -> tuple[str, str, str]:
         """(project, camera, topic) of a subject under :meth:`all_projects`."""

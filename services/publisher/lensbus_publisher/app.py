@@ -81,6 +81,10 @@ class Publisher:
         if self.events is not None:
             self.events.on_bus_event(self.rt.subjects.camera_of(msg.subject), msg.data)
 
+    async def _on_project_event(self, msg: Msg) -> None:
+        if self.events is not None:
+            self.events.on_project_event(msg.subject, msg.data)
+
     async def _on_overlay(self, msg: Msg) -> None:
         self.hub.on_overlay(msg.subject, msg.data)
 
@@ -119,6 +123,7 @@ class Publisher:
             await nc.subscribe(subjects.all_events(), cb=self._on_event),
             await nc.subscribe(subjects.all_status(), cb=self._on_status),
             await nc.subscribe(subjects.all_project_overlays(), cb=self._on_overlay),
+            await nc.subscribe(subjects.all_project_events(), cb=self._on_project_event),
             await nc.subscribe(
                 subjects.all_project_frames(),
                 cb=self._on_project_frame,

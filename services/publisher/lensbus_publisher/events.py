@@ -9,9 +9,13 @@ on the same subjects and get the same treatment, without a second event: the fra
 is stored under :func:`snapshot_name` of the event's camera, seq and capture time (a reader
 derives it; the page's list shows it), the rules that select the event
 (:meth:`Rule.selects`) start its clip and queue their webhook. The events projects raise
-(``ctx.event``: trigger ``project``, the project's name in ``project``) are taken the same
-way. Rule events coming back (ours, or another publisher's) are left alone, and malformed
-ones are counted.
+(``ctx.event``: trigger ``project``, the project's name in ``project``) come on the project's
+own ``<prefix>.projects.<project>.<camera>._event``, which only that project's NATS user may
+publish: one whose payload names another project or camera, or another trigger, is refused;
+the rest are taken the same way and republished (with their snapshot) on the events
+subjects for programs, the results stream and MQTT. Rule and project events coming back on
+the events subjects (ours, or another publisher's) are left alone, and malformed ones are
+counted.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from lensbus.codec import DecodeError, decode, encode
-from lensbus.errors import Rejected
+from lensbus.errors import InvalidName, Rejected
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import Event, Result, snapshot_name
@@ -104,17 +108,45 @@ class Events:
         except (DecodeError, Rejected) as exc:
             self.hub.reject(exc.reason, "event", exc)
             return
-        if event.trigger == "rule":
-            metrics.ZONE_EVENTS_IGNORED.labels("own_rule").inc()
+        if event.trigger in ("rule", "project"):
+            # a project's event was taken on its own subject and is republished here
+            metrics.ZONE_EVENTS_IGNORED.labels(f"own_{event.trigger}").inc()
             return
-        what = self._project_event(event) if event.trigger == "project" else self._zone(event)
-        if not what:
+        what = self._zone(event)
+        if what:
+            self._queue(what, partial(self.take_zone_event, event, self._frame_of(event)))
+
+    def on_project_event(self, subject: str, data: bytes) -> None:
+        """An event on ``<prefix>.projects.<project>.<camera>._event`` (``ctx.event``): the
+        subject names its sender (NATS lets only that project's user publish there), so one
+        whose payload says otherwise is refused; the rest are counted and queued for their
+        snapshot, clip and webhooks, then republished on ``<prefix>.events.<camera>``."""
+        try:
+            project, camera, _ = self.rt.subjects.project_parts(subject)
+            event = decode(data, Event)
+            if event.trigger != "project":
+                raise Rejected("not_project_event", f"trigger {event.trigger!r} on {subject!r}")
+            if event.project != project:
+                raise Rejected("project_mismatch", f"{event.project!r} on {subject!r}")
+            if event.camera != camera:
+                raise Rejected("camera_mismatch", f"{event.camera!r} on {subject!r}")
+        except (DecodeError, Rejected) as exc:
+            self.hub.reject(exc.reason, "project event", exc)
             return
+        except InvalidName as exc:
+            self.hub.reject("subject_mismatch", "project event", exc)
+            return
+        self.project_events += 1
+        metrics.PROJECT_EVENTS.labels(project).inc()
+        take = partial(self.take_project_event, event, self._frame_of(event))
+        self._queue(f"project {project}", take)
+
+    def _frame_of(self, event: Event) -> FrameItem | None:
         cam = self.hub.cameras.get(event.camera)
         frame = None if cam is None else cam.frames.get(event.seq)
         if frame is not None and frame.capture_ns != event.capture_ns:
             frame = None  # the camera restarted: that seq is another frame now
-        self._queue(what, partial(self.take_zone_event, event, frame))
+        return frame
 
     def _zone(self, event: Event) -> str:
         """Count a zone event (and its line's crossing); what it is, '' if refused."""
@@ -126,15 +158,6 @@ class Events:
         if self.overlays is not None and self.overlays.on_event(event):
             self.hub.on_counts(event.camera, self.overlays.crossings.get(event.camera, {}))
         return f"zone {event.zone}"
-
-    def _project_event(self, event: Event) -> str:
-        """Count a project's event; what it is, '' if refused."""
-        if not event.project:
-            self.hub.reject("no_project", "event", ValueError("project event names no project"))
-            return ""
-        self.project_events += 1
-        metrics.PROJECT_EVENTS.labels(event.project).inc()
-        return f"project {event.project}"
 
     async def take_zone_event(self, event: Event, frame: FrameItem | None) -> Event:
         """Snapshot, page, clip and webhooks of a zone or project event; returns it as the
@@ -156,6 +179,17 @@ class Events:
         for rule in rules:
             if rule.webhook is not None:
                 await self.webhooks.submit(rule, body)
+        return shown
+
+    async def take_project_event(self, event: Event, frame: FrameItem | None) -> Event:
+        """A project's event taken like a zone event, then republished (with its snapshot)
+        on the events subjects."""
+        shown = await self.take_zone_event(event, frame)
+        try:
+            await self.rt.nc.publish(self.rt.subjects.events(shown.camera), encode(shown))
+        except Exception as exc:
+            metrics.EVENTS_DROPPED.labels("publish_error").inc()
+            log_limited(log, self._limit, "publish", logging.WARNING, "event not sent: %s", exc)
         return shown
 
     async def _snapshot(self, camera: str, frame: FrameItem | None) -> str:

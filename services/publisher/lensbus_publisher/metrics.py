@@ -112,7 +112,8 @@ ZONE_EVENTS = Counter(
 ZONE_EVENTS_IGNORED = Counter(
     "lensbus_publisher_zone_events_ignored_total",
     "Events on the events subjects not taken, by reason (own_rule: a rule event, ours or "
-    "another publisher's, coming back)",
+    "another publisher's, coming back; own_project: a project event, taken on its project's "
+    "own subject and republished there)",
     ["reason"],
 )
 PROJECT_OVERLAYS = Counter(

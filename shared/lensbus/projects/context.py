@@ -244,7 +244,7 @@ class Context:
             project=self.project,
             detail=dict(detail) if detail is not None else None,
         )
-        self._emit(self._subjects.events(cam), event)
+        self._emit(self._subjects.project_event(self.project, cam), event)
 
     def _box(self, box: BoxLike | None) -> Box | None:
         if box is None or isinstance(box, Box):

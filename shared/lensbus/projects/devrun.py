@@ -58,7 +58,9 @@ def describe(subjects: Subjects, subject: str, data: bytes) -> dict[str, Any]:
     try:
         try:
             _, camera, topic = subjects.project_parts(subject)
-        except InvalidName:  # not under projects: its events, the only other thing it sends
+        except InvalidName as exc:  # a project sends nothing else (its NATS user may not)
+            return {"unreadable": subject, "error": str(exc)}
+        if topic == "_event":
             e = decode(data, Event)
             line = {"event": e.label, "camera": e.camera, "seq": e.seq, "score": e.score}
             return {**line, "detail": e.detail}

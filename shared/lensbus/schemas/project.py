@@ -13,9 +13,11 @@ What a running project sends, under ``<prefix>.projects.<project>.<camera>.``:
     <topic>     ProjectMessage  ctx.publish(topic, payload): the payload msgpack-encoded
     _overlay    Overlay         ctx.overlay(...): shapes the publisher draws on the project stream
     _frame      FrameEnvelope   a frame the project drew itself (DeepLens's local display)
+    _event      Event           ctx.event(...): ``trigger="project"``, ``project`` set; the
+                                publisher checks project and camera against the subject and
+                                republishes it on ``<prefix>.events.<camera>``
 
-and its events on ``<prefix>.events.<camera>`` (:class:`lensbus.schemas.event.Event` with
-``trigger="project"`` and ``project`` set). Topics starting with ``_`` are lensbus's own.
+Topics starting with ``_`` are lensbus's own.
 """
 
 from __future__ import annotations
