@@ -2,13 +2,17 @@
 # The compose set really runs: build every image and start the whole compose.yaml on podman +
 # podman-compose (no container registry needed), wait for every healthcheck, check with a
 # plain NATS subscriber (the `client` user) that results with real COCO labels arrive from
-# two inference replicas, then tear everything down (also on failure or Ctrl-C).
+# two inference replicas (over TLS, with the client's nkey), then tear everything down (also
+# on failure or Ctrl-C).
 #
 #   sudo scripts/compose-smoke.sh          (root: apt-get, rootful podman)
 #
 # How it runs without a registry (docs/architecture.md, "Images"):
-# - apt-get install podman runc debootstrap; podman-compose (and nats-py, msgpack for the
-#   subscriber) in a virtualenv of its own;
+# - apt-get install podman runc debootstrap; podman-compose (and nats-py, nkeys, msgpack for
+#   the subscriber) in a virtualenv of its own;
+# - the keys, certificates and settings from `python -m lensbus.natsauth compose-setup`, run
+#   by the repo's .venv (`make install`; LENSBUS_SMOKE_PYTHON for another) into the run's
+#   own folder, as a user would;
 # - containers.conf with default_ulimits = [] and runtime = "runc" (crun cannot set rlimits
 #   here), through CONTAINERS_CONF;
 # - a base image from Debian's packages: debootstrap bookworm minbase with python3 (3.11),
@@ -24,12 +28,14 @@
 # containers.conf), LENSBUS_SMOKE_BASE (default debian:bookworm-slim, the local base image's
 # name), LENSBUS_SMOKE_REBUILD_BASE=1 (make the base again), LENSBUS_SMOKE_REPLICAS
 # (inference replicas, default 2), LENSBUS_SMOKE_KEEP=1 (leave the set running to look at it;
-# take it down with `scripts/compose-smoke.sh down`).
+# take it down with `scripts/compose-smoke.sh down`), LENSBUS_SMOKE_PYTHON (a Python with
+# lensbus installed, default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 CACHE=${LENSBUS_SMOKE_CACHE:-/var/cache/lensbus-smoke}
+SETUP_PYTHON=${LENSBUS_SMOKE_PYTHON:-$ROOT/.venv/bin/python}
 BASE_IMAGE=${LENSBUS_SMOKE_BASE:-debian:bookworm-slim}
 REPLICAS=${LENSBUS_SMOKE_REPLICAS:-2}
 PROJECT=lensbus-smoke
@@ -43,6 +49,7 @@ export CONTAINERS_CONF=$CACHE/containers.conf
 TOOLS=$CACHE/tools
 WORK=$(mktemp -d /tmp/lensbus-smoke.XXXXXX)
 ENV_FILE=$WORK/smoke.env  # written once the base image is there
+SECRETS=$WORK/secrets     # compose-setup's seeds and certificates
 T0=$(date +%s)
 
 say() { printf '[smoke %4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
@@ -139,12 +146,15 @@ default_ulimits = []
 [engine]
 runtime = "runc"
 EOF
-if ! "$TOOLS/bin/podman-compose" --version 2>/dev/null | grep -q "$PODMAN_COMPOSE_VERSION"; then
-  say "podman-compose $PODMAN_COMPOSE_VERSION, nats-py, msgpack -> $TOOLS"
+if ! "$TOOLS/bin/podman-compose" --version 2>/dev/null | grep -q "$PODMAN_COMPOSE_VERSION" \
+  || ! "$TOOLS/bin/python" -c "import nkeys" 2>/dev/null; then
+  say "podman-compose $PODMAN_COMPOSE_VERSION, nats-py, nkeys, msgpack -> $TOOLS"
   python3 -m venv "$TOOLS"
   "$TOOLS/bin/pip" install -q --disable-pip-version-check \
-    "podman-compose==$PODMAN_COMPOSE_VERSION" nats-py msgpack
+    "podman-compose==$PODMAN_COMPOSE_VERSION" nats-py nkeys msgpack
 fi
+"$SETUP_PYTHON" -c "import lensbus.cli.compose_setup" 2>/dev/null \
+  || die "$SETUP_PYTHON has no lensbus (make install, or set LENSBUS_SMOKE_PYTHON)"
 say "$(podman --version), podman-compose $PODMAN_COMPOSE_VERSION"
 teardown  # what an interrupted earlier run may have left
 
@@ -168,32 +178,22 @@ fi
 
 # ---- settings -----------------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-secret() { python3 -c 'import secrets; print("p" + secrets.token_urlsafe(24))'; }
 NATS_PORT=$(free_port)
 WEB_PORT=$(free_port)
-CLIENT_PASSWORD=$(secret)
-TOKEN=$(secret)
 cat > "$ENV_FILE" <<EOF
-LENSBUS_NATS_CAPTURE_PASSWORD=$(secret)
-LENSBUS_NATS_INFERENCE_PASSWORD=$(secret)
-LENSBUS_NATS_DEPLOYER_PASSWORD=$(secret)
-LENSBUS_NATS_PUBLISHER_PASSWORD=$(secret)
-LENSBUS_NATS_CLIENT_PASSWORD=$CLIENT_PASSWORD
-LENSBUS_NATS_OPERATOR_PASSWORD=$(secret)
-LENSBUS_NATS_ANALYTICS_PASSWORD=$(secret)
-LENSBUS_NATS_MQTT_PASSWORD=$(secret)
-LENSBUS_NATS_PROJECTS_PASSWORD=$(secret)
-# The auth callout's key pair, made once the projects image is built (it has nkeys).
-LENSBUS_NATS_CALLOUT_ISSUER=pending
-LENSBUS_PROJECTS_CALLOUT_SEED=pending
 LENSBUS_MQTT_HOST_PORT=127.0.0.1:$(free_port)
-LENSBUS_PUBLISHER_TOKEN=$TOKEN
 LENSBUS_TAG=$TAG
 BASE_IMAGE=$BASE_IMAGE
 LENSBUS_NATS_HOST_PORT=127.0.0.1:$NATS_PORT
 LENSBUS_PUBLISHER_HOST_PORT=127.0.0.1:$WEB_PORT
 EOF
-chmod 600 "$ENV_FILE"
+# What a user runs: each user's nkey seed, a CA and the server's certificate in $SECRETS, and
+# the required settings (public keys, MQTT's password, the callout's pair, the token) added
+# to the env file (0600).
+"$SETUP_PYTHON" -m lensbus.natsauth compose-setup --dir "$SECRETS" --env "$ENV_FILE" \
+  >"$WORK/setup.log" 2>&1 || { cat "$WORK/setup.log"; die "compose-setup"; }
+TOKEN=$(sed -n 's/^LENSBUS_PUBLISHER_TOKEN=//p' "$ENV_FILE")
+[ -n "$TOKEN" ] || die "compose-setup wrote no token"
 
 # ---- images -------------------------------------------------------------------------------
 built() {  # name tag seconds
@@ -214,13 +214,6 @@ for s in "${SERVICES[@]}"; do
     || { tail -30 "$WORK/build-$s.log"; die "building $s"; }
   built "$s" "localhost/lensbus/$s:$TAG" $(($(date +%s) - t))
 done
-
-callout=$(podman run --rm --entrypoint python3 "localhost/lensbus/projects:$TAG" -c \
-  'from lensbus.natsprojects import generate_callout_secrets as g; c = g(); print(c["issuer"], c["seed"])') \
-  || die "making the auth callout's issuer key"
-read -r issuer seed <<<"$callout"
-sed -i -e "s/^LENSBUS_NATS_CALLOUT_ISSUER=.*/LENSBUS_NATS_CALLOUT_ISSUER=$issuer/" \
-  -e "s/^LENSBUS_PROJECTS_CALLOUT_SEED=.*/LENSBUS_PROJECTS_CALLOUT_SEED=$seed/" "$ENV_FILE"
 
 # ---- the compose set ----------------------------------------------------------------------
 say "podman-compose up (inference x$REPLICAS)"
@@ -268,8 +261,8 @@ say "all ${#healthy[@]} containers healthy after $(($(date +%s) - UP)) s"
 podman run --rm --entrypoint cat "localhost/lensbus/inference:$TAG" \
   /opt/lensbus/models/yolov3-tiny-onnx/model.json >"$WORK/model.json"
 say "waiting for results with real COCO labels from $REPLICAS inference replicas"
-LENSBUS_NATS_CLIENT_PASSWORD=$CLIENT_PASSWORD "$TOOLS/bin/python" \
-  scripts/compose-smoke/watch_results.py --url "nats://127.0.0.1:$NATS_PORT" \
+"$TOOLS/bin/python" scripts/compose-smoke/watch_results.py --url "tls://127.0.0.1:$NATS_PORT" \
+  --nkey "$SECRETS/nkeys/client.nk" --tls-ca "$SECRETS/tls/ca.pem" \
   --labels "$WORK/model.json" --replicas "$REPLICAS" --timeout "$RESULTS_TIMEOUT_S" \
   --check-denied | tee "$WORK/results.json" || die "no results with real labels"
 

@@ -435,15 +435,17 @@ async def test_pipeline_on_a_street_video_swaps_stages_keeping_tracks(
     flip = next(i for i, r in enumerate(results) if "text-orientation-onnx:c2" in version(r))
     assert all("text-orientation-onnx:c2" not in version(r) for r in results[:flip])
     assert all("text-orientation-onnx:c1" not in version(r) for r in results[flip:]), "c1 after c2"
-    # Objects seen just before the swap carry the same track ids just after it.
+    # Objects seen just before the swap carry the same track ids just after it. The window
+    # after is 6 results: a detector misses a person for a frame or two now and then (a
+    # coasting track is not output), and ids only grow, so any shared id proves continuity.
     before = tracked_ids(results[max(0, flip - 3) : flip])
-    after = tracked_ids(results[flip : flip + 3])
+    after = tracked_ids(results[flip : flip + 6])
     assert before & after, (before, after)
     # And across the primary model's swap: tracks live in analytics, downstream of it.
     primary = next(i for i, r in enumerate(results) if r.model.version == "c-2")
     assert all(r.model.version == "c-1" for r in results[:primary])
     before = tracked_ids(results[max(0, primary - 3) : primary])
-    after = tracked_ids(results[primary : primary + 3])
+    after = tracked_ids(results[primary : primary + 6])
     assert before & after, (before, after)
     # Attributes attach to tracked people and cars; labels not listed get none.
     dets = [d for r in results for d in r.detections]

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from lensbus.natsauth import USERS, compose_config, env_var
+from lensbus.cli.compose_setup import (
+    ENV_SEEDED,
+    SECRETS_DIR_ENV,
+    compose_config,
+    seed_env_var,
+)
+from lensbus.natsauth import env_var, nkey_env_var, nkey_users
+from lensbus.natsmqtt import MQTT_USER
 from lensbus.natsprojects import CALLOUT_ISSUER_ENV, CALLOUT_SEED_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +51,20 @@ HEALTHZ_PORT_VARS = {
     "projects": "LENSBUS_PROJECTS_METRICS_PORT",
     "publisher": "LENSBUS_PUBLISHER_PORT",
 }
-# The auth callout's issuer (nats-server) and its seed (the projects service) too.
-REQUIRED = [env_var(u) for u in USERS] + [
+# Every user's public nkey, the seeds kept in .env, MQTT's password, the auth callout's
+# issuer (nats-server) and its seed (the projects service), the token, the secrets folder.
+REQUIRED = [
+    SECRETS_DIR_ENV,
+    *(nkey_env_var(u) for u in nkey_users()),
+    *(seed_env_var(u) for u in ENV_SEEDED),
+    env_var(MQTT_USER),
     "LENSBUS_PUBLISHER_TOKEN",
     CALLOUT_ISSUER_ENV,
     CALLOUT_SEED_ENV,
 ]
+# Where a service finds its credentials in its container.
+SEED_FILE = "/etc/lensbus/nats/nats.nk"
+CA_FILE = "/etc/lensbus/nats/ca.pem"
 
 
 def compose() -> dict[str, Any]:
@@ -66,7 +81,8 @@ def dockerfile_of(service: dict[str, Any]) -> Path:
 
 
 def dummy_env(tmp_path: Path, **extra: str) -> Path:
-    values = {name: f"p{name.lower().replace('_', '')}0000" for name in REQUIRED} | extra
+    values = {name: f"p{name.lower().replace('_', '')}0000" for name in REQUIRED}
+    values |= {SECRETS_DIR_ENV: str(tmp_path / "secrets-dir")} | extra
     path = tmp_path / "compose.env"
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return path
@@ -209,19 +225,41 @@ def test_inference_scales() -> None:
 
 
 def test_each_service_connects_as_its_own_nats_user() -> None:
+    """Over TLS, with its own nkey: a seed file mounted for it alone (the deployer's and the
+    projects service's from .env), the CA; the server gets public keys only."""
     svcs = services()
     for name in SERVICES:
         env = svcs[name]["environment"]
         prefix = f"LENSBUS_{name.upper()}_"
         assert env[f"{prefix}NATS_USER"] == name
-        assert env[f"{prefix}NATS_PASSWORD"].startswith(f"${{{env_var(name)}:?")
-        assert env[f"{prefix}NATS_URL"] == "nats://nats:4222"
+        # One server unless .env names a cluster's (deploy/cluster/README.md).
+        assert env[f"{prefix}NATS_URL"] == "${LENSBUS_NATS_SERVERS:-tls://nats:4222}"
+        assert env[f"{prefix}JETSTREAM_REPLICAS"] == "${LENSBUS_JETSTREAM_REPLICAS:-}"
+        assert env[f"{prefix}NATS_TLS_CA"] == CA_FILE
+        assert not any(k.endswith("PASSWORD") for k in env), name
+        mounts = svcs[name]["volumes"]
+        assert any(m.endswith(f"/tls/ca.pem:{CA_FILE}:ro") for m in mounts), name
+        seeds = [m for m in mounts if "/nkeys/" in m]
+        if name in ENV_SEEDED:
+            assert env[f"{prefix}NATS_NKEY_SEED"].startswith(f"${{{seed_env_var(name)}:?"), name
+            assert seeds == [] and f"{prefix}NATS_NKEY_FILE" not in env, name
+        else:
+            assert env[f"{prefix}NATS_NKEY_FILE"] == SEED_FILE
+            assert seeds == [
+                f"${{{SECRETS_DIR_ENV}:?set it in .env (see .env.example)}}"
+                f"/nkeys/{name}.nk:{SEED_FILE}:ro"
+            ], name
     nats = svcs["nats"]
     assert nats["image"].startswith("nats:2.10")  # the official image on a device
-    assert set(nats["environment"]) == {env_var(u) for u in USERS} | {CALLOUT_ISSUER_ENV}
+    public = {nkey_env_var(u) for u in nkey_users()}
+    assert set(nats["environment"]) == public | {env_var(MQTT_USER), CALLOUT_ISSUER_ENV}
     assert svcs["projects"]["environment"][CALLOUT_SEED_ENV].startswith(f"${{{CALLOUT_SEED_ENV}:?")
     assert "./deploy/nats/nats-server.conf:/etc/nats/nats-server.conf:ro" in nats["volumes"]
+    assert not any("/nkeys/" in m for m in nats["volumes"])  # no seed for the server
     assert (ROOT / "deploy/nats/nats-server.conf").read_text() == compose_config()
+    init = svcs["init"]
+    assert init["environment"]["LENSBUS_NATS_USER"] == "operator"
+    assert any(m.endswith(f"/nkeys/operator.nk:{SEED_FILE}:ro") for m in init["volumes"])
 
 
 def test_publisher_binds_all_addresses_behind_its_token() -> None:
@@ -273,7 +311,9 @@ def test_docker_compose_config_is_valid(tmp_path: Path, profiles: list[str]) -> 
     config = yaml.safe_load(done.stdout)
     assert set(SERVICES) | {"nats", "init"} <= set(config["services"])
     env = config["services"]["capture"]["environment"]
-    assert env["LENSBUS_CAPTURE_NATS_PASSWORD"] == "plensbusnatscapturepassword0000"
+    assert env["LENSBUS_CAPTURE_NATS_NKEY_FILE"] == SEED_FILE
+    mounted = json.dumps(config["services"]["capture"]["volumes"])
+    assert "/secrets-dir/nkeys/capture.nk" in mounted and "/secrets-dir/tls/ca.pem" in mounted
     # What compose makes of the anchors and merges.
     for name, svc in config["services"].items():
         if "build" in svc:

@@ -24,23 +24,28 @@ from photos import photos
 from lensbus import DecodeError, Subjects, decode
 from lensbus.bus import connect as bus_connect
 from lensbus.cameras import CamerasBucket
+from lensbus.cli.compose_setup import compose_config
 from lensbus.deployclient import DeployClient
 from lensbus.natsauth import (
     CALLOUT_ISSUER_ENV,
     PASSWORD_PATTERN,
     USERS,
     authorization_block,
-    compose_config,
     env_var,
     generate_callout_secrets,
+    generate_nkey,
     generate_passwords,
     inference_user,
+    nkey_env_var,
+    nkey_users,
     permissions,
     project_authorizer,
     project_password,
     project_user,
+    public_nkey,
 )
 from lensbus.natscallout import CalloutService
+from lensbus.natsmqtt import MQTT_USER
 from lensbus.natsprojects import PROJECTS_USER
 from lensbus.natsserver import NatsServer
 from lensbus.schemas import Event, Result, Status
@@ -93,7 +98,7 @@ def test_generated_passwords_are_fresh_and_config_safe() -> None:
     a, b = generate_passwords(), generate_passwords()
     assert set(a) == set(USERS) and all(a[u] != b[u] for u in USERS)
     assert all(PASSWORD_PATTERN.fullmatch(p) for p in a.values())
-    with pytest.raises(ValueError, match="no password"):
+    with pytest.raises(ValueError, match="no nkey or password"):
         authorization_block({"capture": "x"})
 
 
@@ -354,20 +359,24 @@ async def test_forbidden_subjects_are_denied(auth_nats: AuthServer) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_env_referenced_passwords(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compose config's $LENSBUS_NATS_<USER>_PASSWORD references and the callout's issuer
-    ($LENSBUS_NATS_CALLOUT_ISSUER), resolved from the environment nats-server runs in."""
-    passwords = generate_passwords()
-    for user, password in passwords.items():
-        monkeypatch.setenv(env_var(user), password)
+async def test_env_referenced_nkeys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose config's $LENSBUS_NATS_<USER>_NKEY references (public keys), MQTT's
+    $LENSBUS_NATS_MQTT_PASSWORD and the callout's issuer ($LENSBUS_NATS_CALLOUT_ISSUER),
+    resolved from the environment nats-server runs in (auth_users too)."""
+    seeds = {user: generate_nkey() for user in nkey_users()}
+    for user, seed in seeds.items():
+        monkeypatch.setenv(nkey_env_var(user), public_nkey(seed))
+    mqtt = generate_passwords()[MQTT_USER]
+    monkeypatch.setenv(env_var(MQTT_USER), mqtt)
     callout = generate_callout_secrets()
     monkeypatch.setenv(CALLOUT_ISSUER_ENV, callout["issuer"])
     config = authorization_block(None, callout=f"${CALLOUT_ISSUER_ENV}")
+    assert "password: $LENSBUS_NATS_MQTT_PASSWORD" in config
     server = NatsServer(tmp_path / "nats", extra_config=config).start()
     try:
-        for user in USERS:
+        for user in nkey_users():
             nc = await nats_py.connect(
-                server.url, user=user, password=passwords[user], allow_reconnect=False
+                server.url, nkeys_seed_str=seeds[user], allow_reconnect=False
             )
             if user == PROJECTS_USER:  # the callout answers project users
                 authorize = project_authorizer(callout["seed"])
@@ -396,7 +405,7 @@ async def test_env_referenced_passwords(tmp_path: Path, monkeypatch: pytest.Monk
         await until(lambda: denied(errors, "Publish", s.events("cam1")), 5, "the denial")
         assert not denied(errors, "Publish", s.project_event("p1", "cam1")), errors
         await project.close()
-        assert service.counts == {"allowed": 1}
+        assert service.counts == {"allowed": 1}  # every configured user bypassed it
         await service.nc.close()
     finally:
         server.stop()

@@ -5,6 +5,7 @@ checked against their subject (by the deployer and the publisher)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -172,7 +173,39 @@ def test_cli_picks_the_user_by_what_the_command_does(tmp_path: Path) -> None:
     import argparse
     import json
 
+    from lensbus.natsauth import generate_nkey
+    from lensbus.natstls import ensure_tls
+
+    tls = ensure_tls(tmp_path / "tls", ["127.0.0.1"])
+    for user in ("client", "operator"):
+        (tmp_path / f"{user}.nk").write_text(generate_nkey() + "\n")
     secrets = tmp_path / "secrets.json"
+    nkeys = {"client": "client.nk", "operator": "operator.nk"}
+    secrets.write_text(json.dumps({"nkeys": nkeys, "tls_ca": "tls/ca.pem"}))
+    bare = argparse.Namespace(nats_url="tls://127.0.0.1:4222", secrets=str(secrets))
+    for user in ("client", "operator"):
+        opts = nats_user_options(bare, user)
+        assert opts["nkeys_seed"] == str(tmp_path / f"{user}.nk")
+        assert opts["inbox_prefix"] == f"_INBOX_{user}" and "user" not in opts
+        assert opts["tls"].verify_mode == ssl.CERT_REQUIRED
+    # --nkey: whose it is says --nats-user (default: the command's user); --tls-ca.
+    given = argparse.Namespace(
+        nats_url="tls://h:4222",
+        nkey=str(tmp_path / "operator.nk"),
+        nats_user=None,
+        tls_ca=str(tls.ca),
+        secrets=None,
+    )
+    assert nats_user_options(given, "operator")["inbox_prefix"] == "_INBOX_operator"
+    given.nats_user = "operator"
+    assert nats_user_options(given, "client")["inbox_prefix"] == "_INBOX_operator"
+    given.nats_user = "client"
+    with pytest.raises(WrongUser, match="operator"):
+        nats_user_options(given, "operator")
+    given.nkey = str(tls.ca)  # not a seed: refused, naming the file (not its content)
+    with pytest.raises(WrongUser, match="ca.pem: not a NATS user nkey seed"):
+        nats_user_options(given, "client")
+    # An older lensbus up's file (passwords), and a URL naming its user, still work.
     secrets.write_text(json.dumps({"passwords": {"client": "pc", "operator": "po"}}))
     bare = argparse.Namespace(nats_url="nats://127.0.0.1:4222", secrets=str(secrets))
     assert nats_user_options(bare, "client") == {"user": "client", "password": "pc"}

@@ -58,7 +58,15 @@ CONFIG = ["camera", "manifest"]
 CARRIES_CONFIG = ["pipeline_deployment"]
 # Wire messages new since schema version 1 was frozen (issue 16's projects): a program built
 # before them has no reader to keep compatible; they are frozen with the next major version.
-SINCE_FREEZE = ["project_deployment", "project_report", "project_message", "overlay"]
+SINCE_FREEZE = [
+    "project_deployment",
+    "project_report",
+    "project_message",
+    "overlay",
+    "fleet_device",
+    "fleet_desired",
+    "fleet_seen",
+]
 
 
 # --- a producer one release ahead ---------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Files holding NATS passwords (``secrets.json``, the generated ``nats-server.conf``) are
-owner-only (0600) from the first byte, whatever the umask, and never half written."""
+"""Files holding NATS secrets (``secrets.json``, seeds, TLS keys, the generated
+``nats-server.conf``) are owner-only (0600) from the first byte, whatever the umask, and never
+half written."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats as nats_py
 import pytest
 
 from lensbus import natsauth
-from lensbus.cli.up import load_secrets
+from lensbus.bus import connect as bus_connect
+from lensbus.cli.up_setup import UpKeys
 from lensbus.natsserver import NatsServer, write_private
 
 
@@ -82,16 +83,28 @@ def test_write_private_under_umask_022(
 async def test_up_secrets_and_server_config_are_private(
     tmp_path: Path, umask_022: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``lensbus up``'s secrets.json, every seed file and the TLS keys are born 0600 (their
+    folders 0700); kept across starts; the server's config holds public keys, never a seed."""
     spy = Creations(monkeypatch)
-    secrets_path = tmp_path / "secrets.json"
-    passwords = load_secrets(secrets_path)["passwords"]
-    spy.assert_private(secrets_path)
-    assert load_secrets(secrets_path)["passwords"] == passwords  # kept, not rewritten
+    keys = UpKeys.make(tmp_path, tls=True)
+    spy.assert_private(keys.path)
+    assert keys.tls is not None
+    seeds = {user: keys.seed_file(user) for user in natsauth.nkey_users()}
+    for path in [*seeds.values(), keys.tls.key, keys.tls.ca.with_name("ca-key.pem")]:
+        spy.assert_private(path)
+    for folder in (seeds["client"].parent, keys.tls.ca.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    texts = {user: path.read_text() for user, path in seeds.items()}
+    again = UpKeys.make(tmp_path, tls=True)  # kept, not made again
+    assert again.secrets == keys.secrets
+    assert {user: path.read_text() for user, path in seeds.items()} == texts
 
-    server = NatsServer(tmp_path / "nats", extra_config=natsauth.authorization_block(passwords))
+    server = NatsServer(tmp_path / "nats", extra_config=keys.server_auth(), tls=keys.tls)
     with server:
         spy.assert_private(server.config_path)
-        assert passwords["client"] in server.config_path.read_text()
-        # The real server reads the owner-only config: a user's password lets it in.
-        nc = await nats_py.connect(server.url, user="client", password=passwords["client"])
+        config = server.config_path.read_text()
+        assert keys.secrets["passwords"]["mqtt"] in config  # MQTT's, the one password
+        assert not any(seed.strip() in config for seed in texts.values())
+        # The real server reads the owner-only config: the client's key lets it in, over TLS.
+        nc = await bus_connect(server.url, name="t", timeout_s=10, **keys.options("client"))
         await nc.close()

@@ -259,3 +259,17 @@ def test_env_prefix_matches_service_name(cls: type[ServiceSettings]) -> None:
     # The typo check uses env_prefix(); pydantic-settings reads model_config["env_prefix"].
     # If they ever differ, every variable is silently ignored.
     assert cls.model_config.get("env_prefix") == cls.env_prefix()
+
+
+def test_jetstream_replicas_empty_is_unset_and_zero_names_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """compose passes ``${LENSBUS_JETSTREAM_REPLICAS:-}``: empty means "not mine to decide"
+    (None: an existing count is left alone), a number is checked."""
+    monkeypatch.setenv("LENSBUS_DEMO_JETSTREAM_REPLICAS", "")
+    assert load_settings(DemoSettings).jetstream_replicas is None
+    monkeypatch.setenv("LENSBUS_DEMO_JETSTREAM_REPLICAS", "3")
+    assert load_settings(DemoSettings).jetstream_replicas == 3
+    monkeypatch.setenv("LENSBUS_DEMO_JETSTREAM_REPLICAS", "0")
+    with pytest.raises(SettingsError, match="jetstream_replicas"):
+        load_settings(DemoSettings)

@@ -3,6 +3,8 @@ tests/chaos/test_store_full.py)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from lensbus_publisher.store_audit import StoreAudit
 
 
@@ -36,3 +38,39 @@ def test_a_stream_made_again_starts_a_new_count() -> None:
     assert audit.not_stored == 0
     assert audit.check(seen=30, last_seq=7) == 0
     assert audit.check(seen=35, last_seq=12) == 0
+
+
+async def test_a_result_published_again_with_its_msg_id_is_counted_once(fresh_nats) -> None:
+    """``results_acked`` publishes a result again when its acknowledgement is late: the
+    stream stores it once (Nats-Msg-Id), so the audit must count it once too (it counted it
+    twice, and raised "not stored" alarms during exactly the failover acks are for)."""
+    import nats as nats_py
+    from nats.js import api
+
+    from lensbus.stored import MSG_ID
+
+    nc = await nats_py.connect(fresh_nats.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(api.StreamConfig(name="AUDIT", subjects=["audit.results.*"]))
+        audit = StoreAudit()
+        await audit.start(nc, ["audit.results.*"])
+        audit.check(audit.seen, (await js.stream_info("AUDIT")).state.last_seq)
+        for seq in range(5):
+            for _ in range(2):  # the first publish and its retry
+                await js.publish("audit.results.cam1", b"r", headers={MSG_ID: f"cam1.{seq}.7"})
+        await js.publish("audit.results.cam1", b"plain")  # no id: counted as before
+        await nc.flush()
+        last = (await js.stream_info("AUDIT")).state.last_seq
+        assert last == 6  # stored once each
+        await nc.flush()
+        deadline = asyncio.get_running_loop().time() + 10
+        while audit.seen < 6 or any(sub.pending_msgs for sub in audit._subs):
+            assert asyncio.get_running_loop().time() < deadline, audit.seen
+            await asyncio.sleep(0.01)
+        assert audit.seen == 6
+        assert audit.check(audit.seen, last) == 0
+        assert audit.check(audit.seen, last) == 0 and audit.not_stored == 0
+        await audit.stop()
+    finally:
+        await nc.close()

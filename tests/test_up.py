@@ -15,12 +15,15 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats as nats_py
 import paho.mqtt.client as mqtt
 import pytest
 
 from lensbus import Subjects, decode
+from lensbus.bus import auth_options
+from lensbus.bus import connect as bus_connect
 from lensbus.natsserver import free_port
 from lensbus.schemas import Result
 from lensbus_inference.packaging.demo_packages import read_labels, yolo_assets
@@ -103,8 +106,22 @@ class UpProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def client_password(self, user: str = "client") -> str:
-        return json.loads((self.data / "secrets.json").read_text())["passwords"][user]
+    def secrets(self) -> dict[str, Any]:
+        return dict(json.loads((self.data / "secrets.json").read_text()))
+
+    def mqtt_password(self) -> str:
+        return str(self.secrets()["passwords"]["mqtt"])
+
+    def client_options(self, user: str = "client") -> dict[str, Any]:
+        """How a program connects as ``user``: its nkey seed file and the CA of the server."""
+        data = self.secrets()
+        ca = self.data / data["tls_ca"] if "tls_ca" in data else None
+        return auth_options(user=user, nkey_file=self.data / data["nkeys"][user], tls_ca=ca)
+
+    @property
+    def nats_url(self) -> str:
+        scheme = "tls" if "tls_ca" in self.secrets() else "nats"
+        return f"{scheme}://127.0.0.1:{self.nats_port}"
 
 
 @pytest.fixture
@@ -117,9 +134,7 @@ def up(tmp_path: Path) -> Iterator[UpProcess]:
 async def results(up: UpProcess, n: int, timeout: float, labelled: bool = False) -> list[Result]:
     """At least ``n`` results (and, if ``labelled``, one with a detection) within timeout."""
     got: list[Result] = []
-    nc = await nats_py.connect(
-        f"nats://127.0.0.1:{up.nats_port}", user="client", password=up.client_password()
-    )
+    nc = await bus_connect(up.nats_url, name="test-up", **up.client_options())
 
     async def on_result(msg: nats_py.aio.msg.Msg) -> None:
         got.append(decode(msg.data, Result))
@@ -159,7 +174,7 @@ async def test_up_runs_everything_and_stops_cleanly(up: UpProcess) -> None:
         rf"MQTT \(Home Assistant\) on mqtt://127\.0\.0\.1:{up.mqtt_port} as the user 'mqtt'", 1
     )
     ha = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    ha.username_pw_set("mqtt", up.client_password("mqtt"))
+    ha.username_pw_set("mqtt", up.mqtt_password())
     ha.connect("127.0.0.1", up.mqtt_port)
     deadline = time.monotonic() + 10
     while not ha.is_connected() and time.monotonic() < deadline:

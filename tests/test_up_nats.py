@@ -40,7 +40,7 @@ async def test_killed_nats_server_is_restarted(light_up: UpProcess) -> None:
     old = up.children()["nats-server"]
     os.kill(old, signal.SIGKILL)
     up.wait_line(r"nats-server exited with code -9; restarting", 15)
-    up.wait_line(rf"nats-server restarted on nats://127\.0\.0\.1:{up.nats_port} \(restart #1\)", 15)
+    up.wait_line(rf"nats-server restarted on tls://127\.0\.0\.1:{up.nats_port} \(restart #1\)", 15)
     # Reaped: the killed pid is not left a zombie of lensbus up.
     assert _state(old) in ("", "X"), f"nats-server {old} left in state {_state(old)}"
     new = up.children()["nats-server"]
@@ -61,7 +61,7 @@ async def test_nats_server_killed_during_start_up_is_restarted(light_up: UpProce
     old = up.children()["nats-server"]
     os.kill(old, signal.SIGKILL)
     up.wait_line(r"nats-server exited with code -9; restarting", 15)
-    up.wait_line(r"nats-server restarted on nats://127\.0\.0\.1:\d+ \(restart #1\)", 15)
+    up.wait_line(r"nats-server restarted on tls://127\.0\.0\.1:\d+ \(restart #1\)", 15)
     assert _state(old) in ("", "X"), f"nats-server {old} left in state {_state(old)}"
     up.wait_line(r"open http://", 240)
     assert len(await results(up, 2, 60)) >= 2, up.log

@@ -3,10 +3,11 @@
 # the demo YOLOv3-tiny package built into the image through the deployer, and make it the
 # desired model of $LENSBUS_GROUP unless the group has a desired model already (a model you
 # deployed later is never replaced). Safe to run again: an identical upload changes nothing.
+# The lensbus command connects as compose says: $LENSBUS_NATS_URL (tls://), the operator's
+# seed file $LENSBUS_NATS_NKEY, $LENSBUS_NATS_USER (operator) and the CA $LENSBUS_NATS_TLS_CA.
 set -eu
-: "${LENSBUS_NATS_OPERATOR_PASSWORD:?}" "${LENSBUS_GROUP:=default}"
+: "${LENSBUS_NATS_URL:?}" "${LENSBUS_NATS_NKEY:?}" "${LENSBUS_GROUP:=default}"
 PACKAGE=${LENSBUS_DEMO_PACKAGE:-/opt/lensbus/models/yolov3-tiny-onnx}
-export LENSBUS_NATS_URL="nats://operator:${LENSBUS_NATS_OPERATOR_PASSWORD}@${LENSBUS_NATS_HOST:-nats}:4222"
 
 # Wait for NATS and the deployer (the service may still be starting).
 tries=0

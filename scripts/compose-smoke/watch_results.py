@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """A plain NATS subscriber for scripts/compose-smoke.sh: wait for results with real labels.
 
-Connects like any program would (nats-py and msgpack only, no lensbus import) as the NATS
-user ``client``, subscribes to ``lensbus.results.<camera>`` and ``lensbus.status.>`` and
-waits until at least ``--min-results`` results arrived, ``--min-labelled`` of them with a
-detection whose label is one of the model's labels (``--labels``: the package's
-``model.json`` or a names file), and results came from ``--replicas`` inference instances.
+Connects like any program would (nats-py with nkeys, and msgpack; no lensbus import) as the
+NATS user ``client``, over TLS with its nkey seed file and the CA, subscribes to
+``lensbus.results.<camera>`` and ``lensbus.status.>`` and waits until at least
+``--min-results`` results arrived, ``--min-labelled`` of them with a detection whose label is
+one of the model's labels (``--labels``: the package's ``model.json`` or a names file), and
+results came from ``--replicas`` inference instances.
 With ``--check-denied`` it also publishes a frame as ``client`` and expects the server to
 refuse it (the shipped NATS config's permissions are in force). Prints a summary; exit 0
-when all of it was seen, 1 otherwise. The password comes from --password or
-$LENSBUS_NATS_CLIENT_PASSWORD.
+when all of it was seen, 1 otherwise. The seed file comes from --nkey, the CA from --tls-ca
+(compose-setup's nkeys/client.nk and tls/ca.pem).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import ssl
 import statistics
 import sys
 import time
@@ -77,8 +78,10 @@ async def watch(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     nc = await nats.connect(
         args.url,
-        user=args.user,
-        password=args.password,
+        # An nkey carries no user name: the inbox must be the user's own (its permissions).
+        nkeys_seed=args.nkey,
+        inbox_prefix=f"_INBOX_{args.user}",
+        tls=ssl.create_default_context(cafile=args.tls_ca),
         error_cb=on_error,
         connect_timeout=5,
         max_reconnect_attempts=-1,
@@ -119,9 +122,10 @@ async def watch(args: argparse.Namespace) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--url", default="nats://127.0.0.1:4222")
-    p.add_argument("--user", default="client")
-    p.add_argument("--password", default=os.environ.get("LENSBUS_NATS_CLIENT_PASSWORD"))
+    p.add_argument("--url", default="tls://127.0.0.1:4222")
+    p.add_argument("--user", default="client", help="whose --nkey it is (its inbox)")
+    p.add_argument("--nkey", required=True, help="the user's nkey seed file")
+    p.add_argument("--tls-ca", required=True, help="the CA of the server's certificate")
     p.add_argument("--prefix", default="lensbus")
     p.add_argument("--camera", default="cam1")
     p.add_argument("--labels", required=True, help="model.json or a names file")
@@ -131,8 +135,6 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=180.0)
     p.add_argument("--check-denied", action="store_true", help="client may not publish frames")
     args = p.parse_args()
-    if not args.password:
-        p.error("no password: --password or $LENSBUS_NATS_CLIENT_PASSWORD")
     return asyncio.run(watch(args))
 
 

@@ -11,6 +11,7 @@ import logging
 import re
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -20,6 +21,7 @@ from nats.aio.client import Client as NATS
 from lensbus import metrics
 from lensbus.logs import RateLimit, log_limited
 from lensbus.natsauth import inbox_prefix
+from lensbus.natscallout import public_nkey
 from lensbus.settings import ServiceSettings
 from lensbus.waiting import sleep_unless_stopped, wait_unless_stopped
 
@@ -30,6 +32,16 @@ log = logging.getLogger(__name__)
 PENDING_BYTES = 8 * 1024 * 1024
 # A user name that can be part of an inbox subject token.
 USER_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _not_tls_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns at every TLS connection's end that a stream protocol's ``eof_received``
+    returned True (it keeps a plain socket half-open; TLS cannot): nats-py's, harmlessly,
+    each time the server closes one. Without this every service logged it on each close."""
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)
 
 
 async def _quiet(exc: Exception) -> None:
@@ -69,8 +81,10 @@ async def connect(
     ``nats.connect`` as they are (credentials, TLS, callbacks).
 
     Replies come to the user's own inbox prefix (``lensbus.natsauth``: ``_INBOX_<user>``, the
-    only inbox its permissions let it read), the user taken from ``user=`` or the first URL's
-    ``user:password@``; without a user nats-py's ``_INBOX`` stays.
+    only inbox its permissions let it read): ``inbox_prefix=`` (what :func:`auth_options`
+    sets for an nkey or creds user, whose name the server is not told), else the user of
+    ``user=`` or the first URL's ``user:password@``; without a user nats-py's ``_INBOX``
+    stays.
     """
     opts: dict[str, Any] = {
         "servers": split_servers(servers),
@@ -92,25 +106,106 @@ async def connect(
     return await asyncio.wait_for(nats.connect(**opts), timeout_s)
 
 
+def read_nkey_file(path: str | Path) -> str:
+    """The user nkey seed in ``path`` (a file holding only it, as NATS's tools write it and
+    nats-py reads it); ValueError naming the file and what is wrong, never the seed."""
+    try:
+        seed = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"nkey seed file {path}: cannot read it ({exc})") from None
+    try:
+        public_nkey(seed)
+    except ValueError:
+        raise ValueError(
+            f"nkey seed file {path}: not a NATS user nkey seed (one line, SU...)"
+        ) from None
+    return seed
+
+
+def tls_context(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> ssl.SSLContext:
+    """A client TLS context verifying the server with ``ca`` (else the system's CAs), with a
+    client certificate when ``cert`` is given; ValueError naming a file it cannot use."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"TLS files {ca or ''} {cert or ''}: cannot use them ({exc})") from None
+    return context
+
+
+def auth_options(
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    creds: str | Path | None = None,
+    nkey_file: str | Path | None = None,
+    nkey_seed: str | None = None,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> dict[str, Any]:
+    """:func:`connect` options for one way of authenticating, and TLS.
+
+    With an nkey (``nkey_file``, a file holding only the seed, which nats-py reads when it
+    signs; or ``nkey_seed`` itself) ``user`` is not sent: the server knows
+    the user by its key; ``user`` names its inbox (``_INBOX_<user>``, the only one its
+    permissions allow). The same with ``creds`` (a JWT user). Else ``user`` and ``password``
+    (or ``token``) as they are. Files are checked here, so a bad one fails before any
+    connection, naming the file.
+    """
+    opts: dict[str, Any] = {}
+    if nkey_file is not None:
+        read_nkey_file(nkey_file)
+        opts["nkeys_seed"] = str(nkey_file)
+    elif nkey_seed is not None:
+        public_nkey(nkey_seed.strip())  # a ValueError (never the seed) if it is not one
+        opts["nkeys_seed_str"] = nkey_seed.strip()
+    elif creds is not None:
+        if not Path(creds).is_file():
+            raise ValueError(f"NATS creds file {creds}: no such file")
+        opts["user_credentials"] = str(creds)
+    elif user:
+        opts["user"] = user
+        if password:
+            opts["password"] = password
+    if opts and "user" not in opts and user and USER_TOKEN.fullmatch(user):
+        opts["inbox_prefix"] = inbox_prefix(user)
+    if token:
+        opts["token"] = token
+    if tls_ca or tls_cert:
+        opts["tls"] = tls_context(tls_ca, tls_cert, tls_key)
+    return opts
+
+
 def connect_options(settings: ServiceSettings) -> dict[str, Any]:
-    """Keyword arguments for :func:`connect` from a service's settings (credentials, TLS)."""
+    """Keyword arguments for :func:`connect` from a service's settings (credentials, TLS).
+    With an nkey, ``nats_user`` (default: the service's name) names its inbox."""
     opts: dict[str, Any] = {
         "name": f"{settings.service}.{settings.instance}",
         "ping_interval": 10,
         "max_outstanding_pings": 3,
         "drain_timeout": settings.drain_timeout_s,
         "pending_size": PENDING_BYTES,
+        # nats_url's order: the first server is this service's preferred node (a cluster),
+        # the rest its fallbacks; nats-py would shuffle them.
+        "dont_randomize": True,
     }
-    if settings.nats_user:
-        opts["user"] = settings.nats_user
-        if settings.nats_password:
-            opts["password"] = settings.nats_password.get_secret_value()
-    if settings.nats_token:
-        opts["token"] = settings.nats_token.get_secret_value()
-    if settings.nats_creds:
-        opts["user_credentials"] = str(settings.nats_creds)
-    if settings.nats_tls_ca:
-        opts["tls"] = ssl.create_default_context(cafile=str(settings.nats_tls_ca))
+    keyed = settings.nats_nkey_file or settings.nats_nkey_seed or settings.nats_creds
+    opts |= auth_options(
+        user=settings.nats_user or (settings.service if keyed else None),
+        password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+        token=settings.nats_token.get_secret_value() if settings.nats_token else None,
+        creds=settings.nats_creds,
+        nkey_file=settings.nats_nkey_file,
+        nkey_seed=settings.nats_nkey_seed.get_secret_value() if settings.nats_nkey_seed else None,
+        tls_ca=settings.nats_tls_ca,
+        tls_cert=settings.nats_tls_cert,
+        tls_key=settings.nats_tls_key,
+    )
     return opts
 
 

@@ -25,12 +25,13 @@ from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext, api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from lensbus import metrics
 from lensbus.codec import decode, encode
 from lensbus.errors import DecodeError, LensbusError
+from lensbus.jetstream import ensure_key_value
 from lensbus.logs import RateLimit, log_limited
 from lensbus.schemas.camera import (
     CAMERA_PREFIX,
@@ -78,54 +79,68 @@ class View:
 
 
 async def bind(
-    js: JetStreamContext, *, create: bool = True, bucket: str = CAMERAS_BUCKET
+    js: JetStreamContext,
+    *,
+    create: bool = True,
+    bucket: str = CAMERAS_BUCKET,
+    replicas: int | None = None,
 ) -> KeyValue:
     """The bucket (``Subjects(prefix).cameras_bucket``), created (file storage, one value per
-    key) where missing and ``create``."""
-    try:
+    key) where missing and ``create``, with ``replicas`` (``jetstream_replicas``; ``None``:
+    an existing bucket keeps its count, a new one gets 1)."""
+    if not create:
         return await js.key_value(bucket)
-    except BucketNotFoundError:
-        if not create:
-            raise
-    log.info("creating KV bucket %s (file storage)", bucket)
-    return await js.create_key_value(
-        config=api.KeyValueConfig(
-            bucket=bucket,
-            description="lensbus cameras: camera.<id> desired config, state.<id> reported state",
-            history=HISTORY,
-            max_value_size=MAX_VALUE_BYTES,
-            max_bytes=MAX_BUCKET_BYTES,
-            storage=api.StorageType.FILE,
-        )
+    config = api.KeyValueConfig(
+        bucket=bucket,
+        description="lensbus cameras: camera.<id> desired config, state.<id> reported state",
+        history=HISTORY,
+        max_value_size=MAX_VALUE_BYTES,
+        max_bytes=MAX_BUCKET_BYTES,
+        storage=api.StorageType.FILE,
     )
+    return await ensure_key_value(js, config, replicas=replicas)
 
 
 class CamerasBucket:
     """The cameras bucket on one NATS connection; every call may raise NATS errors."""
 
     def __init__(
-        self, js: JetStreamContext, *, create: bool = True, bucket: str = CAMERAS_BUCKET
+        self,
+        js: JetStreamContext,
+        *,
+        create: bool = True,
+        bucket: str = CAMERAS_BUCKET,
+        replicas: int | None = None,
     ) -> None:
         """``create``: make the bucket where missing (capture, the CLI); a reader that may
         not (the publisher) passes False, and :meth:`views` waits for the bucket. ``bucket``:
-        the installation's (``Subjects(prefix).cameras_bucket``)."""
+        the installation's (``Subjects(prefix).cameras_bucket``). ``replicas``: the
+        creator's ``jetstream_replicas`` (see :func:`bind`)."""
         self.js = js
         self.create = create
         self.bucket = bucket
+        self.replicas = replicas
         self._kv: KeyValue | None = None
         self._limit = RateLimit(60.0)
 
     @classmethod
     async def open(
-        cls, js: JetStreamContext, *, create: bool = True, bucket: str = CAMERAS_BUCKET
+        cls,
+        js: JetStreamContext,
+        *,
+        create: bool = True,
+        bucket: str = CAMERAS_BUCKET,
+        replicas: int | None = None,
     ) -> CamerasBucket:
-        opened = cls(js, create=create, bucket=bucket)
+        opened = cls(js, create=create, bucket=bucket, replicas=replicas)
         await opened.kv()
         return opened
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await bind(self.js, create=self.create, bucket=self.bucket)
+            self._kv = await bind(
+                self.js, create=self.create, bucket=self.bucket, replicas=self.replicas
+            )
         return self._kv
 
     # ---- configs (the CLI) ------------------------------------------------------------------

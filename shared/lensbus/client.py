@@ -2,7 +2,7 @@
 
 ::
 
-    async with Client("nats://127.0.0.1:4222") as client:
+    async with Client("tls://device:4222", nkey="client.nk", tls_ca="ca.pem") as client:
         async for frame in client.frames("cam1"):
             print(frame.seq, frame.image.shape)
 
@@ -21,6 +21,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from lensbus import clips, metrics
-from lensbus.bus import connect
+from lensbus.bus import auth_options, connect
 from lensbus.codec import DecodeError, decode
 from lensbus.feeds import (
     LIVE_BUFFER,
@@ -84,14 +85,31 @@ class Client:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout_s: float | None = None,
+        nkey: str | Path | None = None,
+        creds: str | Path | None = None,
+        tls_ca: str | Path | None = None,
+        user: str | None = None,
         **connect_options: Any,
     ) -> None:
-        """``connect_options`` go to :func:`lensbus.bus.connect` (``user``, ``password``,
-        ``token``, ``user_credentials``, ``tls``...); ``timeout_s`` bounds the first
-        connection (without it the client waits for NATS as long as it takes)."""
+        """``nkey``: the user's nkey seed file (``client.nk`` of ``lensbus up`` or compose's
+        set-up), or ``creds`` (a JWT user's .creds file); ``user`` then names whose they are
+        (its inbox ``_INBOX_<user>``; default ``client``, the read-only user), else it is the
+        user name sent with a ``password``. ``tls_ca``: the CA that signed the server's
+        certificate (``tls://`` URLs). Other ``connect_options`` go to
+        :func:`lensbus.bus.connect` as they are (``token``, ``tls``...); ``timeout_s`` bounds
+        the first connection (without it the client waits for NATS as long as it takes).
+        A file that cannot be used fails here (ValueError naming it)."""
         self.servers = [servers] if isinstance(servers, str) else servers
         self.subjects = Subjects(prefix)
-        self._options = connect_options
+        keyed = nkey is not None or creds is not None
+        auth = auth_options(
+            user=user or ("client" if keyed else None),
+            password=connect_options.pop("password", None),
+            nkey_file=nkey,
+            creds=creds,
+            tls_ca=tls_ca,
+        )
+        self._options = {**auth, **connect_options}
         self._timeout_s = timeout_s
         self._nc: NATS | None = None
         self.rejected = 0

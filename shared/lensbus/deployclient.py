@@ -38,6 +38,14 @@ from lensbus.schemas import (
     ActivateRequest,
     Deployment,
     DeploymentReply,
+    FleetDeployReply,
+    FleetDeployRequest,
+    FleetDesired,
+    FleetDeviceReply,
+    FleetDeviceRequest,
+    FleetDeviceStatus,
+    FleetStatusReply,
+    FleetStatusRequest,
     GroupStatus,
     ListReply,
     ListRequest,
@@ -365,3 +373,28 @@ class DeployClient:
         """Each project's record and what every projects-service instance runs of it."""
         request = self._request(ProjectStatusRequest, name=name)
         return (await self._call("project_status", request, ProjectStatusReply)).projects
+
+    # ---- a fleet (a hub's deployer; lensbus.natsleaf) -------------------------------------------
+
+    async def fleet_add(self, device: str) -> FleetDeviceReply:
+        """Join ``device`` (its name is its JetStream domain): the hub sources its results."""
+        request = self._request(FleetDeviceRequest, device=device)
+        return await self._call("fleet_add", request, FleetDeviceReply)
+
+    async def fleet_remove(self, device: str) -> FleetDeviceReply:
+        """Stop sourcing ``device`` and forget its records (its results already here stay)."""
+        request = self._request(FleetDeviceRequest, device=device)
+        return await self._call("fleet_remove", request, FleetDeviceReply)
+
+    async def fleet_deploy(
+        self, devices: Sequence[str], group: str, name: str, version: str | None = None
+    ) -> builtins.list[FleetDesired]:
+        """Make ``name:version`` (latest if omitted) group ``group``'s model on each device."""
+        fields = {"devices": list(devices), "group": group, "name": name, "version": version}
+        request = self._request(FleetDeployRequest, **fields)
+        return (await self._call("fleet_deploy", request, FleetDeployReply)).desired
+
+    async def fleet_status(self, device: str | None = None) -> builtins.list[FleetDeviceStatus]:
+        """Each device: desired vs served models, last report, results lag."""
+        request = self._request(FleetStatusRequest, device=device)
+        return (await self._call("fleet_status", request, FleetStatusReply)).devices

@@ -48,16 +48,22 @@ Heartbeats are also checked against their subject by every reader
 The JetStream API subjects were found by running every service with its own user against a
 real ``nats-server`` (``tests/test_natsauth.py`` does it again on every run).
 
-``python -m lensbus.natsauth compose-config`` writes ``deploy/nats/nats-server.conf`` (the
-passwords are ``$LENSBUS_NATS_<USER>_PASSWORD`` environment references);
-``python -m lensbus.natsauth passwords`` prints fresh ``LENSBUS_NATS_<USER>_PASSWORD=...``
-lines for a ``.env`` (and the callout's ``LENSBUS_NATS_CALLOUT_ISSUER`` and
-``LENSBUS_PROJECTS_CALLOUT_SEED``).
+Credentials: every user but ``mqtt`` authenticates with an nkey (the config holds only its
+public key; the seed stays with the user, read by nats-py to sign the server's nonce). A
+CONNECT with an nkey carries no user name, so the name survives only where the client picks
+its inbox: ``lensbus.bus.auth_options(user=...)`` (a service knows its role). MQTT clients
+have no nkeys: ``mqtt`` keeps a password. Passwords for every user remain possible
+(:func:`authorization_block`'s ``passwords``: tests, a hand-made server).
+
+``python -m lensbus.natsauth compose-config`` writes ``deploy/nats/nats-server.conf`` (each
+public nkey an environment reference ``$LENSBUS_NATS_<USER>_NKEY``, MQTT's password
+``$LENSBUS_NATS_MQTT_PASSWORD``, TLS required); ``python -m lensbus.natsauth compose-setup``
+makes the seeds, the CA and certificate and the ``.env`` lines compose needs
+(:mod:`lensbus.cli.compose_setup`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import secrets
@@ -75,21 +81,18 @@ from lensbus.jsperms import (
     stream_read,
 )
 from lensbus.jsperms import inbox_prefix as inbox_prefix  # "x as x": re-exported (and below)
-from lensbus.natsmqtt import (
-    DEFAULT_MQTT_PORT,
-    MQTT_USER,
-    analytics_mqtt,
-    mqtt_block,
-    mqtt_permissions,
-)
+from lensbus.natscallout import generate_nkey as generate_nkey  # "x as x": re-exported
+from lensbus.natscallout import public_nkey as public_nkey
+from lensbus.natsleaf import fleet_permissions
+from lensbus.natsmqtt import MQTT_USER, analytics_mqtt, mqtt_permissions
+from lensbus.natsprojects import CALLOUT_ISSUER_ENV as CALLOUT_ISSUER_ENV
+from lensbus.natsprojects import CALLOUT_SEED_ENV as CALLOUT_SEED_ENV
 from lensbus.natsprojects import (
-    CALLOUT_ISSUER_ENV,
-    CALLOUT_SEED_ENV,
     PROJECTS_USER,
     callout_block,
-    generate_callout_secrets,
     projects_service_permissions,
 )
+from lensbus.natsprojects import generate_callout_secrets as generate_callout_secrets
 from lensbus.natsprojects import project_authorizer as project_authorizer
 from lensbus.natsprojects import project_password as project_password
 from lensbus.natsprojects import project_permissions as project_permissions
@@ -125,11 +128,23 @@ READ_VERBS = ("list", "status", "pipeline_get", "project_list", "project_status"
 # A password from generate_passwords(): also safe unquoted in a nats-server config value
 # (a leading digit would be read as a number) and in a nats:// URL.
 PASSWORD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{15,}$")
+# A public user nkey (base32 of prefix, key and checksum).
+PUBLIC_NKEY = re.compile(r"^U[A-Z2-7]{55}$")
 
 
 def env_var(user: str) -> str:
-    """The environment variable holding ``user``'s password (compose's ``.env``)."""
+    """The environment variable holding ``user``'s password (compose's ``.env``: ``mqtt``)."""
     return f"LENSBUS_NATS_{user.upper().replace('-', '_')}_PASSWORD"
+
+
+def nkey_env_var(user: str) -> str:
+    """The environment variable holding ``user``'s public nkey (compose's ``.env``)."""
+    return f"LENSBUS_NATS_{user.upper().replace('-', '_')}_NKEY"
+
+
+def nkey_users(groups: Iterable[str] = ()) -> tuple[str, ...]:
+    """The users of :func:`users` that authenticate with an nkey: all but ``mqtt``."""
+    return tuple(u for u in users(groups) if u != MQTT_USER)
 
 
 def inference_user(group: str) -> str:
@@ -259,6 +274,7 @@ def permissions(user: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     if user == PROJECTS_USER:
         return projects_service_permissions(p)
     pub = _publish(user, p)  # first: it refuses an unknown user
+    pub += fleet_permissions(user, p)["publish"]  # a fleet's hub or device (lensbus.natsleaf)
     sub = [*_subscribe(user, p), f"{inbox_prefix(user)}.>"]
     perms: dict[str, Any] = {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": sub}}
     if user == "deployer":
@@ -291,13 +307,13 @@ def _allow_deny(perm: dict[str, list[str]]) -> str:
     return f"{{ allow: {_list(perm['allow'])}{deny} }}"
 
 
-def _user_block(user: str, password: str | None, prefix: str) -> str:
+def _user_block(user: str, auth: tuple[str, str], prefix: str) -> str:
+    """One user of ``authorization { users }``; ``auth``: ("nkey"|"password", config value)."""
     perms = permissions(user, prefix)
-    secret = f"${env_var(user)}" if password is None else _quote(password)
     lines = [
         "    {",
-        f"      user: {_quote(user)}",
-        f"      password: {secret}",
+        *([f"      user: {_quote(user)}"] if auth[0] == "password" else []),
+        f"      {auth[0]}: {auth[1]}",
         "      permissions: {",
         *(f"        {way}: {_allow_deny(perms[way])}" for way in ("publish", "subscribe")),
     ]
@@ -307,91 +323,61 @@ def _user_block(user: str, password: str | None, prefix: str) -> str:
     return "\n".join(lines)
 
 
+def _auth(
+    names: Iterable[str], passwords: Mapping[str, str] | None, nkeys: Mapping[str, str] | None
+) -> dict[str, tuple[str, str]]:
+    """How each user authenticates: its public nkey, else its password; both None: compose's
+    environment references (an nkey each, MQTT's password)."""
+    if passwords is None and nkeys is None:
+        return {
+            u: ("password", f"${env_var(u)}") if u == MQTT_USER else ("nkey", f"${nkey_env_var(u)}")
+            for u in names
+        }
+    auth: dict[str, tuple[str, str]] = {}
+    for u in names:
+        if nkeys and nkeys.get(u):
+            if not PUBLIC_NKEY.fullmatch(nkeys[u]):
+                raise ValueError(f"NATS user {u}: {nkeys[u]!r:.20} is not a public user nkey")
+            auth[u] = ("nkey", _quote(nkeys[u]))
+        elif passwords and passwords.get(u):
+            auth[u] = ("password", _quote(passwords[u]))
+    missing = [u for u in names if u not in auth]
+    if missing:
+        raise ValueError(f"no nkey or password for NATS user(s) {', '.join(missing)}")
+    return auth
+
+
 def authorization_block(
     passwords: Mapping[str, str] | None,
     prefix: str = DEFAULT_PREFIX,
     groups: Iterable[str] = (),
     callout: str | None = None,
+    nkeys: Mapping[str, str] | None = None,
 ) -> str:
     """nats-server config text ``authorization { users = [ ... ] }`` for every user.
 
-    With ``passwords`` ``None`` each password is the environment reference
-    ``$LENSBUS_NATS_<USER>_PASSWORD`` (resolved by nats-server when it reads the file: what
-    compose's mounted config uses); otherwise ``passwords`` must name every user. The users
-    are :func:`users` of ``groups`` and, with ``passwords``, every ``inference-<group>`` user
-    it names. ``callout``: the auth callout's issuer (a public account nkey, or ``$VAR``) for
-    the project users (:mod:`lensbus.natscallout`); every configured user bypasses it.
+    Each user authenticates with its public nkey from ``nkeys`` ("U..."), else its password
+    from ``passwords``; one of them must name every user. With both ``None`` each user is an
+    environment reference (``$LENSBUS_NATS_<USER>_NKEY``, ``mqtt``'s
+    ``$LENSBUS_NATS_MQTT_PASSWORD``), resolved by nats-server when it reads the file: what
+    compose's mounted config uses. The users are :func:`users` of ``groups`` and every
+    ``inference-<group>`` user the mappings name. ``callout``: the auth callout's issuer (a
+    public account nkey, or ``$VAR``) for the project users (:mod:`lensbus.natscallout`);
+    every configured user bypasses it.
     """
-    names = users(groups)
-    if passwords is not None:
-        names = users([*groups, *(g for u in passwords if (g := _inference_group(u)))])
-        missing = [u for u in names if not passwords.get(u)]
-        if missing:
-            raise ValueError(f"no password for NATS user(s) {', '.join(missing)}")
-    blocks = ",\n".join(
-        _user_block(u, None if passwords is None else passwords[u], prefix) for u in names
-    )
-    hook = callout_block(callout, names) if callout else ""
+    named = [*(passwords or {}), *(nkeys or {})]
+    names = users([*groups, *(g for u in named if (g := _inference_group(u)))])
+    auth = _auth(names, passwords, nkeys)
+    blocks = ",\n".join(_user_block(u, auth[u], prefix) for u in names)
+    # An nkey user is known to the server by its public key, a password user by its name.
+    ids = [u if way == "password" else value.strip('"') for u, (way, value) in auth.items()]
+    hook = callout_block(callout, ids) if callout else ""
     return f"authorization {{\n  users = [\n{blocks}\n  ]\n{hook}}}\n"
 
 
-COMPOSE_HEADER = """\
-# nats-server config of compose.yaml: JetStream on the named volume, frames up to 8 MiB,
-# one user per lensbus service with only its own subjects and buckets.
-# GENERATED by `python -m lensbus.natsauth compose-config` from shared/lensbus/natsauth.py:
-# edit that, not this (tests/test_natsauth.py fails when they differ). The passwords are
-# environment references, set from .env by compose (LENSBUS_NATS_<USER>_PASSWORD), and so
-# is the auth callout's issuer (LENSBUS_NATS_CALLOUT_ISSUER; the project users).
-"""
-
-
-def compose_config(prefix: str = DEFAULT_PREFIX, groups: Iterable[str] = ()) -> str:
-    """The whole ``deploy/nats/nats-server.conf`` compose.yaml mounts into the nats service."""
-    from lensbus.natsserver import MAX_PAYLOAD
-
-    return f"""{COMPOSE_HEADER}
-server_name: "lensbus"
-port: 4222
-# monitoring (/healthz for the container healthcheck); not published on the host
-http_port: 8222
-max_payload: {MAX_PAYLOAD}
-jetstream {{
-  store_dir: "/data/jetstream"
-}}
-# MQTT clients (Home Assistant) as the user `mqtt`: lensbus.natsmqtt
-{mqtt_block(DEFAULT_MQTT_PORT)}
-{authorization_block(None, prefix, groups, f"${CALLOUT_ISSUER_ENV}")}"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lensbus.natsauth", description="lensbus NATS users and permissions"
-    )
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix")
-    parser.add_argument(
-        "--inference-group",
-        action="append",
-        default=[],
-        metavar="GROUP",
-        help="add the user inference-GROUP for the instances serving GROUP (repeatable)",
-    )
-    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    sub.add_parser("compose-config", help="deploy/nats/nats-server.conf (env passwords)")
-    sub.add_parser("passwords", help="fresh LENSBUS_NATS_<USER>_PASSWORD=... (and callout) lines")
-    sub.add_parser("permissions", help="every user's permissions as JSON")
-    args = parser.parse_args(argv)
-    if args.what == "compose-config":
-        sys.stdout.write(compose_config(args.prefix, args.inference_group))
-    elif args.what == "passwords":
-        for user, password in generate_passwords(args.inference_group).items():
-            print(f"{env_var(user)}={password}")
-        callout = generate_callout_secrets()
-        print(f"{CALLOUT_ISSUER_ENV}={callout['issuer']}\n{CALLOUT_SEED_ENV}={callout['seed']}")
-    else:
-        names = users(args.inference_group)
-        print(json.dumps({u: permissions(u, args.prefix) for u in names}, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
+    # The command line (compose-config, compose-setup, permissions) lives with compose's
+    # set-up; this module stays the permission set.
+    from lensbus.cli.compose_setup import main
+
     sys.exit(main())

@@ -92,6 +92,19 @@ def generate_issuer() -> tuple[str, str]:
     return seed, public_key(seed)
 
 
+def generate_nkey() -> str:
+    """A fresh user nkey seed ("SU..."): a NATS user's secret; :func:`public_nkey` gives the
+    half the server's config holds (lensbus.natsauth)."""
+    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+
+
+def public_nkey(seed: str) -> str:
+    """The public key ("U...") of a user seed; CalloutError if it is not one."""
+    if not seed.startswith("SU"):
+        raise CalloutError("not a user nkey seed (SU...)")
+    return public_key(seed)
+
+
 def public_key(seed: str) -> str:
     """The public nkey of a seed."""
     try:

@@ -166,11 +166,15 @@ def projects_service_permissions(p: str) -> dict[str, Any]:
 
 def callout_block(issuer: str, auth_users: Iterable[str]) -> str:
     """nats-server config text (inside ``authorization {}``): unknown users go to the auth
-    callout; ``auth_users`` (every configured user) bypass it. ``issuer``: the public account
-    nkey, or an environment reference ``$VAR``."""
-    value = issuer if issuer.startswith("$") else f'"{issuer}"'
-    users = ", ".join(f'"{u}"' for u in auth_users)
-    return f"  auth_callout {{\n    issuer: {value}\n    auth_users: [{users}]\n  }}\n"
+    callout; ``auth_users`` (every configured user: its name, or its public nkey for an nkey
+    user) bypass it. ``issuer`` and each of ``auth_users`` may be an environment reference
+    ``$VAR`` (compose's config)."""
+
+    def value(v: str) -> str:
+        return v if v.startswith("$") else f'"{v}"'
+
+    users = ", ".join(value(u) for u in auth_users)
+    return f"  auth_callout {{\n    issuer: {value(issuer)}\n    auth_users: [{users}]\n  }}\n"
 
 
 def generate_callout_secrets() -> dict[str, str]:

@@ -13,8 +13,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lensbus.natsmqtt import mqtt_block
+
+if TYPE_CHECKING:
+    from lensbus.natstls import TlsFiles
 
 # Frames travel as JPEG (1080p is ~0.3 MB) but 4K frames and model chunks need headroom
 # over NATS's 1 MB default.
@@ -95,6 +99,9 @@ class NatsServer:
         extra_config: str = "",
         log_file: Path | None = None,
         mqtt_port: int | None = None,
+        server_name: str | None = None,
+        jetstream_config: str = "",
+        tls: TlsFiles | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -104,11 +111,17 @@ class NatsServer:
         self.log_file = log_file
         # nats-server's own MQTT listener (lensbus.natsmqtt) on this port, on the same host.
         self.mqtt_port = mqtt_port
+        # A cluster or a leaf node needs each server named; ``jetstream_config`` goes inside
+        # the ``jetstream {}`` block (a leaf device's ``domain``, limits).
+        self.server_name = server_name
+        self.jetstream_config = jetstream_config
+        # Clients must speak TLS (lensbus.natstls): the URL is then tls://.
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     @property
     def mqtt_url(self) -> str | None:
@@ -120,17 +133,26 @@ class NatsServer:
 
     def write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        name = self.server_name
         mqtt = ""
         if self.mqtt_port:
             # MQTT needs a server name (and JetStream, always on here).
-            mqtt = 'server_name: "lensbus"\n' + mqtt_block(self.mqtt_port, self.host)
+            name = name or "lensbus"
+            mqtt = mqtt_block(self.mqtt_port, self.host)
+        named = f'server_name: "{name}"\n' if name else ""
+        js_extra = f"  {self.jetstream_config.strip()}\n" if self.jetstream_config.strip() else ""
+        tls = ""
+        if self.tls is not None:
+            from lensbus.natstls import server_block
+
+            tls = server_block(self.tls)
         # It may hold every user's password.
         write_private(
             self.config_path,
-            f'listen: "{self.host}:{self.port}"\n{mqtt}'
+            f'listen: "{self.host}:{self.port}"\n{named}{mqtt}'
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n}}\n'
-            f"{self.extra_config}\n",
+            f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n{js_extra}}}\n'
+            f"{tls}{self.extra_config}\n",
         )
         return self.config_path
 

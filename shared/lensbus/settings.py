@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,11 +45,38 @@ class ServiceSettings(BaseSettings):
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
     )
-    nats_user: str | None = Field(default=None, description="NATS user name")
+    nats_user: str | None = Field(
+        default=None,
+        description="NATS user name; with an nkey or creds it is not sent, it names the "
+        "user's inbox (_INBOX_<user>; default: the service's name)",
+    )
     nats_password: SecretStr | None = Field(default=None, description="NATS password")
     nats_token: SecretStr | None = Field(default=None, description="NATS token")
     nats_creds: Path | None = Field(default=None, description="NATS .creds file (JWT + nkey)")
+    nats_nkey_file: Path | None = Field(
+        default=None,
+        description="file holding this user's NATS nkey seed (SU..., mode 0600); a rotated "
+        "seed is used from the next start",
+    )
+    nats_nkey_seed: SecretStr | None = Field(
+        default=None,
+        description="the nkey seed itself, for a service whose children run users' code "
+        "and could read its files but not its hidden environment (deployer, projects)",
+    )
     nats_tls_ca: Path | None = Field(default=None, description="CA bundle to verify NATS TLS")
+    nats_tls_cert: Path | None = Field(
+        default=None, description="client certificate for NATS TLS (with nats_tls_key)"
+    )
+    nats_tls_key: Path | None = Field(default=None, description="client certificate's key")
+    jetstream_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=5,
+        description="replicas of the streams, buckets and stores a service creates (3 on a "
+        "cluster); a resource found with another count is updated in place; unset: created "
+        "at 1, an existing count left alone (so a service left at the default never lowers "
+        "what another set)",
+    )
     prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix")
     instance: str = Field(default_factory=default_instance, description="instance id")
     metrics_host: str = Field(default="127.0.0.1", description="address of /metrics, /healthz")
@@ -57,6 +84,12 @@ class ServiceSettings(BaseSettings):
     heartbeat_s: float = Field(default=2.0, gt=0, le=300, description="heartbeat interval")
     drain_timeout_s: float = Field(default=5.0, gt=0, le=120, description="drain limit at stop")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("jetstream_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, v: object) -> object:
+        # compose passes ${LENSBUS_JETSTREAM_REPLICAS:-}: empty is "unset", not an error.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("prefix")
     @classmethod
@@ -75,6 +108,30 @@ class ServiceSettings(BaseSettings):
             if not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
                 raise ValueError(f"{url.strip()!r} is not a nats://, tls://, ws:// or wss:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ServiceSettings:
+        given = [
+            name
+            for name in ("nats_password", "nats_creds", "nats_nkey_file", "nats_nkey_seed")
+            if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one NATS credential, not {' and '.join(given)}")
+        if self.nats_nkey_file is not None:
+            from lensbus.bus import read_nkey_file
+
+            read_nkey_file(self.nats_nkey_file)  # names the file, never the seed
+        if self.nats_nkey_seed is not None:
+            from lensbus.natscallout import public_nkey
+
+            try:
+                public_nkey(self.nats_nkey_seed.get_secret_value().strip())
+            except ValueError:
+                raise ValueError("nats_nkey_seed: not a NATS user nkey seed (SU...)") from None
+        if self.nats_tls_key is not None and self.nats_tls_cert is None:
+            raise ValueError("nats_tls_key needs nats_tls_cert (the client certificate)")
+        return self
 
     @property
     def nats_servers(self) -> list[str]:
@@ -116,13 +173,22 @@ def _unknown_env(cls: type[ServiceSettings]) -> list[str]:
     return sorted(k for k in os.environ if k.upper().startswith(prefix) and k.upper() not in known)
 
 
+def _secret(cls: type[ServiceSettings], name: str) -> bool:
+    """Whether setting ``name`` holds a secret (its value never goes into a message)."""
+    field = cls.model_fields.get(name)
+    return field is not None and "SecretStr" in str(field.annotation)
+
+
 def _describe(cls: type[ServiceSettings], exc: ValidationError) -> str:
     lines = []
     for err in exc.errors(include_url=False):
         field = ".".join(str(p) for p in err["loc"]) or "<settings>"
         env = f"{cls.env_prefix()}{str(err['loc'][0]).upper()}" if err["loc"] else ""
         where = f" (env {env})" if env and err["type"] != "extra_forbidden" else ""
-        got = "" if err["type"] in ("missing", "extra_forbidden") else f", got {err['input']!r}"
+        # A check of the whole (loc empty) would print every input, secrets too.
+        quiet = not err["loc"] or _secret(cls, str(err["loc"][0]))
+        plain = err["type"] not in ("missing", "extra_forbidden") and not quiet
+        got = f", got {err['input']!r}" if plain else ""
         msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {field}{where}: {msg}{got}")
     return f"invalid {cls.service} settings:\n" + "\n".join(lines)

@@ -41,6 +41,8 @@ DEPLOYER_VERBS = (
     "project_remove",
     "project_status",
 )
+# A hub's fleet verbs (lensbus.natsleaf), apart so a user gets them on purpose.
+FLEET_VERBS = ("fleet_add", "fleet_remove", "fleet_deploy", "fleet_status")
 
 # The subjects MQTT clients see (nats-server's MQTT listener maps topic '/' to subject '.'):
 # ``<prefix>.<camera>.events`` and deeper. A camera named like one of lensbus's own second
@@ -55,6 +57,7 @@ RESERVED_TOKENS = (
     "status",
     "api",
     "projects",
+    "fleet",
 )
 # Home Assistant's MQTT discovery prefix (its default) and its birth message's subject.
 HA_PREFIX = "homeassistant"
@@ -84,6 +87,10 @@ def validate_topic(value: str) -> str:
     if value.startswith("_"):
         raise InvalidName(f"invalid topic {value!r}: topics starting with '_' are lensbus's own")
     return value
+
+
+def validate_device(value: str) -> str:
+    return validate_token(value, "device name")  # also its JetStream domain
 
 
 def validate_camera_id(value: str) -> str:
@@ -176,6 +183,28 @@ class Subjects:
         """Pending webhook deliveries (a work queue: a delivery leaves it when taken). Its
         durable consumers (``webhook-<rule>``) live in this stream, so they are per prefix too."""
         return self._stream("WEBHOOKS")
+
+    @property
+    def fleet_bucket(self) -> str:
+        """KV of a fleet (``lensbus.schemas.fleet`` says what its keys hold)."""
+        return f"{self.install_name}-fleet"
+
+    @property
+    def fleet_results_stream(self) -> str:
+        """The hub's stream of every device's results and events (sourced; no subjects)."""
+        return self._stream("FLEET_RESULTS")
+
+    def fleet_transforms(self, device: str) -> list[tuple[str, str]]:
+        """``<p>.results.<cam>`` -> ``<p>.fleet.<device>.results.<cam>``, events alike."""
+        fleet = f"{self.prefix}.fleet.{validate_device(device)}"
+        return [
+            (self.all_results(), f"{fleet}.results.{{{{wildcard(1)}}}}"),
+            (self.all_events(), f"{fleet}.events.{{{{wildcard(1)}}}}"),
+        ]
+
+    def leaf_denied(self) -> list[str]:
+        """What a device's leaf link must not carry either way (lensbus.natsleaf says why)."""
+        return [f"{self.prefix}.>", "$KV.>", "$O.>", "$MQTT.>", f"{HA_PREFIX}.>"]
 
     def frames(self, camera: str) -> str:
         """Frames of one camera as captured (the device stream), JPEG in a frame envelope."""
@@ -282,8 +311,8 @@ class Subjects:
 
     def deployer_api(self, verb: str) -> str:
         """Request/reply endpoint of the deployer."""
-        if verb not in DEPLOYER_VERBS:
-            raise InvalidName(f"unknown deployer verb {verb!r}; one of {DEPLOYER_VERBS}")
+        if verb not in (known := DEPLOYER_VERBS + FLEET_VERBS):
+            raise InvalidName(f"unknown deployer verb {verb!r}; one of {known}")
         return f"{self.prefix}.api.deployer.{verb}"
 
     def camera_of(self, subject: str) -> str:

@@ -5,7 +5,7 @@
     from datetime import timedelta
     from lensbus import SyncClient
 
-    with SyncClient("nats://127.0.0.1:4222", user="client", password="...") as c:
+    with SyncClient("tls://device:4222", nkey="client.nk", tls_ca="ca.pem") as c:
         for r in c.results("cam1", since=timedelta(minutes=10), timeout=30):
             print(r.seq, [d.label for d in r.detections])
 
@@ -173,8 +173,9 @@ class SyncClient:
     """Reads results, events, snapshots and clips of a lensbus installation, blocking.
 
     Takes what :class:`lensbus.Client` takes: ``servers`` (a URL, a comma-separated list or
-    a list), ``prefix``, and NATS options (``user``/``password``, ``token``,
-    ``user_credentials``, ``tls``). ``timeout_s`` bounds the first connection. Messages a
+    a list), ``prefix``, the credentials (``nkey``: a seed file such as ``client.nk``,
+    ``creds``, ``user``/``password``; ``tls_ca``: the CA of a ``tls://`` server) and other
+    NATS options (``token``, ``tls``). ``timeout_s`` bounds the first connection. Messages a
     producer got wrong are skipped, counted in :attr:`rejected` (and the metric
     ``lensbus_messages_rejected_total``) and logged once a minute per reason; fields this
     version does not know are ignored.

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from lensbus.codec import encode
 from lensbus.runtime import Runtime
 from lensbus.schemas.pipeline import Pipeline
+from lensbus.stored import ResultSender
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_analytics import metrics
 from lensbus_analytics.analytics import Analytics, Out
@@ -30,9 +31,12 @@ FLUSH_FRACTION = 0.25
 FLUSH_MIN_S = 0.01
 
 
-async def publish(rt: Runtime, out: Out, analytics: Analytics, mqtt: MqttOut | None) -> None:
+async def publish(
+    rt: Runtime, sender: ResultSender, out: Out, analytics: Analytics, mqtt: MqttOut | None
+) -> None:
     for result in out.results:
-        await rt.nc.publish(rt.subjects.results(result.camera), encode(result))
+        subject = rt.subjects.results(result.camera)
+        await sender.send(subject, encode(result), result.camera, result.seq, result.capture_ns)
         metrics.RESULTS_OUT.labels(result.camera).inc()
     for event in out.events:
         await rt.nc.publish(rt.subjects.events(event.camera), encode(event))
@@ -43,13 +47,17 @@ async def publish(rt: Runtime, out: Out, analytics: Analytics, mqtt: MqttOut | N
 
 
 async def flush_gaps(
-    rt: Runtime, analytics: Analytics, settings: AnalyticsSettings, mqtt: MqttOut | None
+    rt: Runtime,
+    sender: ResultSender,
+    analytics: Analytics,
+    settings: AnalyticsSettings,
+    mqtt: MqttOut | None,
 ) -> None:
     every = max(FLUSH_MIN_S, settings.reorder_wait_s * FLUSH_FRACTION)
     while not rt.stop.is_set():
         await sleep_unless_stopped(rt.stop, every)
         if rt.bus.connected:
-            await publish(rt, analytics.flush(time.monotonic()), analytics, mqtt)
+            await publish(rt, sender, analytics.flush(time.monotonic()), analytics, mqtt)
 
 
 async def run(settings: AnalyticsSettings) -> int:
@@ -70,11 +78,12 @@ async def run(settings: AnalyticsSettings) -> int:
             return 0
         rt.detail.update({"group": settings.group, "pipeline": "idle"})
         mqtt = MqttOut(rt.subjects) if settings.mqtt else None
+        sender = ResultSender(rt.nc, settings.results_acked)
 
         async def on_msg(msg: Msg) -> None:
             camera = rt.subjects.camera_of(msg.subject)
             out = analytics.on_detections(camera, msg.data, time.monotonic())
-            await publish(rt, out, analytics, mqtt)
+            await publish(rt, sender, out, analytics, mqtt)
 
         async def on_ha_status(msg: Msg) -> None:
             # Home Assistant's birth message: it has forgotten unretained discovery configs.
@@ -85,7 +94,7 @@ async def run(settings: AnalyticsSettings) -> int:
         follower = PipelineFollower(rt, settings.group, on_pipeline)
         tasks = [
             asyncio.create_task(follower.run(), name="pipeline"),
-            asyncio.create_task(flush_gaps(rt, analytics, settings, mqtt), name="flush"),
+            asyncio.create_task(flush_gaps(rt, sender, analytics, settings, mqtt), name="flush"),
         ]
         cams = settings.camera_list
         subjects = (
@@ -101,5 +110,6 @@ async def run(settings: AnalyticsSettings) -> int:
             await sub.unsubscribe()
         await asyncio.gather(*tasks)
         # What waits for a gap goes out before the drain: no result is lost to a stop.
-        await publish(rt, analytics.flush(float("inf")), analytics, mqtt)
+        await publish(rt, sender, analytics.flush(float("inf")), analytics, mqtt)
+        await sender.close()
     return 0

@@ -43,6 +43,11 @@ class AnalyticsSettings(ServiceSettings):
         description="publish events, zone occupancy and line counts as JSON on the MQTT "
         "subjects, with Home Assistant discovery configs (lensbus.natsmqtt)",
     )
+    results_acked: bool = Field(
+        default=False,
+        description="publish results as JetStream publishes and retry each until the results "
+        "stream stores it (a cluster: none lost while a node fails; lensbus.stored)",
+    )
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="0 picks a free port")
 
     @field_validator("group")

@@ -183,7 +183,9 @@ class Follower:
         self.cameras = cameras
         self.desired = Desired(settings)
         js = rt.nc.jetstream(timeout=JS_TIMEOUT_S)
-        self.bucket = CamerasBucket(js, bucket=rt.subjects.cameras_bucket)
+        self.bucket = CamerasBucket(
+            js, bucket=rt.subjects.cameras_bucket, replicas=settings.jetstream_replicas
+        )
         self.writer = StateWriter(self.bucket, settings.instance, self.desired)
         self.running: dict[str, CameraConfig] = {}
         self.done = asyncio.Event()

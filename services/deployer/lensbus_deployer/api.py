@@ -24,6 +24,12 @@ from lensbus.schemas import (
     ActivateRequest,
     Deployment,
     DeploymentReply,
+    FleetDeployReply,
+    FleetDeployRequest,
+    FleetDeviceReply,
+    FleetDeviceRequest,
+    FleetStatusReply,
+    FleetStatusRequest,
     GroupStatus,
     ListReply,
     ListRequest,
@@ -51,11 +57,12 @@ from lensbus.schemas import (
     UploadCommit,
     UploadStarted,
 )
-from lensbus.subjects import DEPLOYER_QUEUE_GROUP, DEPLOYER_VERBS
+from lensbus.subjects import DEPLOYER_QUEUE_GROUP, DEPLOYER_VERBS, FLEET_VERBS
 from lensbus_deployer import decisions, metrics
 from lensbus_deployer.config import DeployerSettings
 from lensbus_deployer.decisions import Heartbeat
 from lensbus_deployer.errors import Refused
+from lensbus_deployer.fleet_verbs import FleetVerbs
 from lensbus_deployer.jetstream import JetStream
 from lensbus_deployer.model_objects import latest
 from lensbus_deployer.pipeline_verbs import PipelineVerbs
@@ -116,7 +123,14 @@ class Api:
             "project_remove": (ProjectRequest, ProjectDeployReply, pj.project_remove),
             "project_status": (ProjectStatusRequest, ProjectStatusReply, pj.project_status),
         }
-        assert set(self._routes) == set(DEPLOYER_VERBS)
+        self.fleet = fl = FleetVerbs(settings, jetstream, self._version)
+        self._routes |= {
+            "fleet_add": (FleetDeviceRequest, FleetDeviceReply, fl.fleet_add),
+            "fleet_remove": (FleetDeviceRequest, FleetDeviceReply, fl.fleet_remove),
+            "fleet_deploy": (FleetDeployRequest, FleetDeployReply, fl.fleet_deploy),
+            "fleet_status": (FleetStatusRequest, FleetStatusReply, fl.fleet_status),
+        }
+        assert set(self._routes) == {*DEPLOYER_VERBS, *FLEET_VERBS}
         self._subs: list[Subscription] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._listening_since = time.monotonic()
@@ -124,7 +138,7 @@ class Api:
 
     async def start(self) -> None:
         nc = self.rt.nc
-        for verb in DEPLOYER_VERBS:
+        for verb in (*DEPLOYER_VERBS, *FLEET_VERBS):
             subject = self.rt.subjects.deployer_api(verb)
             queue = "" if verb in OWNER_VERBS else DEPLOYER_QUEUE_GROUP
             self._subs.append(await nc.subscribe(subject, queue=queue, cb=self._spawn(verb)))

@@ -19,6 +19,8 @@ from lensbus_deployer import metrics
 from lensbus_deployer.api import Api
 from lensbus_deployer.auto_rollback import AutoRollback
 from lensbus_deployer.config import DeployerSettings
+from lensbus_deployer.fleet_device import DeviceFleet
+from lensbus_deployer.fleet_watch import FleetWatch
 from lensbus_deployer.housekeeping import Housekeeping
 from lensbus_deployer.jetstream import JetStream
 from lensbus_deployer.store import Store
@@ -49,6 +51,15 @@ class Deployer:
         self.housekeeping = Housekeeping(
             settings, rt.stop, self.jetstream, self.uploads, self.api.forget_heartbeats
         )
+        # A hub watches its devices' sources; a device follows the hub's desired models for it
+        # (lensbus.natsleaf).
+        fleet = self.api.fleet
+        self.fleet_watch = FleetWatch(settings, rt, fleet.hub, fleet.lock)
+        self.fleet = None
+        if settings.fleet_device is not None:
+            self.fleet = DeviceFleet(
+                settings, rt, self.jetstream, upload_verbs, self.api.activate, self.api.status
+            )
 
     async def start(self) -> None:
         await asyncio.to_thread(self.uploads.prepare)
@@ -75,13 +86,18 @@ async def run(settings: DeployerSettings) -> int:
         deployer = Deployer(settings, rt)
         await deployer.start()
         rt.set_state("running")
-        background = asyncio.create_task(deployer.housekeeping.run(), name="deployer")
+        tasks = [asyncio.create_task(deployer.housekeeping.run(), name="deployer")]
+        if settings.fleet_hub:
+            tasks.append(asyncio.create_task(deployer.fleet_watch.run(), name="fleet-watch"))
+        if deployer.fleet is not None:
+            tasks.append(asyncio.create_task(deployer.fleet.run(), name="fleet"))
         try:
             await rt.stop.wait()
         finally:
             log.info("stopping: finishing requests in hand")
             await deployer.stop()
-            background.cancel()
-            with contextlib.suppress(BaseException):
-                await background
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
     return 0

@@ -6,11 +6,12 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from lensbus.modelpkg import DEFAULT_MAX_BYTES
 from lensbus.settings import ServiceSettings
+from lensbus.subjects import validate_device, validate_token
 
 MiB = 1024 * 1024
 
@@ -73,11 +74,83 @@ class DeployerSettings(ServiceSettings):
         default=10.0, gt=0, le=300, description="limit of one JetStream call"
     )
 
+    # ---- a fleet (lensbus.natsleaf): a hub's deployer keeps the fleet; a device's follows it
+
+    fleet_hub: bool = Field(
+        default=False,
+        description="this deployer is a fleet's hub's: it answers the fleet verbs (fleet add, "
+        "deploy --devices, status --fleet) and watches its devices' sources",
+    )
+    fleet_device: str | None = Field(
+        default=None,
+        description="this deployer is the device's of that name (its nats-server's JetStream "
+        "domain, a leaf node of the hub): it follows the hub's desired models for it, copies "
+        "them into the local store, activates them and reports what it serves",
+    )
+    fleet_hub_domain: str = Field(
+        default="hub", description="the hub's JetStream domain (a device's deployer)"
+    )
+    fleet_seen_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="how often a device reports what it serves while the hub answers",
+    )
+    fleet_retry_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="longest wait between a device's tries to reach the hub or apply a model",
+    )
+    fleet_check_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="how often a hub's deployer checks its devices' sources (a device that "
+        "answers again after a silence gets its sources made anew at once)",
+    )
+    # The fleet stream's limits mean what JetStream's own do (max_age 0, max_bytes -1: none)
+    # and are kept in place: a change applies at the watch's next round.
+    fleet_results_max_age_s: float = Field(
+        default=30 * 86400.0,
+        ge=0,
+        description="age limit of the hub's fleet results stream (0: none)",
+    )
+    fleet_results_max_bytes: int = Field(
+        default=8 * 1024 * MiB,
+        ge=-1,
+        description="size limit of the hub's fleet results stream (-1: none; not 0)",
+    )
+
+    @field_validator("fleet_device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        return None if value is None else validate_device(value)
+
+    @field_validator("fleet_results_max_bytes")
+    @classmethod
+    def _fleet_max_bytes(cls, value: int) -> int:
+        if value == 0:  # a stream that may hold nothing: surely meant as "no limit"
+            raise ValueError("give -1 for no limit, or the limit in bytes; 0 would hold nothing")
+        return value
+
+    @field_validator("fleet_hub_domain")
+    @classmethod
+    def _hub_domain(cls, value: str) -> str:
+        return validate_token(value, "JetStream domain")
+
     @model_validator(mode="after")
     def _limits(self) -> DeployerSettings:
         if self.store_max_bytes != -1 and self.store_max_bytes < self.max_package_bytes:
             raise ValueError(
                 f"store_max_bytes ({self.store_max_bytes}) must be -1 or at least "
                 f"max_package_bytes ({self.max_package_bytes})"
+            )
+        if self.fleet_hub and self.fleet_device is not None:
+            raise ValueError("fleet_hub and fleet_device: a deployer is a hub's or a device's")
+        if self.fleet_device is not None and self.fleet_device == self.fleet_hub_domain:
+            raise ValueError(
+                f"fleet_device ({self.fleet_device}) must differ from fleet_hub_domain: a "
+                "device's JetStream domain is its own"
             )
         return self

@@ -66,3 +66,51 @@ LEFTOVER_BYTES = Counter(
     ["kind"],
 )
 JETSTREAM_UP = Gauge("lensbus_deployer_jetstream_up", "1 while JetStream answers")
+
+# ---- a fleet (lensbus_deployer.fleet_*) ----------------------------------------------------------
+
+FLEET_CHANGES = Counter(
+    "lensbus_deployer_fleet_changes_total",
+    "Fleet verbs that changed the hub's fleet, by verb (add, remove, deploy) and outcome (ok, "
+    "or the refusal's code)",
+    ["verb", "outcome"],
+)
+FLEET_DEVICES = Gauge("lensbus_deployer_fleet_devices", "Devices joined to this hub")
+FLEET_RESULTS_LAG = Gauge(
+    "lensbus_deployer_fleet_results_lag",
+    "Results a device holds that the hub's fleet stream has not sourced yet (as of the last "
+    "watch round)",
+    ["device"],
+)
+FLEET_SOURCE_ACTIVE = Gauge(
+    "lensbus_deployer_fleet_source_active_seconds",
+    "A hub's deployer: seconds since the fleet stream last heard from a device's results "
+    "source (-1: never), as of the last watch round",
+    ["device"],
+)
+FLEET_HUB_UP = Gauge(
+    "lensbus_deployer_fleet_hub_up", "A device's deployer: 1 while the hub answers"
+)
+FLEET_FAILURES = Counter(
+    "lensbus_deployer_fleet_failures_total",
+    "A device's deployer: failures, by stage (link: the hub did not answer; copy: a model not "
+    "copied from the hub's store; activate: not activated here; seen: the report not written)",
+    ["stage"],
+)
+FLEET_APPLIED = Counter(
+    "lensbus_deployer_fleet_applied_total",
+    "A device's deployer: desired models of the hub applied here (copied if missing, activated)",
+)
+FLEET_COPY_BYTES = Counter(
+    "lensbus_deployer_fleet_copy_bytes_total",
+    "A device's deployer: bytes of models copied from the hub's store into the local one",
+)
+FLEET_COPY_SECONDS = Histogram(
+    "lensbus_deployer_fleet_copy_seconds",
+    "A device's deployer: time to copy a model from the hub's store, check and store it",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+FLEET_SOURCE_RESTARTS = Counter(
+    "lensbus_deployer_fleet_source_restarts_total",
+    "A hub's deployer: a device's sources made anew when it answered again after a silence",
+)

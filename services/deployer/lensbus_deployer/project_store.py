@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from nats.js import api
 from nats.js.api import ObjectInfo
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from lensbus import metrics as shared_metrics
 from lensbus.codec import DecodeError, decode, encode
+from lensbus.jetstream import ensure_object_store
 from lensbus.projects.package import manifest_of_archive
 from lensbus.schemas.project import (
     ProjectDeployment,
@@ -65,19 +66,16 @@ class ProjectStore:
 
     async def ensure(self) -> None:
         js, s, bucket = self.store.js, self.store.s, self.store.names.projects_bucket
-        try:
-            obs = await js.object_store(bucket)
-        except BucketNotFoundError:
-            log.info("creating object store %s (file storage)", bucket)
-            obs = await js.create_object_store(
-                bucket,
-                config=api.ObjectStoreConfig(
-                    description="lensbus projects, user code (<name>/<version>, .tar.gz)",
-                    storage=api.StorageType.FILE,
-                    max_bytes=s.projects_max_bytes,
-                ),
-            )
-        self._obs = obs
+        self._obs = await ensure_object_store(
+            js,
+            bucket,
+            api.ObjectStoreConfig(
+                description="lensbus projects, user code (<name>/<version>, .tar.gz)",
+                storage=api.StorageType.FILE,
+                max_bytes=s.projects_max_bytes,
+            ),
+            replicas=s.jetstream_replicas,
+        )
 
     # ---- stored versions ------------------------------------------------------------------
 

@@ -22,16 +22,13 @@ from typing import Protocol, TypeVar
 
 from nats.js import JetStreamContext, api
 from nats.js.api import ObjectInfo
-from nats.js.errors import (
-    BucketNotFoundError,
-    KeyWrongLastSequenceError,
-    NotFoundError,
-)
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from lensbus import metrics as shared_metrics
 from lensbus.codec import DecodeError, decode, encode
+from lensbus.jetstream import ensure_key_value, ensure_object_store
 from lensbus.modelpkg import MANIFEST, PackageError, read_manifest
 from lensbus.schemas import Deployment, Manifest, ModelInfo, PipelineDeployment, SwapReport
 from lensbus.schemas.deploy import group_key, object_name, pipeline_key, report_key
@@ -161,33 +158,31 @@ class Store:
         return self._obs is not None and self._kv is not None
 
     async def ensure(self) -> None:
-        """Bind the buckets, creating them (file storage, limits) where missing."""
-        try:
-            obs = await self.js.object_store(self.names.models_bucket)
-        except BucketNotFoundError:
-            log.info("creating object store %s (file storage)", self.names.models_bucket)
-            obs = await self.js.create_object_store(
-                self.names.models_bucket,
-                config=api.ObjectStoreConfig(
-                    description="lensbus model packages (<name>/<version>, .tar.gz)",
-                    storage=api.StorageType.FILE,
-                    max_bytes=self.s.store_max_bytes,
-                ),
-            )
-        try:
-            kv = await self.js.key_value(self.names.deployments_bucket)
-        except BucketNotFoundError:
-            log.info("creating KV bucket %s (file storage)", self.names.deployments_bucket)
-            kv = await self.js.create_key_value(
-                config=api.KeyValueConfig(
-                    bucket=self.names.deployments_bucket,
-                    description="lensbus desired model per camera group, and swap reports",
-                    history=self.s.kv_history,
-                    max_value_size=self.s.kv_max_value_bytes,
-                    max_bytes=self.s.kv_max_bytes,
-                    storage=api.StorageType.FILE,
-                )
-            )
+        """Bind the buckets, creating them (file storage, limits) where missing, at the
+        settings' replica count (updated in place where it differs)."""
+        replicas = self.s.jetstream_replicas
+        obs = await ensure_object_store(
+            self.js,
+            self.names.models_bucket,
+            api.ObjectStoreConfig(
+                description="lensbus model packages (<name>/<version>, .tar.gz)",
+                storage=api.StorageType.FILE,
+                max_bytes=self.s.store_max_bytes,
+            ),
+            replicas=replicas,
+        )
+        kv = await ensure_key_value(
+            self.js,
+            api.KeyValueConfig(
+                bucket=self.names.deployments_bucket,
+                description="lensbus desired model per camera group, and swap reports",
+                history=self.s.kv_history,
+                max_value_size=self.s.kv_max_value_bytes,
+                max_bytes=self.s.kv_max_bytes,
+                storage=api.StorageType.FILE,
+            ),
+            replicas=replicas,
+        )
         self._obs, self._kv = obs, kv
 
     @property

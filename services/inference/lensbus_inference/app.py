@@ -96,6 +96,7 @@ async def run(settings: InferenceSettings) -> int:
             for sub in subs:
                 await sub.unsubscribe()
             await asyncio.gather(*tasks)
+            await worker.sender.close()  # the acknowledgements still due, before the drain
         return 0
     finally:
         current = worker.model if worker else model

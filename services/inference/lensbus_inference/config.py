@@ -61,6 +61,11 @@ class InferenceSettings(ServiceSettings):
         description="frames whose JPEG header declares more pixels are rejected before "
         "decoding (image_too_large)",
     )
+    results_acked: bool = Field(
+        default=False,
+        description="publish results as JetStream publishes and retry each until the results "
+        "stream stores it (a cluster: none lost while a node fails; lensbus.stored)",
+    )
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 picks a free port")
 
     @field_validator("cameras")

@@ -15,6 +15,7 @@ from lensbus.errors import LensbusError, Rejected
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import Result
+from lensbus.stored import ResultSender
 from lensbus.waiting import wait_unless_stopped
 from lensbus_inference import metrics
 from lensbus_inference.config import InferenceSettings
@@ -54,6 +55,7 @@ class Worker:
         # mailbox instead of replacing it before the worker task has run.
         self._idle = False
         self._handoff: tuple[str, Pending] | None = None
+        self.sender = ResultSender(rt.nc, settings.results_acked)
 
     def counters(self) -> dict[str, float]:
         return {
@@ -171,9 +173,17 @@ class Worker:
         # With a track stage, analytics owns the camera's results: it tracks and republishes.
         plan = self.plan
         subjects = self.rt.subjects
-        to = subjects.detections if plan is not None and plan.analytics else subjects.results
         try:
-            await self.rt.nc.publish(to(result.camera), encode(result))
+            if plan is not None and plan.analytics:  # not stored: analytics sends the result
+                await self.rt.nc.publish(subjects.detections(result.camera), encode(result))
+            else:
+                await self.sender.send(
+                    subjects.results(result.camera),
+                    encode(result),
+                    result.camera,
+                    result.seq,
+                    result.capture_ns,
+                )
         except Exception as exc:
             metrics.FRAMES_DROPPED.labels("publish_error").inc()
             log_limited(

@@ -58,6 +58,7 @@ def host_env(
             control.ENV_CAMERAS: cameras_text(cameras),
             control.ENV_INSTANCE: s.instance,
             control.ENV_MODELS: str(models),
+            control.ENV_TLS_CA: str(s.nats_tls_ca or ""),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import nats.errors
 from nats.js.api import KeyValueConfig
-from nats.js.errors import NotFoundError
 
 from lensbus.codec import encode
+from lensbus.jetstream import ReplicasError, ensure_key_value
 from lensbus.projects.state import MAX_VALUE_BYTES, STATE_MAX_BYTES
 from lensbus.runtime import Runtime
 from lensbus.schemas.project import ProjectDeployment, ProjectReport, project_report_key
@@ -75,21 +75,19 @@ class Projects:
 
     async def prepare(self, name: str) -> None:
         """The project's state bucket (ctx.state), made before its host first starts."""
-        js = self.rt.nc.jetstream()
-        bucket = self.rt.subjects.project_state_bucket(name)
+        # Bounded on the server: a project writing to its bucket directly (its permissions
+        # allow it) cannot fill the store models and results share.
+        config = KeyValueConfig(
+            bucket=self.rt.subjects.project_state_bucket(name),
+            history=1,
+            max_bytes=STATE_MAX_BYTES,
+            max_value_size=MAX_VALUE_BYTES,
+        )
         try:
-            await js.key_value(bucket)
-        except NotFoundError:
-            with contextlib.suppress(nats.errors.Error):  # made meanwhile by another instance
-                # Bounded on the server: a project writing to its bucket directly (its
-                # permissions allow it) cannot fill the store models and results share.
-                config = KeyValueConfig(
-                    bucket=bucket,
-                    history=1,
-                    max_bytes=STATE_MAX_BYTES,
-                    max_value_size=MAX_VALUE_BYTES,
-                )
-                await js.create_key_value(config)
+            js = self.rt.nc.jetstream()
+            await ensure_key_value(js, config, replicas=self.s.jetstream_replicas)
+        except (nats.errors.Error, ReplicasError) as exc:  # the host binds or makes it itself
+            log.warning("project %s: state bucket %s not made: %s", name, config.bucket, exc)
 
     # ---- reports ---------------------------------------------------------------------------
 

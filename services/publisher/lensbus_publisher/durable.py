@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from nats.js import JetStreamContext, api
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js import api
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
+from lensbus.jetstream import ensure_object_store, ensure_stream
 from lensbus.runtime import Runtime
 from lensbus.waiting import sleep_unless_stopped
 from lensbus_publisher import metrics
@@ -56,10 +57,10 @@ class Durable:
 
     async def ensure(self) -> None:
         js = self.rt.nc.jetstream()
-        await ensure_stream(js, self.stream_config(), ("max_age", "max_bytes"))
+        owned = ("subjects", "max_age", "max_bytes")
+        await ensure_stream(js, self.stream_config(), owned, replicas=self.s.jetstream_replicas)
         if self.snapshots is None:
-            self.snapshots = await _object_store(
-                js,
+            self.snapshots = await self._object_store(
                 self.rt.subjects.snapshots_bucket,
                 "lensbus event snapshots (<camera>/<capture_ns>-<seq>.jpg)",
                 self.s.snapshots_max_bytes,
@@ -72,13 +73,27 @@ class Durable:
         oldest clips to make room: the byte limit here is a backstop."""
         if self.clips is not None:
             return
-        self.clips = await _object_store(
-            self.rt.nc.jetstream(),
+        self.clips = await self._object_store(
             self.rt.subjects.clips_bucket,
             "lensbus clips around events (<camera>-<capture_ns>-<seq>, AVI)",
             self.s.clips_max_bytes,
             self.s.clips_max_age_s,
         )
+
+    async def _object_store(
+        self, bucket: str, description: str, max_bytes: int, max_age_s: float
+    ) -> ObjectStore:
+        """Bind ``bucket``, or create it with these limits (they apply at creation only:
+        lowered in place they would make the server drop stored objects' chunks); its
+        replica count follows the settings."""
+        config = api.ObjectStoreConfig(
+            description=description,
+            storage=api.StorageType.FILE,
+            max_bytes=max_bytes,
+            ttl=max_age_s,
+        )
+        js = self.rt.nc.jetstream()
+        return await ensure_object_store(js, bucket, config, replicas=self.s.jetstream_replicas)
 
     async def run(self) -> None:
         """Keep the stream and the buckets in place, and audit the stream, until stopped."""
@@ -147,42 +162,3 @@ class Durable:
         else:
             self.rt.health.set("results_stream", None)
         return True
-
-
-async def ensure_stream(
-    js: JetStreamContext, config: api.StreamConfig, limits: tuple[str, ...]
-) -> None:
-    """Create the stream ``config`` names, or update it where its subjects or one of the
-    ``limits`` (config field names) differ from ``config``: the publisher's settings win."""
-    try:
-        have = (await js.stream_info(config.name or "")).config
-    except NotFoundError:
-        await js.add_stream(config)
-        shown = ", ".join(f"{k} {getattr(config, k)}" for k in limits)
-        log.info("created stream %s over %s (%s)", config.name, config.subjects, shown)
-        return
-    if sorted(have.subjects or []) != sorted(config.subjects or []) or any(
-        getattr(have, k) != getattr(config, k) for k in limits
-    ):
-        await js.update_stream(config)
-        log.info("updated stream %s limits", config.name)
-
-
-async def _object_store(
-    js: JetStreamContext, bucket: str, description: str, max_bytes: int, max_age_s: float
-) -> ObjectStore:
-    """Bind ``bucket``, or create it with these limits (they apply at creation only)."""
-    try:
-        return await js.object_store(bucket)
-    except BucketNotFoundError:
-        store = await js.create_object_store(
-            bucket,
-            config=api.ObjectStoreConfig(
-                description=description,
-                storage=api.StorageType.FILE,
-                max_bytes=max_bytes,
-                ttl=max_age_s,
-            ),
-        )
-        log.info("created object store %s", bucket)
-        return store

@@ -11,21 +11,29 @@ Each audit notes the count first, then asks for the stream's last sequence, so w
 seen has had a round trip to be stored. A message in flight can still make one audit's
 difference off by one; a lost message stays missing, so only a shortfall found by two audits
 in a row is counted.
+
+A result published with ``results_acked`` (``lensbus.stored``) that is published again after
+an unanswered acknowledgement arrives twice but is stored once (its ``Nats-Msg-Id``): the
+audit counts each id once, among the last ``RECENT_IDS`` it saw.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from lensbus.stored import MSG_ID
 from lensbus_publisher import metrics
 
 log = logging.getLogger(__name__)
+# Retries of one result come within its 30 s of retrying: 30 s of 30 fps on ~20 cameras.
+RECENT_IDS = 20_000
 
 
 @dataclass
@@ -42,10 +50,21 @@ class StoreAudit:
         self._last_seq = 0  # at the last audit
         self._missing = 0  # the shortfall the last audit found
         self._subs: list[Subscription] = []
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def saw(self, msg_id: str | None) -> None:
+        """Count a message on the stream's subjects (one id counted once)."""
+        if msg_id is not None:
+            if msg_id in self._ids:
+                return
+            self._ids[msg_id] = None
+            if len(self._ids) > RECENT_IDS:
+                self._ids.popitem(last=False)
+        self.seen += 1
 
     async def start(self, nc: NATS, subjects: list[str]) -> None:
         async def count(msg: Msg) -> None:
-            self.seen += 1
+            self.saw(msg.headers.get(MSG_ID) if msg.headers else None)
 
         self._subs = [await nc.subscribe(s, cb=count) for s in subjects]
 

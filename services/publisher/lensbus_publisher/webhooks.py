@@ -33,12 +33,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext, api
 
+from lensbus.jetstream import ensure_stream
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.waiting import sleep_unless_stopped, wait_unless_stopped
 from lensbus_publisher import metrics
 from lensbus_publisher.config import PublisherSettings, Rule
-from lensbus_publisher.durable import ensure_stream
 from lensbus_publisher.signing import (
     DELIVERY_HEADER,
     RETRY_AFTER_STATUS,
@@ -243,7 +243,8 @@ class Webhooks:
         if self._js is not None:
             return self._js
         js = self.rt.nc.jetstream()
-        await ensure_stream(js, self.stream_config(), ("max_msgs_per_subject", "max_age"))
+        owned = ("subjects", "max_msgs_per_subject", "max_age")
+        await ensure_stream(js, self.stream_config(), owned, replicas=self.s.jetstream_replicas)
         self._js = js
         return js
 

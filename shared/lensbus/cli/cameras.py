@@ -235,7 +235,8 @@ def _runner(command: Command, title: str, create: bool) -> Callable[[argparse.Na
             js = nc.jetstream(timeout=args.timeout)
             try:
                 name = Subjects(args.prefix).cameras_bucket
-                bucket = await CamerasBucket.open(js, create=create, bucket=name)
+                replicas = getattr(args, "replicas", None)  # only `add` creates
+                bucket = await CamerasBucket.open(js, create=create, bucket=name, replicas=replicas)
             except BucketNotFoundError:
                 if command is _list:  # nothing added yet anywhere
                     return await _list_empty(args)
@@ -310,6 +311,15 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("--from-file", metavar="FILE", help="a CameraConfig as JSON or YAML")
     _camera_options(p, update=False)
+    p.add_argument(
+        "--replicas",
+        type=int,
+        choices=range(1, 6),
+        metavar="N",
+        help="JetStream replicas of the cameras bucket (3 on a cluster; like the services' "
+        "jetstream_replicas): it is created so, or updated in place (default: as it is; 1 "
+        "when created)",
+    )
     p.set_defaults(func=_runner(_add, "cameras add", create=True))
 
     p = verbs.add_parser("update", help="change a camera's settings (only the options given)")

@@ -43,6 +43,7 @@ READ_COMMANDS = (
     "project list",
     "project status",
     "project watch",
+    "fleet list",
 )
 
 Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
@@ -54,6 +55,16 @@ Command = Callable[[DeployClient, argparse.Namespace], Awaitable[int]]
 def _group(value: str) -> str:
     try:
         return validate_token(value, "group")
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _devices(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        if not names:
+            raise InvalidName("give at least one device name: --devices D1,D2")
+        return [validate_token(name, "device name") for name in names]
     except InvalidName as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -221,6 +232,10 @@ async def _list(dc: DeployClient, args: argparse.Namespace) -> int:
 
 
 async def _deploy(dc: DeployClient, args: argparse.Namespace) -> int:
+    if args.devices:  # a hub's devices (lensbus.cli.fleet imports this module)
+        from lensbus.cli.fleet import fleet_deploy
+
+        return await fleet_deploy(dc, args)
     name, version = args.model
     dep = await dc.activate(args.group, name, version)
     print(_describe(dep))
@@ -237,6 +252,10 @@ async def _rollback(dc: DeployClient, args: argparse.Namespace) -> int:
 
 
 async def _status(dc: DeployClient, args: argparse.Namespace) -> int:
+    if args.fleet:  # the hub's devices (lensbus.cli.fleet imports this module)
+        from lensbus.cli.fleet import fleet_status
+
+        return await fleet_status(dc, args)
     groups = await dc.status(args.group)
     if args.json:
         print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
@@ -330,6 +349,12 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("model", metavar="NAME[:VERSION]", type=_model_ref, help="a stored model")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
+    p.add_argument(
+        "--devices",
+        type=_devices,
+        help="D1,D2: on these devices of the hub's fleet (each copies the model from the hub's "
+        "store and activates it), not on this installation's own group",
+    )
     deployer_options(p)
     p.set_defaults(func=deployer_command(_deploy, "deploy"))
 
@@ -340,6 +365,13 @@ def register(sub: SubParsers) -> None:
 
     p = sub.add_parser("status", help="desired vs served model of each camera group")
     p.add_argument("--group", "-g", type=_group, help="only this group")
-    p.add_argument("--json", action="store_true", help="JSON (a list of GroupStatus)")
+    p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="the hub's devices instead: desired vs served per group, last seen, results lag",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="JSON (a list of GroupStatus, or FleetDeviceStatus)"
+    )
     deployer_options(p)
     p.set_defaults(func=deployer_command(_status, "status"))

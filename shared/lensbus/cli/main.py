@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 from lensbus import __version__
-from lensbus.cli import cameras, clips, deploy, pipeline, project, schemas, up, watch
+from lensbus.cli import cameras, clips, deploy, fleet, pipeline, project, schemas, up, watch
 
 # Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     cameras.register(sub)
     clips.register(sub)
     project.register(sub)
+    fleet.register(sub)
     for ep in sorted(entry_points(group="lensbus.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)

@@ -269,11 +269,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lensbus project run: invalid project: {exc}", file=sys.stderr)
         return EXIT_FAILED
     user = password = ""
+    tls_ca = getattr(args, "tls_ca", None) or ""
     if args.secrets and not urlsplit(split_servers(args.nats_url)[0]).username:
         secrets = json.loads(Path(args.secrets).read_text())
         user = natsauth.project_user(manifest.name)
         password = natsauth.project_password(secrets["callout"]["seed"], manifest.name)
-    return devrun.run_dev(args.dir, args.camera, args.nats_url, user, password, args.prefix)
+        if not tls_ca and secrets.get("tls_ca"):  # lensbus up's CA, beside its secrets
+            tls_ca = str(Path(args.secrets).parent / secrets["tls_ca"])
+    return devrun.run_dev(
+        args.dir, args.camera, args.nats_url, user, password, args.prefix, tls_ca=tls_ca
+    )
 
 
 def _checked_here(args: argparse.Namespace) -> tuple[str, int] | None:

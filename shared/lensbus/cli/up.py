@@ -1,8 +1,9 @@
 """``lensbus up``: the whole system on this machine, in one command.
 
-Starts an embedded nats-server (JetStream in ``.lensbus/``, each service with its own NATS
-user and permissions, each project's process its own user through the auth callout, MQTT for
-Home Assistant on ``--mqtt-port``), then the deployer, inference, analytics (idle until the
+Starts an embedded nats-server (JetStream in ``.lensbus/``, TLS with a local CA unless
+``--no-tls``, each service with its own NATS user, nkey and permissions, each project's
+process its own user through the auth callout, MQTT for Home Assistant on ``--mqtt-port``),
+then the deployer, inference, analytics (idle until the
 group's pipeline tracks), projects (idle until a project is deployed), capture and publisher
 as child processes with their normal settings.
 When no model is deployed yet it builds the demo packages from the installed PyPI packages
@@ -27,19 +28,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lensbus import natsauth
 from lensbus.bus import connect
 from lensbus.cli.inference_python import (
     PYTHON_ENV,
     InferencePythonError,
     choose_python,
 )
-from lensbus.cli.up_setup import default_source, load_secrets, projects_settings
+from lensbus.cli.up_setup import UpKeys, default_source, projects_settings
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.errors import LensbusError
 from lensbus.natsmqtt import DEFAULT_MQTT_PORT, MQTT_USER
 from lensbus.natsserver import MAX_PAYLOAD, NatsServer, free_port, port_free
+from lensbus.natstls import TlsError
 from lensbus.processes import ServiceFailed
 from lensbus.schemas import Result
 from lensbus.subjects import InvalidName, Subjects, validate_camera_id
@@ -69,8 +70,7 @@ class Up:
         self.server: NatsServer | None = None
         self.sup = Supervisor()
         self.url = args.nats_url or ""
-        self.passwords: dict[str, str] = {}
-        self.secrets: dict[str, Any] = {}
+        self.keys: UpKeys | None = None  # None with --nats-url: no credentials of ours
         self.stopping = False
         # Set when start-up is over: the main loop's supervisor round then watches the server.
         self.started = threading.Event()
@@ -92,16 +92,18 @@ class Up:
         if mqtt_port and not port_free(mqtt_port):
             raise UpError(f"MQTT port {mqtt_port} is in use: pass --mqtt-port N (0: no MQTT)")
         self.data.mkdir(parents=True, exist_ok=True)
-        self.secrets = load_secrets(self.data / "secrets.json")
-        self.passwords = self.secrets["passwords"]
-        issuer = self.secrets["callout"]["issuer"]
+        try:
+            self.keys = keys = UpKeys.make(self.data, tls=not self.args.no_tls)
+        except TlsError as exc:
+            raise UpError(f"TLS: {exc} (or pass --no-tls)") from None
         self.server = NatsServer(
             self.data / "nats",
             port=self.args.nats_port,
             max_payload=MAX_PAYLOAD,
-            extra_config=natsauth.authorization_block(self.passwords, callout=issuer),
+            extra_config=keys.server_auth(),
             log_file=self.logs / "nats-server.log",
             mqtt_port=mqtt_port,
+            tls=keys.tls,
         )
         self.logs.mkdir(parents=True, exist_ok=True)
         self.sup.watch_server(self.server)
@@ -111,15 +113,16 @@ class Up:
         self.start_watch.start()
         self.url = self.server.url
         say(f"nats-server listening on {self.url} (JetStream in {self.data / 'nats'})")
+        tls = " and tls/ca.pem" if keys.tls else ""
         say(
-            f"NATS users in {self.data / 'secrets.json'}: hand out 'client' (read-only: "
-            "programs, viewers, lensbus watch/status); keep 'operator' for lensbus "
-            f"deploy/upload/rollback/cameras add (or LENSBUS_SECRETS={self.data / 'secrets.json'})"
+            f"NATS users' nkey seeds in {self.data / 'nkeys'}: hand out client.nk{tls} "
+            "(read-only: programs, viewers, lensbus watch/status); keep operator.nk for lensbus "
+            f"deploy/upload/rollback/cameras add (or --secrets {keys.path})"
         )
         if self.server.mqtt_url:
             say(
                 f"MQTT (Home Assistant) on {self.server.mqtt_url} as the user "
-                f"'{MQTT_USER}' (its password in {self.data / 'secrets.json'})"
+                f"'{MQTT_USER}' (its password in {keys.path})"
             )
 
     def watch_server_at_start(self) -> None:
@@ -138,16 +141,9 @@ class Up:
             self.start_watch.join()
             self.start_watch = None
 
-    def credentials(self, user: str) -> dict[str, str]:
-        if not self.passwords:
-            return {}
-        return {"nats_user": user, "nats_password": self.passwords[user]}
-
-    def client_options(self, user: str = "client") -> dict[str, str]:
+    def client_options(self, user: str = "client") -> dict[str, Any]:
         """Connection options of a program: ``client`` reads, ``operator`` deploys."""
-        if not self.passwords:
-            return {}
-        return {"user": user, "password": self.passwords[user]}
+        return self.keys.options(user) if self.keys else {}
 
     # ---- services ---------------------------------------------------------------------------
 
@@ -157,7 +153,7 @@ class Up:
             "nats_url": self.url,
             "metrics_port": str(free_port()),
             "instance": f"up-{name}",
-            **self.credentials(name),
+            **(self.keys.settings(name) if self.keys else {}),
         }
         if name == "deployer":
             return {**common, "work_dir": str(self.data / "deployer")}
@@ -171,7 +167,8 @@ class Up:
         if name == "analytics":
             return {**common, "group": GROUP, "mqtt": str(bool(a.mqtt_port)).lower()}
         if name == "projects":
-            return {**common, **projects_settings(self.data, self.secrets)}
+            secrets = self.keys.secrets if self.keys else {}
+            return {**common, **projects_settings(self.data, secrets)}
         if name == "capture":
             source, loop = (a.source, True) if a.source else default_source()
             extra = {"width": str(a.width)} if a.width else {}
@@ -326,11 +323,10 @@ class Up:
 
     def cameras_hint(self) -> str:
         """How to add a camera to the running set (as the operator user)."""
-        if self.passwords:
-            secrets = self.data / "secrets.json"
+        if self.keys:
             return (
                 f"more cameras, live: lensbus cameras add ID SOURCE --nats-url {self.url} "
-                f"--secrets {secrets}"
+                f"--secrets {self.keys.path}"
             )
         return f"more cameras, live: lensbus cameras add ID SOURCE --nats-url {self.url}"
 
@@ -385,6 +381,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="capture output width (keeps aspect ratio)")
     p.add_argument("--nats-url", help="use this NATS server instead of starting one")
     p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
+    p.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="the embedded server without TLS (default: TLS with a local CA in DATA_DIR/tls)",
+    )
     p.add_argument(
         "--mqtt-port",
         type=int,

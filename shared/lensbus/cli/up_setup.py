@@ -1,14 +1,31 @@
-"""What ``lensbus up`` reads before it starts: the sample video, the NATS passwords."""
+"""What ``lensbus up`` starts from: the sample video, the NATS credentials, TLS.
+
+``lensbus up`` keeps, in its data folder: ``nkeys/<user>.nk`` (each NATS user's seed, 0600,
+in a 0700 folder), ``tls/`` (:mod:`lensbus.natstls`) and ``secrets.json`` (0600: where the
+seeds and the CA are, MQTT's password, the auth callout's key pair). Anything missing is made
+at start, so deleting a seed file (or ``tls/``) and starting again rotates it.
+
+Compose's counterpart: :mod:`lensbus.cli.compose_setup`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lensbus import natsauth
+from lensbus.bus import auth_options, read_nkey_file
+from lensbus.natscallout import public_key
+from lensbus.natsmqtt import MQTT_USER
 from lensbus.natsserver import write_private
+from lensbus.natstls import TlsFiles, default_names, ensure_tls
+
+NKEYS_DIR = "nkeys"
+TLS_DIR = "tls"
 
 
 def default_source() -> tuple[str, bool]:
@@ -22,21 +39,115 @@ def default_source() -> tuple[str, bool]:
     return "test", False
 
 
-def load_secrets(path: Path) -> dict[str, Any]:
-    """NATS passwords for each service and the auth callout's issuer key (``callout``:
-    ``issuer``, the server's; ``seed``, the projects service's), made once and kept beside
-    the data (mode 600)."""
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner may enter (made if missing)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def ensure_seed(path: Path, rotate: bool = False, mode: int = 0o600) -> str:
+    """The user nkey seed in ``path``, made (again) when missing, unreadable or ``rotate``."""
+    if not rotate:
+        try:
+            return read_nkey_file(path)
+        except ValueError:
+            pass
+    seed = natsauth.generate_nkey()
+    private_dir(path.parent)
+    write_private(path, seed + "\n")
+    if mode != 0o600:
+        path.chmod(mode)
+    return seed
+
+
+def secret_path(secrets_file: Path, relative: str) -> Path:
+    """A file ``secrets.json`` names (relative to its folder: the data folder may move)."""
+    return Path(secrets_file).parent / relative
+
+
+def load_secrets(path: Path, tls_ca: Path | None = None) -> dict[str, Any]:
+    """``lensbus up``'s credentials (module docstring), kept beside the data and made when
+    missing: ``nkeys`` (user -> seed file, relative to ``path``'s folder), ``passwords``
+    (``mqtt`` only: MQTT clients have no nkeys), ``callout`` (``issuer``, the server's;
+    ``seed``, the projects service's) and ``tls_ca`` (the CA programs trust; absent without
+    TLS). ``secrets.json`` is rewritten only when something changed."""
+    old: dict[str, Any] = {}
     if path.is_file():
-        data: dict[str, Any] = json.loads(path.read_text())
-        callout = data.get("callout") or {}
-        if set(data.get("passwords", {})) == set(natsauth.USERS) and callout.get("seed"):
-            return data
-    data = {
-        "passwords": natsauth.generate_passwords(),
-        "callout": natsauth.generate_callout_secrets(),
-    }
-    write_private(path, json.dumps(data, indent=2))
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+    folder = Path(path).parent
+    private_dir(folder / NKEYS_DIR)
+    nkeys = {}
+    for user in natsauth.nkey_users():
+        nkeys[user] = f"{NKEYS_DIR}/{user}.nk"
+        ensure_seed(folder / nkeys[user])
+    # Only MQTT's: an older secrets.json held every user's password, now nkeys.
+    mqtt = _mapping(old, "passwords").get(MQTT_USER) or natsauth.generate_passwords()[MQTT_USER]
+    passwords = {MQTT_USER: mqtt}
+    callout = _mapping(old, "callout")
+    if not callout_ok(callout):
+        callout = natsauth.generate_callout_secrets()
+    data: dict[str, Any] = {"nkeys": nkeys, "passwords": passwords, "callout": callout}
+    if tls_ca is not None:
+        data["tls_ca"] = os.path.relpath(tls_ca, folder)
+    if data != old:
+        write_private(path, json.dumps(data, indent=2))
     return data
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def callout_ok(callout: dict[str, Any]) -> bool:
+    try:
+        return bool(callout.get("issuer")) and public_key(callout["seed"]) == callout["issuer"]
+    except (KeyError, ValueError):
+        return False
+
+
+@dataclass
+class UpKeys:
+    """``lensbus up``'s credentials: :func:`load_secrets`'s data and the TLS files."""
+
+    path: Path  # secrets.json
+    secrets: dict[str, Any]
+    tls: TlsFiles | None
+
+    @classmethod
+    def make(cls, data: Path, tls: bool) -> UpKeys:
+        """Made or kept in the data folder (TLS: its ``tls/``; raises TlsError)."""
+        files = ensure_tls(data / TLS_DIR, default_names()) if tls else None
+        path = data / "secrets.json"
+        return cls(path, load_secrets(path, files.ca if files else None), files)
+
+    def seed_file(self, user: str) -> Path:
+        return secret_path(self.path, self.secrets["nkeys"][user])
+
+    def server_auth(self) -> str:
+        """The server config's ``authorization {}``: each user's public key (read from its
+        seed file now: a seed rotated while stopped is in force), MQTT's password."""
+        nkeys = {
+            u: natsauth.public_nkey(read_nkey_file(self.seed_file(u)))
+            for u in self.secrets["nkeys"]
+        }
+        issuer = self.secrets["callout"]["issuer"]
+        return natsauth.authorization_block(self.secrets["passwords"], nkeys=nkeys, callout=issuer)
+
+    def settings(self, user: str) -> dict[str, str]:
+        """A service's settings to connect as ``user``: paths, never a secret (they go into
+        the child's environment)."""
+        tls = {"nats_tls_ca": str(self.tls.ca)} if self.tls else {}
+        return {"nats_user": user, "nats_nkey_file": str(self.seed_file(user)), **tls}
+
+    def options(self, user: str) -> dict[str, Any]:
+        """:func:`lensbus.bus.connect` options of a program connecting as ``user``."""
+        ca = self.tls.ca if self.tls else None
+        return auth_options(user=user, nkey_file=self.seed_file(user), tls_ca=ca)
 
 
 def projects_settings(data: Path, secrets: dict[str, Any]) -> dict[str, str]:

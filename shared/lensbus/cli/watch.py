@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from lensbus.bus import connect
-from lensbus.cli.common import add_nats_options, nats_user_options
+from lensbus.cli.common import WrongUser, add_nats_options, nats_user_options
 from lensbus.codec import DecodeError, decode
 from lensbus.feeds import replay_config
 from lensbus.schemas import Event, Result
@@ -184,7 +184,7 @@ async def watch(
     count: int | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
-    user: dict[str, str] | None = None,
+    user: dict[str, Any] | None = None,
 ) -> int:
     try:
         # Reconnect forever once connected (a watch runs for hours); but the first
@@ -223,6 +223,12 @@ async def watch(
 def _run(args: argparse.Namespace) -> int:
     servers = [u.strip() for u in args.nats_url.split(",") if u.strip()]
     try:
+        # The read-only client (its nkey and CA from --secrets), unless told otherwise.
+        user = nats_user_options(args, "client")
+    except WrongUser as exc:
+        print(f"lensbus watch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         return asyncio.run(
             watch(
                 servers,
@@ -233,8 +239,7 @@ def _run(args: argparse.Namespace) -> int:
                 json_lines=args.json,
                 follow=not args.no_follow,
                 count=args.count,
-                # The read-only client from --secrets, unless the URL names a user.
-                user=nats_user_options(args, "client"),
+                user=user,
             )
         )
     except KeyboardInterrupt:

@@ -315,6 +315,7 @@ class HostEnv:
     instance: str = "dev"
     models_dir: str = ""
     echo: bool = False  # write each message sent on the protocol too (lensbus project run)
+    tls_ca: str = ""  # the CA of the NATS server's certificate (empty: plain, or the system's)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> HostEnv:
@@ -329,6 +330,7 @@ class HostEnv:
             instance=e.get(control.ENV_INSTANCE) or "dev",
             models_dir=e.get(control.ENV_MODELS, ""),
             echo=e.get(control.ENV_ECHO, "") == "1",
+            tls_ca=e.get(control.ENV_TLS_CA, ""),
         )
 
 

@@ -79,6 +79,8 @@ ENV_CAMERAS = "LENSBUS_PROJECT_CAMERAS"
 ENV_INSTANCE = "LENSBUS_PROJECT_INSTANCE"
 ENV_MODELS = "LENSBUS_PROJECT_MODELS"
 ENV_ECHO = "LENSBUS_PROJECT_ECHO"
+# The CA that signed the NATS server's certificate (a tls:// server; empty: the system's).
+ENV_TLS_CA = "LENSBUS_PROJECT_TLS_CA"
 
 Last = dict[str, int]
 

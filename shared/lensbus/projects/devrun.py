@@ -184,6 +184,7 @@ def run_dev(
     password: str = "",
     prefix: str = "lensbus",
     out: IO[str] | None = None,
+    tls_ca: str = "",
 ) -> int:
     """Run the project in ``project_dir`` on ``cameras`` (None or []: every camera) until
     Ctrl-C, restarting it when a file changes; its outputs printed on ``out`` (stdout)."""
@@ -198,5 +199,6 @@ def run_dev(
         control.ENV_CAMERAS: ",".join(cameras) if cameras else "*",
         control.ENV_INSTANCE: "dev",
         control.ENV_ECHO: "1",  # its outputs come back over the protocol, to be printed
+        control.ENV_TLS_CA: tls_ca,
     }
     return asyncio.run(DevRun(folder, env, Subjects(prefix), out or sys.stdout).run())

@@ -151,6 +151,8 @@ class Host:
         if self.env.user:
             opts["user"] = self.env.user
             opts["password"] = self.env.password
+        if self.env.tls_ca:
+            opts["tls"] = bus.tls_context(self.env.tls_ca)
         name = f"project.{project}.{self.env.instance}"
         return await bus.connect(self.env.nats_url, name=name, timeout_s=10.0, **opts)
 

@@ -18,9 +18,11 @@ from typing import Any
 import msgpack
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.api import KeyValueConfig
+from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
+from lensbus.jetstream import ensure_key_value
 from lensbus.logs import RateLimit, log_limited
 from lensbus.subjects import Subjects, validate_token
 
@@ -67,11 +69,17 @@ class State:
         self._limit = RateLimit(60.0)
 
     async def open(self, js: JetStreamContext) -> None:
-        """Bind the bucket (create it when absent and allowed) and read every key."""
-        try:
-            kv = await js.key_value(self.bucket)
-        except (BucketNotFoundError, NotFoundError):
-            kv = await js.create_key_value(bucket=self.bucket, history=1)
+        """Bind the bucket (create it when absent and allowed) and read every key.
+
+        The projects service makes it first (at its ``jetstream_replicas``); this keeps the
+        count it has and creates it (R1, the same limits) only where it is still missing."""
+        config = KeyValueConfig(
+            bucket=self.bucket,
+            history=1,
+            max_bytes=STATE_MAX_BYTES,
+            max_value_size=MAX_VALUE_BYTES,
+        )
+        kv = await ensure_key_value(js, config, replicas=None)
         try:
             keys = await kv.keys()
         except NoKeysError:

@@ -38,6 +38,19 @@ from lensbus.schemas.deploy import (
     UploadStarted,
 )
 from lensbus.schemas.event import ClipInfo, Event, clip_id, parse_clip_id, snapshot_name
+from lensbus.schemas.fleet import (
+    FleetDeployReply,
+    FleetDeployRequest,
+    FleetDesired,
+    FleetDevice,
+    FleetDeviceReply,
+    FleetDeviceRequest,
+    FleetDeviceStatus,
+    FleetGroupSeen,
+    FleetSeen,
+    FleetStatusReply,
+    FleetStatusRequest,
+)
 from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
 from lensbus.schemas.manifest import DecoderOptions, InputSpec, Manifest, ModelFile
 from lensbus.schemas.pipeline import (
@@ -103,9 +116,23 @@ EXPORTED: dict[str, type[Message]] = {
     "project_report": ProjectReport,
     "project_message": ProjectMessage,
     "overlay": Overlay,
+    "fleet_device": FleetDevice,
+    "fleet_desired": FleetDesired,
+    "fleet_seen": FleetSeen,
 }
 
 __all__ = [
+    "FleetDeployReply",
+    "FleetDeployRequest",
+    "FleetDesired",
+    "FleetDevice",
+    "FleetDeviceReply",
+    "FleetDeviceRequest",
+    "FleetDeviceStatus",
+    "FleetGroupSeen",
+    "FleetSeen",
+    "FleetStatusReply",
+    "FleetStatusRequest",
     "Overlay",
     "ProjectDeployment",
     "ProjectManifest",
