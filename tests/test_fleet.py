@@ -20,6 +20,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
 from photos import photos
 
 from lensbus.cli.main import main as cli_main
@@ -204,7 +206,7 @@ async def crossing(pair: LeafPair) -> dict[str, int]:
         after = {"group.c", "group.d"}  # not asked about: they may cross later (the control)
         await kv["hub"].put("group.c", b"hub, after")
         await kv["device"].put("group.d", b"device, after")
-        keys = {n: set(await kv[n].keys()) for n in kv}
+        keys = {n: await bucket_keys(kv[n]) for n in kv}
         return {
             "frames": frames.count,
             "results": results.count,
@@ -214,6 +216,15 @@ async def crossing(pair: LeafPair) -> dict[str, int]:
     finally:
         await hub.close()
         await dev.close()
+
+
+async def bucket_keys(kv: KeyValue) -> set[str]:
+    """A bucket's keys; none is an answer too (nats-py raises on an empty bucket: seen in
+    the open control, whose buckets' writes the link may answer from the other side)."""
+    try:
+        return set(await kv.keys())
+    except NoKeysError:
+        return set()
 
 
 async def test_leaf_link_carries_no_frame_result_or_bucket_write(tmp_path: Path) -> None:

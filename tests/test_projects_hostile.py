@@ -137,7 +137,7 @@ PROJECTS = {
     "quitter": (EXITS, {}),
     "frozen": (FREEZES, {"deadline_s": 2.0}),
 }
-RESULTS = 150  # at 10/s
+RESULTS = 150  # at 10/s, at least: more while the restarts are awaited
 
 
 class Secured:
@@ -212,9 +212,8 @@ async def test_hostile_projects_are_contained(
     for name in PROJECTS:
         await wait_running(deployer, name)
 
-    for seq in range(1, RESULTS + 1):
-        await inference.publish(S.results("cam1"), encode(result("cam1", seq)))
-        await asyncio.sleep(0.1)
+    feeder = Feeder(inference)
+    await feeder.until(RESULTS)
     # `lensbus project run` connects as a project before it is deployed: its password (an
     # HMAC only the seed's holders can make) is enough.
     dev = await nats_py.connect(
@@ -227,7 +226,11 @@ async def test_hostile_projects_are_contained(
     await dev.publish(S.project_output("not-deployed", "cam1", "hello"), b"")
     await dev.flush()
     await dev.close()
-    await check_contained(svc, deployer, seen, snooped, forged)
+    try:
+        await check_restarted(svc, seen)
+    finally:
+        published = await feeder.stop()
+    await check_contained(svc, deployer, seen, snooped, forged, published)
     # NATS itself refused both, each as the project's own user.
     log = (tmp_path / "nats.log").read_text(errors="replace")
     assert '"$G/user:project-sneaky" - Publish Violation - Subject "lensbus.results.cam1"' in log
@@ -246,12 +249,56 @@ async def wait_running(nc: Client, name: str, within_s: float = 40.0) -> None:
     raise AssertionError(f"{name} not running in {within_s} s: {await report(nc, name)}")
 
 
+class Feeder:
+    """Results for cam1 at 10/s, from seq 1, until stopped: restarts need results to happen
+    on (a busy 2-core box restarts a project in seconds, not in a fixed number of results)."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc, self.published = nc, 0
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.published += 1
+            await self.nc.publish(S.results("cam1"), encode(result("cam1", self.published)))
+            await asyncio.sleep(0.1)
+
+    async def until(self, n: int) -> None:
+        while self.published < n:
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> int:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.nc.flush()
+        return self.published
+
+
+async def check_restarted(svc: Any, seen: dict[str, Seen]) -> None:
+    """Each misbehaving process was restarted, counted by cause, and handles results again."""
+    # (b) killed and restarted, counted as a hang, twice: handled again after a restart.
+    hang = 'project="sleeper",reason="hang"'
+    assert await wait_metric(svc, "lensbus_project_restarts_total", hang, 2) >= 2
+    assert len(seen["sleeper"].seqs()) >= 2
+
+    # A process that exits, or freezes (no beats), is restarted, counted by cause.
+    exited = 'project="quitter",reason="exit"'
+    assert await wait_metric(svc, "lensbus_project_restarts_total", exited, 1) >= 1
+    silent = 'project="frozen",reason="silent"'
+    assert await wait_metric(svc, "lensbus_project_restarts_total", silent, 1) >= 1
+
+
 async def check_contained(
-    svc: Any, nc: Client, seen: dict[str, Seen], snooped: Seen, forged: list[bytes]
+    svc: Any,
+    nc: Client,
+    seen: dict[str, Seen],
+    snooped: Seen,
+    forged: list[bytes],
+    published: int,
 ) -> None:
     # The witness handled every result: nothing the others did cost it one.
-    await seen["calm"].wait(lambda: len(seen["calm"].seqs()) >= RESULTS)
-    assert sorted(seen["calm"].seqs()) == list(range(1, RESULTS + 1))
+    await seen["calm"].wait(lambda: len(seen["calm"].seqs()) >= published)
+    assert sorted(seen["calm"].seqs()) == list(range(1, published + 1))
     assert svc.healthy()
 
     # (a) counted, never restarted, still receiving.
@@ -260,21 +307,10 @@ async def check_contained(
     assert raiser.errors >= RESULTS // 2 and raiser.restarts == 0, raiser
     assert await wait_metric(svc, "lensbus_project_handler_errors_total", 'project="raiser"', 75)
 
-    # (b) killed and restarted, counted as a hang.
-    hang = 'project="sleeper",reason="hang"'
-    assert await wait_metric(svc, "lensbus_project_restarts_total", hang, 2) >= 2
-    assert len(seen["sleeper"].seqs()) >= 2  # handled again after each restart
-
     # (c) contained: a MemoryError counted, or the process restarted.
     hog = await report(nc, "hog")
     assert hog is not None and (hog.errors + hog.restarts) >= 1, hog
     assert len(seen["hog"].seqs()) >= 2
-
-    # A process that exits, or freezes (no beats), is restarted, counted by cause.
-    exited = 'project="quitter",reason="exit"'
-    assert await wait_metric(svc, "lensbus_project_restarts_total", exited, 1) >= 1
-    silent = 'project="frozen",reason="silent"'
-    assert await wait_metric(svc, "lensbus_project_restarts_total", silent, 1) >= 1
 
     # (d) denied by NATS, and it keeps running.
     assert forged == []
