@@ -319,7 +319,7 @@ def samples() -> dict[str, Message]:
             ],
             "ttl_s": 1.0,
         },
-        "fleet_device": {"device": "shop-2", "added_ns": NOW},
+        "fleet_device": {"device": "shop-2", "added_ns": NOW, "groups": ["north", "roof"]},
         "fleet_desired": {
             "device": "shop-2",
             "group": "entrance",

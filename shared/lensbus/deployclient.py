@@ -21,7 +21,6 @@ import inspect
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import nats
@@ -122,7 +121,6 @@ class DeployClient:
         cls, url: str, prefix: str = DEFAULT_PREFIX, timeout_s: float = 10.0, **options: object
     ) -> DeployClient:
         """Connect to NATS (no reconnecting: a command should fail fast) and wrap it."""
-
         try:
             nc = await connect(
                 url,
@@ -148,12 +146,7 @@ class DeployClient:
     async def __aenter__(self) -> DeployClient:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     # ---- the API ------------------------------------------------------------------------------
@@ -278,9 +271,8 @@ class DeployClient:
 
     async def rollback(self, group: str) -> Deployment:
         """Back to the group's previous desired model."""
-        reply = await self._call(
-            "rollback", self._request(RollbackRequest, group=group), DeploymentReply
-        )
+        request = self._request(RollbackRequest, group=group)
+        reply = await self._call("rollback", request, DeploymentReply)
         assert reply.deployment is not None
         return reply.deployment
 
@@ -376,9 +368,11 @@ class DeployClient:
 
     # ---- a fleet (a hub's deployer; lensbus.natsleaf) -------------------------------------------
 
-    async def fleet_add(self, device: str) -> FleetDeviceReply:
-        """Join ``device`` (its name is its JetStream domain): the hub sources its results."""
-        request = self._request(FleetDeviceRequest, device=device)
+    async def fleet_add(self, device: str, groups: Sequence[str] | None = None) -> FleetDeviceReply:
+        """Join ``device`` (its name is its JetStream domain): the hub sources its results.
+        ``groups``: its device groups from now on (``[]``: none); ``None`` keeps its own."""
+        listed = None if groups is None else list(groups)
+        request = self._request(FleetDeviceRequest, device=device, groups=listed)
         return await self._call("fleet_add", request, FleetDeviceReply)
 
     async def fleet_remove(self, device: str) -> FleetDeviceReply:
@@ -387,11 +381,17 @@ class DeployClient:
         return await self._call("fleet_remove", request, FleetDeviceReply)
 
     async def fleet_deploy(
-        self, devices: Sequence[str], group: str, name: str, version: str | None = None
+        self,
+        devices: Sequence[str],
+        group: str,
+        name: str,
+        version: str | None = None,
+        device_group: str | None = None,
     ) -> builtins.list[FleetDesired]:
-        """Make ``name:version`` (latest if omitted) group ``group``'s model on each device."""
-        fields = {"devices": list(devices), "group": group, "name": name, "version": version}
-        request = self._request(FleetDeployRequest, **fields)
+        """Make ``name:version`` (latest if omitted) group ``group``'s model on each device, or
+        (``devices`` empty) on every device the hub finds in ``device_group``."""
+        fields = {"devices": list(devices), "device_group": device_group, "group": group}
+        request = self._request(FleetDeployRequest, name=name, version=version, **fields)
         return (await self._call("fleet_deploy", request, FleetDeployReply)).desired
 
     async def fleet_status(self, device: str | None = None) -> builtins.list[FleetDeviceStatus]:

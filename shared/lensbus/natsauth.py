@@ -84,6 +84,7 @@ from lensbus.jsperms import inbox_prefix as inbox_prefix  # "x as x": re-exporte
 from lensbus.natscallout import generate_nkey as generate_nkey  # "x as x": re-exported
 from lensbus.natscallout import public_nkey as public_nkey
 from lensbus.natsleaf import fleet_permissions
+from lensbus.natsleafauth import device_user_block
 from lensbus.natsmqtt import MQTT_USER, analytics_mqtt, mqtt_permissions
 from lensbus.natsprojects import CALLOUT_ISSUER_ENV as CALLOUT_ISSUER_ENV
 from lensbus.natsprojects import CALLOUT_SEED_ENV as CALLOUT_SEED_ENV
@@ -353,6 +354,7 @@ def authorization_block(
     groups: Iterable[str] = (),
     callout: str | None = None,
     nkeys: Mapping[str, str] | None = None,
+    leaf_devices: Mapping[str, str] | None = None,
 ) -> str:
     """nats-server config text ``authorization { users = [ ... ] }`` for every user.
 
@@ -363,14 +365,22 @@ def authorization_block(
     compose's mounted config uses. The users are :func:`users` of ``groups`` and every
     ``inference-<group>`` user the mappings name. ``callout``: the auth callout's issuer (a
     public account nkey, or ``$VAR``) for the project users (:mod:`lensbus.natscallout`);
-    every configured user bypasses it.
+    every configured user bypasses it. ``leaf_devices``: a hub's devices (name -> public
+    nkey), each a leaf-only user (:mod:`lensbus.natsleafauth`).
     """
     named = [*(passwords or {}), *(nkeys or {})]
     names = users([*groups, *(g for u in named if (g := _inference_group(u)))])
     auth = _auth(names, passwords, nkeys)
-    blocks = ",\n".join(_user_block(u, auth[u], prefix) for u in names)
+    devices = dict(leaf_devices or {})
+    blocks = ",\n".join(
+        [
+            *(_user_block(u, auth[u], prefix) for u in names),
+            *(device_user_block(d, key, prefix) for d, key in devices.items()),
+        ]
+    )
     # An nkey user is known to the server by its public key, a password user by its name.
     ids = [u if way == "password" else value.strip('"') for u, (way, value) in auth.items()]
+    ids += list(devices.values())
     hook = callout_block(callout, ids) if callout else ""
     return f"authorization {{\n  users = [\n{blocks}\n  ]\n{hook}}}\n"
 

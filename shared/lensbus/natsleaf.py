@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from lensbus.jsperms import (
     ANY_DOMAIN,
@@ -40,6 +41,14 @@ from lensbus.jsperms import (
     stream_admin,
     stream_read,
 )
+from lensbus.natsleafauth import (
+    hub_authorization,
+    leaf_tls,
+    new_device_key,
+    parse_device_key,
+    remote_auth,
+)
+from lensbus.natstls import TlsFiles
 from lensbus.subjects import (
     DEFAULT_PREFIX,
     FLEET_VERBS,
@@ -64,9 +73,13 @@ def hub_jetstream(domain: str = DEFAULT_HUB_DOMAIN) -> str:
     return f"domain: {validate_token(domain, 'JetStream domain')}"
 
 
-def hub_leafnodes(port: int = DEFAULT_LEAF_PORT, host: str = "0.0.0.0") -> str:
-    """The hub's ``leafnodes`` block: where devices connect."""
-    return f'leafnodes {{\n  listen: "{host}:{port}"\n}}\n'
+def hub_leafnodes(
+    port: int = DEFAULT_LEAF_PORT, host: str = "0.0.0.0", tls: TlsFiles | None = None
+) -> str:
+    """The hub's ``leafnodes`` block: where devices connect (over TLS with ``tls``: every
+    device must then trust its CA, :mod:`lensbus.natsleafauth`)."""
+    secured = leaf_tls(tls) if tls else ""
+    return f'leafnodes {{\n  listen: "{host}:{port}"\n{secured}}}\n'
 
 
 def device_jetstream(device: str) -> str:
@@ -75,15 +88,21 @@ def device_jetstream(device: str) -> str:
 
 
 def device_leafnodes(
-    hub_urls: Iterable[str], prefix: str = DEFAULT_PREFIX, credentials: str | None = None
+    hub_urls: Iterable[str],
+    prefix: str = DEFAULT_PREFIX,
+    credentials: str | None = None,
+    nkey: str | None = None,
+    tls_ca: str | Path | None = None,
 ) -> str:
     """A device's ``leafnodes`` block: one remote to the hub (``nats-leaf://host:7422``, or
-    several URLs of a hub cluster), denying :meth:`Subjects.leaf_denied` both ways."""
+    several URLs of a hub cluster), denying :meth:`Subjects.leaf_denied` both ways; ``nkey``
+    (the device's seed, or ``$VAR``) and ``tls_ca`` for a secured hub."""
     urls = list(hub_urls)
     if not urls:
         raise ValueError("hub_urls: give at least one nats-leaf:// URL of the hub")
     denied = _quoted(Subjects(prefix).leaf_denied())
     creds = f'\n      credentials: "{credentials}"' if credentials else ""
+    creds += remote_auth(nkey, tls_ca)
     return (
         "leafnodes {\n  remotes: [\n    {\n"
         f"      urls: {_quoted(urls)}{creds}\n"
@@ -137,7 +156,7 @@ def fleet_permissions(
 # ---- python -m lensbus.natsleaf -------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lensbus.natsleaf", description="print a hub's or a device's config"
     )
@@ -145,35 +164,62 @@ def main(argv: list[str] | None = None) -> int:
     hub = sub.add_parser("hub-config", help="the hub's nats-server config")
     hub.add_argument("--domain", default=DEFAULT_HUB_DOMAIN, help="its JetStream domain")
     hub.add_argument("--leaf-port", type=int, default=DEFAULT_LEAF_PORT)
+    hub.add_argument("--tls-dir", type=Path, help="TLS on the leaf port: server.pem, ...")
+    hub.add_argument(
+        "--device", action="append", default=[], help="NAME=PUBLIC_NKEY: a device allowed in"
+    )
     dev = sub.add_parser("device-config", help="a device's nats-server config")
     dev.add_argument("device", help="the device's name (its JetStream domain)")
     dev.add_argument(
         "--hub", action="append", required=True, help="nats-leaf://host:7422 (repeatable)"
     )
     dev.add_argument("--credentials", help="a .creds file for the leaf link")
+    dev.add_argument("--nkey-file", type=Path, help="the device's seed: written into the config")
+    dev.add_argument("--nkey-env", help="VAR: nats-server reads the seed from $VAR instead")
+    dev.add_argument("--tls-ca", help="the CA the hub's leaf certificate is signed by")
     for p in (hub, dev):
         p.add_argument("--prefix", default=DEFAULT_PREFIX, help="the installation's prefix")
         p.add_argument("--listen", default="0.0.0.0:4222", help="client listen address")
         p.add_argument("--store-dir", default="/data/jetstream")
-    args = parser.parse_args(argv)
+    key = sub.add_parser("device-key", help="a new seed for a device; prints NAME=PUBLIC_NKEY")
+    key.add_argument("device", help="the device's name")
+    key.add_argument("--out", type=Path, required=True, help="the seed file (made 0600)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> str:
+    if args.what == "hub-config":
+        devices = dict(parse_device_key(value) for value in args.device)
+        tls = TlsFiles.in_folder(args.tls_dir) if args.tls_dir else None
+        return server_config(
+            args.domain,
+            args.listen,
+            args.store_dir,
+            hub_jetstream(args.domain),
+            hub_leafnodes(args.leaf_port, tls=tls),
+            hub_authorization(devices, args.prefix),
+        )
+    validate_device(args.device)
+    nkey = f"${args.nkey_env}" if args.nkey_env else None
+    if args.nkey_file:
+        nkey = args.nkey_file.read_text().strip()
+    return server_config(
+        args.device,
+        args.listen,
+        args.store_dir,
+        device_jetstream(args.device),
+        device_leafnodes(args.hub, args.prefix, args.credentials, nkey, args.tls_ca),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        if args.what == "hub-config":
-            text = server_config(
-                args.domain,
-                args.listen,
-                args.store_dir,
-                hub_jetstream(args.domain),
-                hub_leafnodes(args.leaf_port),
-            )
-        else:
-            text = server_config(
-                args.device,
-                args.listen,
-                args.store_dir,
-                device_jetstream(args.device),
-                device_leafnodes(args.hub, args.prefix, args.credentials),
-            )
-    except ValueError as exc:
+        if args.what == "device-key":
+            print(f"{validate_device(args.device)}={new_device_key(args.out)}")
+            return 0
+        text = _config(args)
+    except (ValueError, OSError) as exc:
         print(f"natsleaf: {exc}", file=sys.stderr)
         return 2
     command = " ".join(

@@ -1,5 +1,6 @@
-"""The hub's fleet verbs: ``fleet_add`` and ``fleet_remove`` (a device's sources and record),
-``fleet_deploy`` (``desired.<device>.<group>``, once the model is in the hub's store) and
+"""The hub's fleet verbs: ``fleet_add`` and ``fleet_remove`` (a device's sources and record,
+with its device groups), ``fleet_deploy`` (``desired.<device>.<group>`` for the devices named
+or a device group's, once the model is in the hub's store) and
 ``fleet_status`` (each device: desired vs served, last seen, results lag)."""
 
 from __future__ import annotations
@@ -59,14 +60,23 @@ class FleetVerbs:
     async def fleet_add(self, req: FleetDeviceRequest) -> FleetDeviceReply:
         hub = self._hub()
         await self._not_the_hub(req.device)
+        groups = None if req.groups is None else sorted(set(req.groups))
         changes = []
         async with self.lock:
             # The record first: should the sources fail, the watch adds them (its records).
             record = await hub.device(req.device)
             if record is None:
-                record = FleetDevice(device=req.device, added_ns=time.time_ns())
+                record = FleetDevice(
+                    device=req.device, added_ns=time.time_ns(), groups=groups or []
+                )
                 await hub.put_device(record)
-                changes.append(f"device {req.device} recorded")
+                changes.append(f"device {req.device} recorded" + _in_groups(record.groups))
+            elif groups is not None and groups != record.groups:
+                # Adding an added device again with --groups is how its groups change.
+                was = ", ".join(record.groups) or "none"
+                record = record.model_copy(update={"groups": groups})
+                await hub.put_device(record)
+                changes.append(f"device groups now {', '.join(groups) or 'none'} (were {was})")
             changes += await hub.add_sources(req.device)
         metrics.FLEET_CHANGES.labels("add", "ok").inc()  # the gauges: the watch's next round
         log.info("fleet: device %s added (%s)", req.device, "; ".join(changes) or "no change")
@@ -106,10 +116,7 @@ class FleetVerbs:
         try:
             request = ActivateRequest(group=req.group, name=req.name, version=req.version)
             version = await self.resolve(request)
-            known = {d.device for d in await hub.devices()}
-            for device in dict.fromkeys(req.devices):
-                if device not in known:
-                    raise Refused("not_found", await self._unknown(device))
+            devices = await self._targets(req)
         except Refused as exc:
             metrics.FLEET_CHANGES.labels("deploy", exc.code).inc()
             raise
@@ -128,19 +135,35 @@ class FleetVerbs:
                 size=info.size,
                 set_ns=now,
             )
-            for device in dict.fromkeys(req.devices)
+            for device in devices
         ]
         for record in records:
             await hub.put_desired(record)
         metrics.FLEET_CHANGES.labels("deploy", "ok").inc()
         log.info(
-            "fleet: group %s of %s: desired %s:%s",
+            "fleet: group %s of %s%s: desired %s:%s",
             req.group,
             ", ".join(r.device for r in records),
+            "" if req.device_group is None else f" (device group {req.device_group})",
             req.name,
             version,
         )
         return FleetDeployReply(desired=records)
+
+    async def _targets(self, req: FleetDeployRequest) -> list[str]:
+        """The devices a deploy reaches: those named, each added, or those of the device group
+        as the records say now (here, not in the client, so every client gets this answer)."""
+        records = await self.hub.devices()
+        if req.device_group is None:
+            known = {d.device for d in records}
+            for device in dict.fromkeys(req.devices):
+                if device not in known:
+                    raise Refused("not_found", await self._unknown(device))
+            return list(dict.fromkeys(req.devices))
+        members = sorted(d.device for d in records if req.device_group in d.groups)
+        if not members:
+            raise Refused("not_found", _unknown_group(req.device_group, records))
+        return members
 
     async def _unknown(self, device: str) -> str:
         known = sorted(d.device for d in await self.hub.devices())
@@ -170,6 +193,7 @@ class FleetVerbs:
                 FleetDeviceStatus(
                     device=d.device,
                     added_ns=d.added_ns,
+                    groups=d.groups,
                     desired=sorted(
                         (r for r in desired if r.device == d.device), key=lambda r: r.group
                     ),
@@ -180,3 +204,22 @@ class FleetVerbs:
                 )
             )
         return FleetStatusReply(devices=out)
+
+
+def _in_groups(groups: list[str]) -> str:
+    return f" in device groups {', '.join(groups)}" if groups else ""
+
+
+def _unknown_group(name: str, records: list[FleetDevice]) -> str:
+    """Why a deploy to device group ``name`` reaches nobody, with the groups there are: a group
+    exists only while a device belongs to it, so unknown and empty are one case."""
+    members: dict[str, list[str]] = {}
+    for record in sorted(records, key=lambda r: r.device):
+        for group in record.groups:
+            members.setdefault(group, []).append(record.device)
+    listed = ", ".join(f"{g} ({' '.join(ds)})" for g, ds in sorted(members.items()))
+    known = f"device groups: {listed}" if listed else "no device is in a device group yet"
+    return (
+        f"unknown device group {name!r}: no device belongs to it ({known}); put a device "
+        f"in it with: lensbus fleet add DEVICE --groups {name} (naming its other groups too)"
+    )

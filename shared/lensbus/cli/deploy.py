@@ -69,6 +69,13 @@ def _devices(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device_group(value: str) -> str:
+    try:
+        return validate_token(value, "device group")
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _model_ref(value: str) -> tuple[str, str | None]:
     """``NAME`` or ``NAME:VERSION``."""
     name, _, version = value.partition(":")
@@ -232,7 +239,7 @@ async def _list(dc: DeployClient, args: argparse.Namespace) -> int:
 
 
 async def _deploy(dc: DeployClient, args: argparse.Namespace) -> int:
-    if args.devices:  # a hub's devices (lensbus.cli.fleet imports this module)
+    if args.devices or args.device_group:  # a hub's devices (lensbus.cli.fleet imports this)
         from lensbus.cli.fleet import fleet_deploy
 
         return await fleet_deploy(dc, args)
@@ -320,6 +327,24 @@ def deployer_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _fleet_options(p: argparse.ArgumentParser) -> None:
+    """``deploy``'s targets on a hub: devices by name or a device group, one or the other."""
+    fleet = p.add_mutually_exclusive_group()
+    fleet.add_argument(
+        "--devices",
+        type=_devices,
+        help="D1,D2: on these devices of the hub's fleet (each copies the model from the hub's "
+        "store and activates it), not on this installation's own group",
+    )
+    fleet.add_argument(
+        "--device-group",
+        type=_device_group,
+        metavar="NAME",
+        help="on every device of this device group (lensbus fleet add D --groups NAME), as the "
+        "hub finds them now; a device put in it later gets the next deploy",
+    )
+
+
 def register(sub: SubParsers) -> None:
     verbs = models_verbs(sub)
 
@@ -349,12 +374,7 @@ def register(sub: SubParsers) -> None:
     )
     p.add_argument("model", metavar="NAME[:VERSION]", type=_model_ref, help="a stored model")
     p.add_argument("--group", "-g", required=True, type=_group, help="camera group")
-    p.add_argument(
-        "--devices",
-        type=_devices,
-        help="D1,D2: on these devices of the hub's fleet (each copies the model from the hub's "
-        "store and activates it), not on this installation's own group",
-    )
+    _fleet_options(p)
     deployer_options(p)
     p.set_defaults(func=deployer_command(_deploy, "deploy"))
 

@@ -1,7 +1,7 @@
-"""``lensbus fleet add|remove|list``, and what ``lensbus deploy --devices`` and ``lensbus status
---fleet`` do: a hub's devices (leaf nodes, :mod:`lensbus.natsleaf`) through the hub's
-deployer. Exit codes as the other deployer commands (0 done, 1 refused, 2 usage, 3
-unreachable)."""
+"""``lensbus fleet add|remove|list``, and what ``lensbus deploy --devices|--device-group`` and
+``lensbus status --fleet`` do: a hub's devices (leaf nodes, :mod:`lensbus.natsleaf`) and their
+device groups through the hub's deployer. Exit codes as the other deployer commands (0 done,
+1 refused, 2 usage, 3 unreachable)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lensbus.cli.common import SubParsers
 from lensbus.cli.deploy import EXIT_OK, deployer_command, deployer_options, when
 from lensbus.deployclient import DeployClient
 from lensbus.schemas import FleetDesired, FleetDeviceStatus, FleetGroupSeen
+from lensbus.schemas.fleet import validate_device_group
 from lensbus.subjects import InvalidName, validate_device
 
 
@@ -21,6 +22,19 @@ def _device_arg(value: str) -> str:
         return validate_device(value)
     except InvalidName as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _groups_arg(value: str) -> list[str]:
+    """``north,roof``; ``''`` for none (the device leaves every device group)."""
+    try:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        return sorted({validate_device_group(name) for name in names})
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _groups(groups: list[str]) -> str:
+    return ", ".join(groups) or "none"
 
 
 def ago(ns: int | None, now_ns: int | None = None) -> str:
@@ -35,7 +49,11 @@ def ago(ns: int | None, now_ns: int | None = None) -> str:
 
 async def fleet_deploy(dc: DeployClient, args: argparse.Namespace) -> int:
     name, version = args.model
-    desired = await dc.fleet_deploy(args.devices, args.group, name, version)
+    # A device group is resolved by the hub: the reply names the devices it found.
+    devices, device_group = args.devices or [], args.device_group
+    desired = await dc.fleet_deploy(devices, args.group, name, version, device_group)
+    if device_group is not None:
+        print(f"device group {device_group}: {', '.join(d.device for d in desired)}")
     for d in desired:
         print(f"device {d.device}, group {d.group}: desired model is now {d.model.ref}")
     print(
@@ -61,7 +79,7 @@ def print_fleet(devices: list[FleetDeviceStatus]) -> None:
     now = time.time_ns()
     for d in devices:
         seen = d.seen
-        print(f"device {d.device}")
+        print(f"device {d.device}  (device groups: {_groups(d.groups)})")
         print(f"  last seen {ago(seen.time_ns if seen else None, now)}")
         lag = "unknown" if d.results_lag is None else str(d.results_lag)
         active = "" if d.results_active_s is None else f", heard {d.results_active_s:.1f} s ago"
@@ -96,7 +114,7 @@ def _group_line(group: str, want: FleetDesired | None, seen: FleetGroupSeen | No
 
 
 async def _add(dc: DeployClient, args: argparse.Namespace) -> int:
-    reply = await dc.fleet_add(args.device)
+    reply = await dc.fleet_add(args.device, args.groups)
     for change in reply.changes or ["already added: nothing changed"]:
         print(f"device {args.device}: {change}")
     return EXIT_OK
@@ -118,9 +136,9 @@ async def _list(dc: DeployClient, args: argparse.Namespace) -> int:
         print("no devices yet: join one with: lensbus fleet add DEVICE")
     now = time.time_ns()
     for d in devices:
-        print(
-            f"{d.device}  added {when(d.added_ns)}  last seen {ago(d.seen and d.seen.time_ns, now)}"
-        )
+        seen = ago(d.seen and d.seen.time_ns, now)
+        groups = f"device groups: {_groups(d.groups)}"
+        print(f"{d.device}  added {when(d.added_ns)}  last seen {seen}  {groups}")
     return EXIT_OK
 
 
@@ -130,18 +148,31 @@ def register(sub: SubParsers) -> None:
         help="devices joined to this hub as NATS leaf nodes",
         description="A hub's devices: each runs its own nats-server (a leaf node of the hub, "
         "its JetStream domain its name); the hub sources its results and deploys models to it "
-        "(lensbus deploy NAME --group G --devices D1,D2; lensbus status --fleet).",
+        "(lensbus deploy NAME --group G --devices D1,D2, or --device-group NAME for every "
+        "device of a device group; lensbus status --fleet).",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = verbs.add_parser("add", help="join a device: the hub sources its results")
+    p = verbs.add_parser(
+        "add",
+        help="join a device (the hub sources its results), or change its device groups",
+        description="Join a device: the hub sources its results. Run again on an added "
+        "device with --groups to change its device groups.",
+    )
     p.add_argument("device", type=_device_arg, help="the device's name (its JetStream domain)")
+    p.add_argument(
+        "--groups",
+        type=_groups_arg,
+        metavar="G1,G2",
+        help="the device groups it belongs to from now on, replacing those it had ('' for "
+        "none; left out: kept); lensbus deploy --device-group G deploys to a group's devices",
+    )
     deployer_options(p)
     p.set_defaults(func=deployer_command(_add, "fleet add"))
     p = verbs.add_parser("remove", help="stop sourcing a device and forget it")
     p.add_argument("device", type=_device_arg, help="the device's name")
     deployer_options(p)
     p.set_defaults(func=deployer_command(_remove, "fleet remove"))
-    p = verbs.add_parser("list", help="the devices joined, when each was last seen")
+    p = verbs.add_parser("list", help="the devices joined, their groups, when each was last seen")
     p.add_argument("--json", action="store_true", help="JSON (a list of FleetDeviceStatus)")
     deployer_options(p)
     p.set_defaults(func=deployer_command(_list, "fleet list"))

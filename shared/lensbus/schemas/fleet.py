@@ -6,19 +6,31 @@ device D's camera group G must run, written by the hub deployer's ``fleet_deploy
 ``seen.<D>`` (:class:`FleetSeen`: what D serves, written by D's deployer into D's own fleet
 bucket and sourced into the hub's), and ``lease.watch`` (which hub deployer watches the
 sources). The fleet verbs' requests and replies are here too.
+
+A device group (``north``, ``roof``) is a name in devices' records (``FleetDevice.groups``),
+nothing more: it exists while a device belongs to it, and a fleet deploy naming it
+(``FleetDeployRequest.device_group``) reaches the devices the hub's deployer finds in it at
+that moment, so every client, in any language, gets the same answer. Not to be confused with
+a camera group (``group``): the cameras of one device that run one model.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from lensbus.schemas.base import WireMessage, WirePart
 from lensbus.schemas.deploy import Group, ModelName, ModelVersion, ModelVersionRef, Reply
-from lensbus.subjects import TOKEN_PATTERN, validate_device
+from lensbus.subjects import TOKEN_PATTERN, validate_device, validate_token
+
+
+def validate_device_group(value: str) -> str:
+    return validate_token(value, "device group")
+
 
 Device = Annotated[str, Field(pattern=TOKEN_PATTERN), AfterValidator(validate_device)]
+DeviceGroup = Annotated[str, Field(pattern=TOKEN_PATTERN), AfterValidator(validate_device_group)]
 
 
 # The keys of the fleet bucket. Each helper also makes a watch pattern: ``ANY`` stands for
@@ -49,6 +61,10 @@ class FleetDevice(WireMessage):
 
     device: Device
     added_ns: int = Field(ge=0)
+    groups: list[DeviceGroup] = Field(
+        default_factory=list,
+        description="the device groups it belongs to, sorted (lensbus deploy --device-group)",
+    )
 
 
 class FleetDesired(WireMessage):
@@ -105,10 +121,15 @@ class FleetSeen(WireMessage):
 
 
 class FleetDeviceRequest(WireMessage):
-    """``fleet_add`` and ``fleet_remove``: the device is all they need."""
+    """``fleet_add`` and ``fleet_remove``: the device, and for ``fleet_add`` its groups."""
 
     kind: ClassVar[str] = "fleet_device_request"
     device: Device
+    groups: list[DeviceGroup] | None = Field(
+        default=None,
+        description="fleet_add: the device groups the device belongs to from now on (replacing "
+        "those it had; [] for none); omitted: a new device has none, an added one keeps its own",
+    )
 
 
 class FleetDeviceReply(Reply):
@@ -117,11 +138,25 @@ class FleetDeviceReply(Reply):
 
 
 class FleetDeployRequest(WireMessage):
+    """To the devices named, or to every device of a device group: one or the other."""
+
     kind: ClassVar[str] = "fleet_deploy_request"
-    devices: list[Device] = Field(min_length=1)
+    devices: list[Device] = Field(default_factory=list)
+    device_group: DeviceGroup | None = Field(
+        default=None,
+        description="every device of this device group, as the hub's deployer finds them when "
+        "it writes the desired models (instead of devices)",
+    )
     group: Group
     name: ModelName
     version: ModelVersion | None = Field(default=None, description="latest when omitted")
+
+    @model_validator(mode="after")
+    def _devices_or_device_group(self) -> FleetDeployRequest:
+        # Both at once would leave a reader guessing whether they add up or narrow down.
+        if bool(self.devices) == (self.device_group is not None):
+            raise ValueError("give either devices (at least one) or device_group, not both")
+        return self
 
 
 class FleetDeployReply(Reply):
@@ -139,6 +174,7 @@ class FleetDeviceStatus(WirePart):
 
     device: Device
     added_ns: int = 0
+    groups: list[DeviceGroup] = Field(default_factory=list, description="its device groups")
     desired: list[FleetDesired] = Field(default_factory=list)
     seen: FleetSeen | None = None
     results_lag: int | None = Field(
