@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lensbus.cli.compose_setup import compose_config
-from lensbus.natscluster import cluster_compose, cluster_config
+from lensbus.natsclusterconf import cluster_compose, cluster_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "deploy" / "cluster"
@@ -50,6 +50,11 @@ def test_each_node_is_the_single_server_config_plus_its_name_and_routes() -> Non
         for other in ("tls", "mqtt"):  # whatever the single server has, every node has
             if re.search(rf"^{other} \{{", single, re.MULTILINE):
                 assert block(text, other) == block(single, other), other
+        # the routes: mutual TLS with the clients' certificate and the installation's CA
+        routes = block(text, "cluster")
+        for line in block(single, "tls").splitlines()[1:3]:  # cert_file, key_file
+            assert f"  {line}" in routes, routes
+        assert 'ca_file: "/etc/nats/tls/ca.pem"' in routes and "verify: true" in routes
     assert names == {"n1", "n2", "n3"}
     with pytest.raises(ValueError, match="node 4"):
         cluster_config(4)

@@ -9,9 +9,11 @@
 - ``server.pem`` and ``server-key.pem`` (0600): nats-server's ``tls {}``, for the names
   clients reach it by (``localhost``, ``127.0.0.1``, this host's name; compose adds ``nats``).
 
-The server certificate is issued again when it comes within :data:`RENEW_DAYS` of its end,
-lacks one of the names asked for, or was not signed by the CA in the folder; a new CA comes
-only when its files are missing (``rotate_ca``: then every client needs the new ``ca.pem``).
+The server certificate (also the one a cluster's nodes show each other on their routes:
+:mod:`lensbus.natsclusterconf`) is issued again when it comes within :data:`RENEW_DAYS` of
+its end, lacks one of the names asked for or the client usage routes need, or was not signed
+by the CA in the folder; a new CA comes only when its files are missing (``rotate_ca``: then
+every client needs the new ``ca.pem``).
 Keys are ECDSA P-256: made in milliseconds, and every TLS stack nats-server and Python use
 takes them. ``cryptography`` (the ``server`` extra) is imported only when something is made.
 """
@@ -170,7 +172,10 @@ def _server_cert(
         .add_extension(x509.SubjectAlternativeName(_general_names(names)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+            # client too: a cluster's nodes show it to each other on their routes
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -241,8 +246,9 @@ def _ca(folder: Path, private_certs: bool) -> tuple[ec.EllipticCurvePrivateKey, 
 
 def _server_ok(path: Path, ca_cert: x509.Certificate, names: list[str]) -> bool:
     """Whether the server certificate at ``path`` can stay: signed by ``ca_cert``, far from
-    its end, and valid for every name in ``names``."""
+    its end, valid for every name in ``names`` and usable on a route too."""
     from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     if not path.is_file() or not path.with_name(SERVER_KEY).is_file():
         return False
@@ -250,7 +256,10 @@ def _server_ok(path: Path, ca_cert: x509.Certificate, names: list[str]) -> bool:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
         cert.verify_directly_issued_by(ca_cert)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except (ValueError, TypeError, x509.ExtensionNotFound):
+        return False
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:  # made before routes used it
         return False
     if cert.not_valid_after_utc - _now() < datetime.timedelta(days=RENEW_DAYS):
         return False
