@@ -207,6 +207,7 @@ async def test_model_stream_carries_smaller_copies_first(nats: NatsServer, start
         width=640,
         height=480,
         model_height=200,
+        device_stream="always",  # every frame on both (on_demand: tests/test_demand.py)
     )
     cap.wait_healthy()
     await asyncio.sleep(2.0)

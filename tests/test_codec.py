@@ -320,6 +320,7 @@ def samples() -> dict[str, Message]:
             "ttl_s": 1.0,
         },
         "fleet_device": {"device": "shop-2", "added_ns": NOW, "groups": ["north", "roof"]},
+        "frames_wanted": {"by": "publisher.pub-1", "for_s": 10.0},
         "fleet_desired": {
             "device": "shop-2",
             "group": "entrance",

@@ -66,6 +66,7 @@ SINCE_FREEZE = [
     "fleet_device",
     "fleet_desired",
     "fleet_seen",
+    "frames_wanted",
 ]
 
 

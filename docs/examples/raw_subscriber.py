@@ -8,7 +8,10 @@ the way a program in another language would be. It shows what a consumer needs t
 - each message is a msgpack map; ``v`` is the schema version, and this reader knows ``1``;
 - the map's fields are described by ``frame.json`` (a JSON Schema); bytes fields
   (``"format": "binary"``) are msgpack bin, i.e. ``bytes`` once unpacked;
-- ``data`` is a JPEG of ``width`` x ``height`` pixels.
+- ``data`` is a JPEG of ``width`` x ``height`` pixels;
+- a camera with a model stream sends every frame only while a reader says it is there: an
+  empty message on ``<prefix>.want.frames.<camera>`` at least every few seconds (it holds
+  10 s; ``docs/schemas/frames_wanted.json``), else about one frame a second.
 
 It prints one JSON line per frame and exits after ``--count`` frames::
 
@@ -137,6 +140,7 @@ def decode_jpeg(data: bytes) -> tuple[int, ...] | None:
 
 async def run(args: argparse.Namespace, schema: dict[str, Any]) -> int:
     subject = f"{args.prefix}.frames.{args.camera}"
+    want = f"{args.prefix}.want.frames.{args.camera}"  # "send me every frame"
     queue: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(msg: Any) -> None:
@@ -150,7 +154,11 @@ async def run(args: argparse.Namespace, schema: dict[str, Any]) -> int:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + args.timeout
         printed = rejected = 0
+        wanted_at = -1e9
         while printed < args.count:
+            if loop.time() - wanted_at > 3:  # the want holds 10 s: say it again in time
+                await nc.publish(want, b"")
+                wanted_at = loop.time()
             try:
                 data = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
             except TimeoutError:

@@ -33,6 +33,7 @@ from nats.js.object_store import ObjectStore
 from lensbus import clips, metrics
 from lensbus.bus import auth_options, connect
 from lensbus.codec import DecodeError, decode
+from lensbus.demand import Wanter
 from lensbus.feeds import (
     LIVE_BUFFER,
     REPLAY_BUFFER,
@@ -160,16 +161,22 @@ class Client:
         )
 
     async def frames(self, camera: str, *, newest_only: bool = True) -> AsyncIterator[Frame]:
-        """Decoded frames of ``camera``. Unreadable messages are counted and skipped; fields
-        this version does not know are ignored."""
-        async for msg in self._messages(self.subjects.frames(camera), newest_only):
-            try:
-                env = decode(msg.data, FrameEnvelope)
-                image = decode_jpeg(env.data, size=(env.width, env.height))
-            except (DecodeError, ImageError) as exc:
-                self._reject(exc)
-                continue
-            yield Frame(image=image, envelope=env)
+        """Decoded frames of ``camera`` (every one: it says it reads them, :mod:`lensbus.demand`).
+        Unreadable messages are counted and skipped; fields this version does not know are
+        ignored."""
+        # Capture encodes every device-stream frame only for whoever says it reads them.
+        wanter = Wanter(self.nc, self.subjects, lambda: (camera,), "lensbus.Client").start()
+        try:
+            async for msg in self._messages(self.subjects.frames(camera), newest_only):
+                try:
+                    env = decode(msg.data, FrameEnvelope)
+                    image = decode_jpeg(env.data, size=(env.width, env.height))
+                except (DecodeError, ImageError) as exc:
+                    self._reject(exc)
+                    continue
+                yield Frame(image=image, envelope=env)
+        finally:
+            await wanter.stop()
 
     async def latest_frame(self, camera: str, wait_s: float = 5.0) -> Frame:
         """The next frame ``camera`` publishes (the newest there is); TimeoutError after

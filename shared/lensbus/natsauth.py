@@ -6,7 +6,7 @@ JetStream resources. Every user receives replies only on its own inbox prefix
 ``_INBOX_<user>`` (:func:`inbox_prefix`; ``lensbus.bus.connect`` passes it to nats-py), so
 no user reads the replies (JetStream API answers, deployment records) meant for another.
 
-- ``capture`` publishes frames (device and model streams) and its heartbeats; in the KV
+- ``capture`` publishes frames and heartbeats, hears who wants frames (``want.frames.*``); in the KV
   ``lensbus-cameras`` it reads every key, writes only the ``state.*`` keys (what it reports
   about its cameras), and may create the bucket; nothing else (not results, no other bucket).
 - ``inference`` reads frames (either stream), publishes results, reads the desired models (KV
@@ -20,7 +20,7 @@ no user reads the replies (JetStream API answers, deployment records) meant for 
   group or instance than its key.
 - ``deployer`` answers ``<prefix>.api.deployer.*``, reads heartbeats, and is the only one
   that writes the model store and the ``group.*`` keys.
-- ``publisher`` reads frames, results and heartbeats, publishes events, manages the
+- ``publisher`` reads frames, results and heartbeats, publishes events and frame wants, manages the
   results stream and the snapshots and clips object stores, and reads the cameras bucket.
 - ``analytics`` reads the tracking groups' results (``detections.*``), publishes the
   tracked results and the zone events (``results.*``, ``events.*``) and its heartbeats, and
@@ -33,8 +33,8 @@ no user reads the replies (JetStream API answers, deployment records) meant for 
 - ``client`` (programs, viewers; the ``lensbus`` command's read verbs) is read-only: frames,
   results, events and heartbeats, the deployer's ``list`` and ``status``, the results stream
   (with consumers of its own: ordered, ephemeral or durable), the snapshots, the clips and
-  the cameras bucket (and ``project_list``, ``project_status``). It publishes nothing, writes
-  no bucket, and deletes no consumer.
+  the cameras bucket (and ``project_list``, ``project_status``). It publishes nothing but
+  frame wants (``want.frames.*``), writes no bucket, and deletes no consumer.
 - ``operator`` (``lensbus models upload``, ``deploy``, ``rollback``, ``cameras
   add/update/remove``): all the client may, plus every deployer verb, the ``camera.*`` keys of
   the cameras bucket (it may create that bucket), and deleting consumers of the results
@@ -168,16 +168,34 @@ def _inference_group(user: str) -> str | None:
 
 
 def _client(p: str, verbs: Iterable[str]) -> list[str]:
-    """What a program may publish: the deployer ``verbs``, reading the results stream, the
-    snapshots, the clips and the cameras bucket."""
+    """What a program may publish: the deployer ``verbs``, that it wants a device stream,
+    reading the results stream, the snapshots, the clips and the cameras bucket."""
     s = Subjects(p)
     return [
         *(f"{p}.api.deployer.{verb}" for verb in verbs),
+        s.all_frames_wanted(),  # a reader of the device stream says so (lensbus.demand)
         f"{JS_API}.INFO",
         *stream_read(s.results_stream),
         *stream_read(obj_stream(s.snapshots_bucket)),
         *stream_read(obj_stream(s.clips_bucket)),
         *stream_read(kv_stream(s.cameras_bucket)),
+    ]
+
+
+def _publisher(s: Subjects, heartbeat: str) -> list[str]:
+    p = s.prefix
+    return [
+        f"{p}.events.*",
+        s.all_frames_wanted(),  # for its viewers, clip buffers and snapshots
+        heartbeat,
+        f"{JS_API}.INFO",
+        *stream_admin(s.results_stream),
+        *object_store(s.snapshots_bucket),
+        *object_store(s.clips_bucket),
+        *stream_read(kv_stream(s.cameras_bucket)),
+        *stream_read(kv_stream(s.deployments_bucket)),  # the groups' pipelines: zones, lines
+        f"{p}.webhooks.*",  # pending webhook deliveries, a work queue
+        *stream_admin(s.webhooks_stream),
     ]
 
 
@@ -211,18 +229,7 @@ def _publish(user: str, p: str) -> list[str]:
             *object_store(s.projects_bucket),
         ]
     if user == "publisher":
-        return [
-            f"{p}.events.*",
-            heartbeat,
-            f"{JS_API}.INFO",
-            *stream_admin(s.results_stream),
-            *object_store(s.snapshots_bucket),
-            *object_store(s.clips_bucket),
-            *stream_read(kv_stream(s.cameras_bucket)),
-            *stream_read(deployments),  # the groups' pipelines: zones and lines drawn
-            f"{p}.webhooks.*",  # pending webhook deliveries, a work queue
-            *stream_admin(s.webhooks_stream),
-        ]
+        return _publisher(s, heartbeat)
     if user == "analytics":
         mqtt = analytics_mqtt(p)["publish"]
         return [
@@ -252,7 +259,7 @@ def _subscribe(user: str, p: str) -> list[str]:
     drawn = [s.all_project_overlays(), s.all_project_frames(), s.all_project_events()]
     reader = [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status, s.all_projects()]
     return {
-        "capture": [],
+        "capture": [s.all_frames_wanted()],
         "deployer": [f"{p}.api.deployer.*", status],
         "publisher": [f"{p}.frames.*", f"{p}.results.*", f"{p}.events.*", status, *drawn],
         "analytics": [f"{p}.detections.*", *analytics_mqtt(p)["subscribe"]],

@@ -112,6 +112,7 @@ def project_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> dict[str, An
         "publish": {
             "allow": [
                 s.project_all(name),
+                s.all_frames_wanted(),  # its handler reads the device stream
                 f"{JS_API}.INFO",
                 f"$KV.{bucket}.>",
                 *stream_read(kv_stream(bucket)),

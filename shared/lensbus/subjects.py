@@ -58,6 +58,7 @@ RESERVED_TOKENS = (
     "api",
     "projects",
     "fleet",
+    "want",
 )
 # Home Assistant's MQTT discovery prefix (its default) and its birth message's subject.
 HA_PREFIX = "homeassistant"
@@ -212,6 +213,13 @@ class Subjects:
 
     def all_frames(self) -> str:
         return f"{self.prefix}.frames.*"
+
+    def frames_wanted(self, camera: str) -> str:
+        """Where a reader of a camera's device stream says it is there (lensbus.demand)."""
+        return f"{self.prefix}.want.frames.{validate_camera_id(camera)}"
+
+    def all_frames_wanted(self) -> str:
+        return f"{self.prefix}.want.frames.*"
 
     def model_frames(self, camera: str) -> str:
         """The same frames made smaller for inference (the model stream), when capture has a

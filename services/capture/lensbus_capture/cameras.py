@@ -74,7 +74,7 @@ class Cameras:
         return self._running[camera][2]
 
     def counters(self) -> dict[str, float]:
-        total = {"captured": 0.0, "published": 0.0, "dropped": 0.0}
+        total = {"captured": 0.0, "published": 0.0, "dropped": 0.0, "skipped": 0.0}
         for _, capture, _ in self._running.values():
             for k, v in capture.counters().items():
                 total[k] += v

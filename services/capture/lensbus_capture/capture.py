@@ -9,6 +9,7 @@ reported as a :class:`CameraState` through ``on_state``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from lensbus import metrics as shared_metrics
 from lensbus.codec import encode
+from lensbus.demand import Leases, parse_want
+from lensbus.errors import DecodeError
 from lensbus.logs import RateLimit, log_limited
 from lensbus.runtime import Runtime
 from lensbus.schemas import FrameEnvelope
@@ -84,7 +88,11 @@ class Capture:
         self.subject = rt.subjects.frames(config.id)
         self.model_subject = rt.subjects.model_frames(config.id)
         self.seq = seq
-        self.captured = self.published = self.dropped = 0
+        self.captured = self.published = self.dropped = self.skipped = 0
+        # Who wants the device stream (lensbus.demand); with a model stream and nobody
+        # wanting it, only an idle frame now and then is encoded for it.
+        self.leases = Leases()
+        self._last_device = float("-inf")
         self.state: CameraState | None = None
         self._limit = RateLimit(60.0)
         cam = config.id
@@ -94,6 +102,8 @@ class Capture:
         self._m_encode = metrics.ENCODE_SECONDS.labels(cam)
         self._m_up = metrics.SOURCE_UP.labels(cam)
         self._m_reopens = metrics.SOURCE_REOPENS.labels(cam)
+        self._m_skipped = metrics.DEVICE_FRAMES_SKIPPED.labels(cam)
+        self._m_wanted = metrics.DEVICE_STREAM_WANTED.labels(cam)
 
     def request_stop(self) -> None:
         """Stop soon: a reader waiting for a frame is woken at once."""
@@ -102,7 +112,33 @@ class Capture:
             self.reader.close()
 
     def counters(self) -> dict[str, float]:
-        return {"captured": self.captured, "published": self.published, "dropped": self.dropped}
+        return {
+            "captured": self.captured,
+            "published": self.published,
+            "dropped": self.dropped,
+            "skipped": self.skipped,
+        }
+
+    async def _on_want(self, msg: Any) -> None:
+        try:
+            want = parse_want(msg.data)
+        except DecodeError as exc:
+            shared_metrics.MESSAGES_REJECTED.labels(exc.reason).inc()
+            log_limited(log, self._limit, "want", logging.WARNING, "%s: %s", msg.subject, exc)
+            return
+        if self.leases.grant(self.c.id, want.for_s):
+            log.info("camera %s: device stream wanted (%s)", self.c.id, want.by or "a consumer")
+
+    def device_frame_due(self) -> bool:
+        """Whether this frame goes on the device stream: always without a model stream
+        (inference reads it) or with ``device_stream: always``; else while someone wants it,
+        or as the idle frame."""
+        c = self.c
+        every = not c.model_height or c.device_stream == "always" or self.leases.wanted(c.id)
+        self._m_wanted.set(1 if every else 0)
+        if every:
+            return True
+        return c.idle_fps > 0 and time.monotonic() - self._last_device >= 1.0 / c.idle_fps
 
     def _report(self, state: CameraStateName, reason: str = "") -> None:
         if self.state is not None and (self.state.state, self.state.reason) == (state, reason):
@@ -121,6 +157,8 @@ class Capture:
     async def run(self) -> int:
         """Capture until stopped (0), the end of a file or folder (0) or its failure (1)."""
         delay, lost = FIRST_RETRY_S, ""
+        want = self.rt.subjects.frames_wanted(self.c.id)
+        want_sub = await self.rt.nc.subscribe(want, cb=self._on_want)
         try:
             while not self.stop.is_set():
                 if not self._open:
@@ -138,6 +176,8 @@ class Capture:
                 if await sleep_unless_stopped(self.stop, FIRST_RETRY_S):
                     break
         finally:
+            with contextlib.suppress(Exception):  # the connection may be closing
+                await want_sub.unsubscribe()
             await self._close()
             self._m_up.set(0)
             if self.stop.is_set():
@@ -193,8 +233,11 @@ class Capture:
         self._m_captured.inc()
         return image, capture_ns
 
-    def _take_and_encode(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int, Encoded] | None:
-        """(seq, capture_ns, device-stream JPEG) of the next frame, None at the source's end.
+    def _take_and_encode(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[int, int, Encoded | None] | None:
+        """(seq, capture_ns, device-stream JPEG or None when not due: see
+        :meth:`device_frame_due`) of the next frame, None at the source's end.
 
         One hop to a worker thread per frame: the read blocks and the encodes are CPU work,
         and all release the GIL, so the event loop stays free for NATS.  With a model stream,
@@ -221,6 +264,9 @@ class Capture:
             small = encode_for_model(base, size, c.jpeg_quality)
             msg = envelope(c.id, seq, capture_ns, small, (out_w, out_h))
             asyncio.run_coroutine_threadsafe(self._publish(self.model_subject, msg), loop)
+        if not self.device_frame_due():
+            return seq, capture_ns, None
+        self._last_device = time.monotonic()
         if scaled is None:
             scaled = scale_frame(image, c.width, c.height)
         return seq, capture_ns, encode_frame(scaled, None, None, c.jpeg_quality)
@@ -288,10 +334,14 @@ class Capture:
                 self._report("ended")
                 return 0, ""
             seq, capture_ns, enc = item
-            self._m_encode.observe(enc.encode_s)
-            if await self._publish(self.subject, envelope(self.c.id, seq, capture_ns, enc)):
-                self.published += 1
-                self._m_published.inc()
+            if enc is None:
+                self.skipped += 1
+                self._m_skipped.inc()
+            else:
+                self._m_encode.observe(enc.encode_s)
+                if await self._publish(self.subject, envelope(self.c.id, seq, capture_ns, enc)):
+                    self.published += 1
+                    self._m_published.inc()
             # Pace to the fps cap on a fixed schedule; after a stall, start a new schedule
             # instead of bursting to catch up.
             next_t += interval

@@ -31,6 +31,8 @@ class CaptureSettings(ServiceSettings):
     height: int | None = _camera_field("height")
     jpeg_quality: int = _camera_field("jpeg_quality")
     model_height: int | None = _camera_field("model_height")
+    device_stream: Literal["on_demand", "always"] = _camera_field("device_stream")
+    idle_fps: float = _camera_field("idle_fps")
     loop: bool = _camera_field("loop")
     options: SourceOptions = _camera_field("options")
     cameras_from: Literal["settings", "bucket", "both"] = Field(
@@ -54,6 +56,8 @@ class CaptureSettings(ServiceSettings):
             height=self.height,
             jpeg_quality=self.jpeg_quality,
             model_height=self.model_height,
+            device_stream=self.device_stream,
+            idle_fps=self.idle_fps,
             loop=self.loop,
             node=self.node,
             options=self.options,

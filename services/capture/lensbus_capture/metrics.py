@@ -30,3 +30,14 @@ SOURCE_REOPENS = Counter(
     "lensbus_capture_source_reopens_total", "Times the source was reopened", ["camera"]
 )
 SOURCE_UP = Gauge("lensbus_capture_source_up", "1 while the source delivers frames", ["camera"])
+DEVICE_FRAMES_SKIPPED = Counter(
+    "lensbus_capture_device_frames_skipped_total",
+    "Device-stream frames not encoded: a model stream serves inference and nobody said they "
+    "want the device stream (lensbus.demand)",
+    ["camera"],
+)
+DEVICE_STREAM_WANTED = Gauge(
+    "lensbus_capture_device_stream_wanted",
+    "1 while every device-stream frame is encoded (wanted, always, or no model stream)",
+    ["camera"],
+)

@@ -11,6 +11,7 @@ import logging
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from lensbus.demand import Wanter
 from lensbus.runtime import Runtime
 from lensbus_publisher.clips import Clips
 from lensbus_publisher.config import PublisherSettings
@@ -44,6 +45,7 @@ class Publisher:
         self.tasks: list[asyncio.Task[None]] = []
         self.events: Events | None = None
         self.clips: Clips | None = None
+        self.wanter: Wanter | None = None
 
     def counters(self) -> dict[str, float]:
         cams = self.hub.cameras.values()
@@ -60,6 +62,15 @@ class Publisher:
             "webhook_failures": self.webhooks.dropped,
             "rejected": self.hub.rejected,
         }
+
+    def wanted_cameras(self) -> set[str]:
+        """The cameras whose every device-stream frame the publisher needs (lensbus.demand):
+        those someone watches, and those a rule may fire for (its snapshot and clip are cut
+        from the device stream)."""
+        cams = {c.id for c in self.hub.cameras.values() if c.watched}
+        for rule in self.s.rules:
+            cams |= set(rule.cameras) if rule.cameras else set(self.hub.cameras)
+        return cams
 
     async def _on_frame(self, msg: Msg) -> None:
         got = self.hub.on_frame(self.rt.subjects.camera_of(msg.subject), msg.data)
@@ -130,6 +141,8 @@ class Publisher:
                 pending_bytes_limit=FRAME_PENDING_BYTES,
             ),
         ]
+        by = f"publisher.{rt.settings.instance}"
+        self.wanter = Wanter(nc, subjects, self.wanted_cameras, by).start()
         log_rules(self.s)
 
     async def stop(self) -> None:
@@ -137,6 +150,8 @@ class Publisher:
         for sub in self.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self.wanter is not None:
+            await self.wanter.stop()
         self.hub.close()
         await self.renderer.close()
         if self.events is not None:

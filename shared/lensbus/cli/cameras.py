@@ -58,7 +58,8 @@ def _size(value: str) -> tuple[int, int]:
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The CameraConfig fields the command line gives (options left out are absent)."""
-    top = ("source", "fps", "group", "width", "height", "model_height", "jpeg_quality")
+    top: tuple[str, ...] = ("source", "fps", "group", "width", "height", "model_height")
+    top += ("jpeg_quality", "device_stream", "idle_fps")
     out: dict[str, Any] = {k: getattr(args, k) for k in top if getattr(args, k, None) is not None}
     for name in ("loop", "node"):
         if getattr(args, name, None) is not None:
@@ -280,6 +281,13 @@ def _camera_options(p: argparse.ArgumentParser, update: bool) -> None:
     p.add_argument("--height", type=int, help="output height")
     p.add_argument("--model-height", type=int, help="also publish the model stream at this height")
     p.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-100 (default 85)")
+    p.add_argument(
+        "--device-stream",
+        choices=("on_demand", "always"),
+        help="with a model stream: every device-stream frame only while wanted (on_demand, "
+        "the default) or always",
+    )
+    p.add_argument("--idle-fps", type=float, help="on_demand, unwanted: frames a second (1)")
     loop = "restart a video file or folder at its end"
     if update:
         p.add_argument("--loop", action=argparse.BooleanOptionalAction, help=loop)

@@ -25,7 +25,8 @@ from typing import IO, Any
 from lensbus.codec import DecodeError, decode
 from lensbus.errors import InvalidName
 from lensbus.projects import control
-from lensbus.projects.host import load_manifest, one_line
+from lensbus.projects.host import one_line
+from lensbus.projects.loading import load_manifest
 from lensbus.schemas.event import Event
 from lensbus.schemas.frame import FrameEnvelope
 from lensbus.schemas.project import Overlay, ProjectMessage

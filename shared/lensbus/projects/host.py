@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
+import importlib
 import inspect
 import logging
 import os
@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -33,14 +32,16 @@ from nats.aio.msg import Msg
 
 from lensbus import bus
 from lensbus.codec import DecodeError, decode
+from lensbus.demand import Wanter
 from lensbus.logs import RateLimit, log_limited, setup_logging
 from lensbus.projects import control
 from lensbus.projects.context import Context, HostEnv, Outbox, parse_cameras
 from lensbus.projects.control import Protocol, take_stdout
+from lensbus.projects.loading import load_manifest, load_module
 from lensbus.projects.mailbox import DeeplensBridge, FrameRing, Mailbox
 from lensbus.projects.state import State
 from lensbus.schemas.frame import FrameEnvelope
-from lensbus.schemas.project import MANIFEST_FILE, ProjectManifest
+from lensbus.schemas.project import ProjectManifest
 from lensbus.schemas.result import Result
 from lensbus.subjects import Subjects
 
@@ -58,27 +59,6 @@ def one_line(exc: BaseException) -> str:
     """An exception as its type and message on one line (a "failed" reason, a log cause)."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def load_manifest(project_dir: Path) -> ProjectManifest:
-    return ProjectManifest.model_validate_json((project_dir / MANIFEST_FILE).read_bytes())
-
-
-def load_module(project_dir: Path, relative: str) -> ModuleType:
-    """Import the project's handler file; the project folder first on ``sys.path``."""
-    path = project_dir / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{relative} is not in the project")
-    folder = str(project_dir.resolve())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {relative}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Host:
@@ -109,6 +89,8 @@ class Host:
         self.module: ModuleType | None = None
         self.manifest: ProjectManifest | None = None
         self.deeplens: DeeplensBridge | None = None  # runtime "deeplens"
+        self.seen: set[str] = set()  # cameras whose frames came
+        self.wanter: Wanter | None = None
         self._go_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
 
     # ---- start ----------------------------------------------------------------------------
@@ -129,7 +111,7 @@ class Host:
             self.deeplens = DeeplensBridge(
                 manifest, self.subjects, self.env.models_dir, outbox.send
             )
-            await self.nc.subscribe(self.subjects.all_frames(), cb=self._on_frame)
+            await self._take_frames(manifest.name)
             return
         self.module = load_module(self.env.project_dir, manifest.handler)
         if not callable(getattr(self.module, "on_result", None)):
@@ -138,9 +120,17 @@ class Host:
         if manifest.frames:  # OpenCV now: too little memory_mb for it fails the start, clearly
             importlib.import_module("lensbus.images")
             self.frames = FrameRing()
-            await self.nc.subscribe(self.subjects.all_frames(), cb=self._on_frame)
+            await self._take_frames(manifest.name)
         await self.nc.subscribe(self.subjects.all_results(), cb=self._on_result)
         await self.nc.flush()
+
+    async def _take_frames(self, project: str) -> None:
+        """Every frame of its cameras: capture encodes a device stream's every frame for
+        whoever says it reads it (lensbus.demand): its cameras, or each camera seen."""
+        assert self.nc is not None
+        await self.nc.subscribe(self.subjects.all_frames(), cb=self._on_frame)
+        cameras = lambda: self.seen if self.cameras is None else self.cameras  # noqa: E731
+        self.wanter = Wanter(self.nc, self.subjects, cameras, f"project.{project}").start()
 
     def _echo(self, subject: str, data: bytes) -> None:
         text = base64.b64encode(data).decode()
@@ -200,6 +190,7 @@ class Host:
         except DecodeError as exc:
             self._reject(f"frame_{exc.reason}", exc)
             return
+        self.seen.add(frame.camera)
         if not self._wanted(frame.camera):
             return
         if self.frames is not None:
@@ -368,6 +359,8 @@ class Host:
     async def _close(self) -> None:
         """What was sent goes out, then the connection closes."""
         assert self.nc is not None
+        if self.wanter is not None:
+            await self.wanter.stop()
         await self.outbox.flush()
         try:
             await self.nc.flush(timeout=5)  # what was sent reaches the server before we exit

@@ -51,7 +51,7 @@ from lensbus.schemas.fleet import (
     FleetStatusReply,
     FleetStatusRequest,
 )
-from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope
+from lensbus.schemas.frame import MAX_SIDE, FrameEnvelope, FramesWanted
 from lensbus.schemas.manifest import DecoderOptions, InputSpec, Manifest, ModelFile
 from lensbus.schemas.pipeline import (
     CameraZones,
@@ -100,6 +100,7 @@ from lensbus.schemas.status import State, Status
 # Every top-level schema, by the file name its JSON Schema is exported under.
 EXPORTED: dict[str, type[Message]] = {
     "frame": FrameEnvelope,
+    "frames_wanted": FramesWanted,
     "result": Result,
     "status": Status,
     "manifest": Manifest,
@@ -180,6 +181,7 @@ __all__ = [
     "DecoderOptions",
     "Detection",
     "FrameEnvelope",
+    "FramesWanted",
     "InputSpec",
     "Manifest",
     "Message",

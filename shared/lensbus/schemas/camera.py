@@ -96,6 +96,19 @@ class CameraConfig(ConfigMessage):
         le=MAX_SIDE,
         description="also publish every frame at this height on the model stream",
     )
+    device_stream: Literal["on_demand", "always"] = Field(
+        default="on_demand",
+        description="with a model stream: on_demand encodes every device-stream frame only "
+        "while a consumer says it is there (<prefix>.want.frames.<camera>), else idle_fps; "
+        "always encodes every frame. Without a model stream inference reads the device "
+        "stream: always",
+    )
+    idle_fps: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        description="on_demand, nobody wanting it: device-stream frames a second (0: none)",
+    )
     loop: bool = Field(default=False, description="restart a video file or folder at its end")
     group: str | None = Field(
         default=None,

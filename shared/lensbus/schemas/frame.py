@@ -1,6 +1,7 @@
 """The frame envelope published on ``<prefix>.frames.<camera>`` (the device stream) and, when
 capture makes one, on ``<prefix>.model-frames.<camera>`` (the model stream: the same frames,
-smaller, for inference)."""
+smaller, for inference), and what a consumer of the device stream says on
+``<prefix>.want.frames.<camera>``."""
 
 from __future__ import annotations
 
@@ -50,3 +51,19 @@ class FrameEnvelope(WireMessage):
     def frame_size(self) -> tuple[int, int]:
         """(width, height) of the frame as captured: what result pixels refer to."""
         return (self.full_width or self.width, self.full_height or self.height)
+
+
+class FramesWanted(WireMessage):
+    """A consumer of a camera's device stream saying it is there (on
+    ``<prefix>.want.frames.<camera>``). An empty message means the same with the defaults:
+    the simplest way for a program in any language."""
+
+    kind: ClassVar[str] = "frames_wanted"
+
+    by: str = Field(default="", max_length=128, description="who wants them (for the logs)")
+    for_s: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=300.0,
+        description="how long this holds, in seconds: say it again before it runs out",
+    )
