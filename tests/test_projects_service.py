@@ -414,3 +414,36 @@ async def test_cli_deploy_and_automatic_rollback(
 
 def cli_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LENSBUS_")}
+
+
+SLOW_START = """
+import time
+
+def on_start(ctx):
+    time.sleep(3.5)  # a model to load, a device to open: longer than deadline_s
+
+def on_result(result, ctx):
+    ctx.publish("seen", {"seq": result.seq, "v": ctx.version})
+"""
+
+
+async def test_a_start_longer_than_the_deadline_is_not_taken_for_silence(
+    fresh_nats: NatsServer, nc: Client, start_service: Any, tmp_path: Path
+) -> None:
+    """A host beats from "ready" on. Before, the watchdog timed its silence from the
+    process's spawn: a start (on_start) longer than deadline_s got it killed as ``silent``
+    the moment it began serving, and again after every restart."""
+    svc = start_projects(start_service, fresh_nats.url, tmp_path)
+    seen = Seen()
+    await nc.subscribe(S.project_output("slow", "cam1", "seen"), cb=seen.cb)
+    folder = write_project(tmp_path, "slow", "1", SLOW_START, limits={"deadline_s": 2.0})
+    await deploy(nc, folder, "slow", "1")
+    await wait_report(nc, "slow", lambda r: r.state == "running", within_s=60)
+    for seq in range(1, 6):
+        await nc.publish(S.results("cam1"), encode(result("cam1", seq)))
+        await asyncio.sleep(0.2)
+    await seen.wait(lambda: len(seen.seqs()) == 5)
+    rep = await report(nc, "slow")
+    assert rep is not None and rep.restarts == 0, rep
+    silent = 'project="slow",reason="silent"'
+    assert svc.metric("lensbus_project_restarts_total", silent) == 0

@@ -845,12 +845,13 @@ async def test_the_page_needs_no_inline_script_or_style(nats: NatsServer, start_
     assert not re.search(r"\son[a-z]+\s*=", page), "an inline event handler"
     # The assets carry the token the page came with (the browser sends nothing else).
     assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
-    assert {a.split("?")[0] for a in assets} == {"/static/app.js", "/static/app.css"}, assets
+    expected = {"/static/app.js", "/static/live.js", "/static/app.css"}
+    assert {a.split("?")[0] for a in assets} == expected, assets
     for asset in assets:
         assert asset.endswith(f"?token={secret}"), asset
         status, headers, body = fetch_all(pub.port, asset)
         assert status == 200 and len(body) > 500, (asset, status)
-        kind = "javascript" if asset.startswith("/static/app.js") else "css"
+        kind = "css" if ".css?" in asset else "javascript"
         assert kind in headers["Content-Type"], headers
         assert "unsafe-inline" not in headers["Content-Security-Policy"]
         assert fetch_all(pub.port, asset.split("?")[0])[0] == 401, "an asset without the token"

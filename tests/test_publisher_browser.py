@@ -27,7 +27,7 @@ from test_publisher import (
 from lensbus import Subjects, encode
 from lensbus.images import encode_jpeg
 from lensbus.natsserver import NatsServer
-from lensbus.schemas import FrameEnvelope
+from lensbus.schemas import Box, Detection, FrameEnvelope, ModelRef, Result
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,16 +37,20 @@ pytestmark = [
 ARTIFACTS = ROOT / "test-artifacts"
 COCO_SEEN = {"dog", "person", "horse", "sheep", "car", "truck", "bicycle"}
 
-# Draws an <img> (the current frame of its MJPEG stream) on a canvas and measures it.
+# Measures the live view's canvas, or an <img> (the current frame of its MJPEG stream) drawn
+# on a canvas.
 PIXELS_JS = """
 (() => {
   const stats = (id) => {
-    const img = document.getElementById(id);
-    if (!img || !img.complete || !img.naturalWidth) return null;
-    const c = document.createElement("canvas");
-    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    let c = document.getElementById(id);
+    if (c.tagName === "IMG") {
+      const img = c;
+      if (!img.complete || !img.naturalWidth || img.hidden) return null;
+      c = document.createElement("canvas");
+      c.width = img.naturalWidth; c.height = img.naturalHeight;
+      c.getContext("2d").drawImage(img, 0, 0);
+    } else if (!c.dataset.seq) return null;  // the live view has drawn no frame yet
     const ctx = c.getContext("2d");
-    ctx.drawImage(img, 0, 0);
     const d = ctx.getImageData(0, 0, c.width, c.height).data;
     let n = 0, sum = 0, sq = 0, lit = 0;
     for (let i = 0; i < d.length; i += 4 * 7) {
@@ -56,7 +60,7 @@ PIXELS_JS = """
     const mean = sum / n;
     return {w: c.width, h: c.height, mean, std: Math.sqrt(sq / n - mean * mean), lit: lit / n};
   };
-  return {device: stats("device"), project: stats("project")};
+  return {live: stats("live"), project: stats("project")};
 })()
 """
 
@@ -83,12 +87,15 @@ async def test_page_shows_both_streams_and_live_results(
     async with Browser.launch(tmp_path) as browser:
         page = await browser.new_page(1400, 900)
         await page.goto(f"{base}/")
-        # The page picks the camera, opens both streams and the results feed.
+        # The page picks the camera, opens its live view and the results feed; the project
+        # stream (drawn by the server) only when asked for.
         await page.wait_for("document.getElementById('camera-id').textContent === 'porch'", 30)
+        assert await page.eval("document.getElementById('project').hidden")
+        await page.eval("document.getElementById('project-toggle').click()")
         pixels = await page.wait_for(
-            f"(() => {{ const s = {PIXELS_JS}; return s.device && s.project && s; }})()", 30
+            f"(() => {{ const s = {PIXELS_JS}; return s.live && s.project && s; }})()", 30
         )
-        for name in ("device", "project"):
+        for name in ("live", "project"):
             s = pixels[name]
             assert s["w"] >= 600 and s["h"] >= 400, (name, s)
             assert s["std"] > 20 and s["lit"] > 0.5, f"{name} stream looks blank: {s}"
@@ -169,7 +176,7 @@ async def browse_with_token(tmp_path: Path, port: int, secret: str) -> None:
         # The script ran: it listed the camera and opened its stream (with the token).
         await page.wait_for("document.getElementById('camera-id').textContent === 'gate'", 30)
         assert await page.eval("document.querySelector('#cameras li').dataset.camera") == "gate"
-        await page.wait_for("document.getElementById('device').naturalWidth === 640", 30)
+        await page.wait_for("document.getElementById('live').width === 640", 30)
         # The stylesheet applied (the header is a flex row only by app.css).
         assert await page.eval("getComputedStyle(document.querySelector('header')).display") == (
             "flex"
@@ -188,3 +195,91 @@ async def browse_with_token(tmp_path: Path, port: int, secret: str) -> None:
             await page.eval("new Promise((ok) => requestAnimationFrame(() => ok(1)))")
         assert page.csp_violations(), page.log
         assert await page.eval("window.injected === undefined")
+
+
+# The live view's canvas and the result drawn on it, read in one go (the next frame may be
+# drawn a moment later): the box edge's colour and the grey inside and beside the box.
+OVERLAY_JS = """
+(() => {
+  const c = document.getElementById("live");
+  if (!c.dataset.seq) return null;
+  const seq = +c.dataset.seq, rseq = c.dataset.resultSeq === "" ? null : +c.dataset.resultSeq;
+  const ctx = c.getContext("2d");
+  const at = (x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3));
+  const r = window.lensbusLive.results.get(rseq);
+  if (!r) return {seq, rseq};
+  const b = r.detections[0].box, lw = Math.max(3, Math.round(Math.min(c.width, c.height) / 270));
+  const mid = Math.round((b.top + b.bottom) / 2);
+  return {seq, rseq, w: c.width, h: c.height, left: b.left,
+          edge: at(b.left + Math.floor(lw / 2), mid),
+          inside: at(Math.round((b.left + b.right) / 2), mid),
+          before: at(b.left - 20, mid), stats: window.lensbusLive.stats};
+})()
+"""
+GREY = 90
+GREEN = [0, 255, 0]  # class 2's colour (render.py's palette, drawn the same by live.js)
+
+
+def box_for(seq: int) -> Box:
+    """A different box for every seq: a frame drawn with another frame's result shows it."""
+    left = 100 + (seq % 5) * 60
+    return Box.from_normalized(left / 640, 120 / 480, (left + 160) / 640, 360 / 480, 640, 480)
+
+
+async def test_live_view_draws_each_results_box_over_its_own_frame(
+    nats: NatsServer, start_service, tmp_path: Path
+) -> None:
+    """The page draws the results itself, joined by seq: published frames (flat grey) and a
+    result per frame (a box that moves with the seq) come through the real publisher; the
+    canvas's pixels show the box of the frame's own result, in the project stream's colour."""
+    pub = start_publisher(start_service, nats.url)
+    jpeg = encode_jpeg(np.full((480, 640, 3), GREY, np.uint8))
+    nc = await nats_py.connect(nats.url)
+    s = Subjects()
+
+    async def camera() -> None:
+        for seq in range(1, 10_000):
+            now = time.time_ns()
+            env = FrameEnvelope(
+                camera="overlay", seq=seq, capture_ns=now, width=640, height=480, data=jpeg
+            )
+            await nc.publish(s.frames("overlay"), encode(env))
+            await asyncio.sleep(0.05)  # the result comes after its frame, as inference's do
+            det = Detection(label="car", class_id=2, score=0.9, box=box_for(seq))
+            result = Result(
+                camera="overlay", seq=seq, capture_ns=now, result_ns=time.time_ns(),
+                width=640, height=480, model=ModelRef(name="test", version="1"),
+                task="detection", detections=[det],
+            )  # fmt: skip
+            await nc.publish(s.results("overlay"), encode(result))
+            await asyncio.sleep(0.25)
+
+    feed = asyncio.create_task(camera())
+    try:
+        async with Browser.launch(tmp_path) as browser:
+            page = await browser.new_page(1400, 900)
+            await page.goto(f"http://127.0.0.1:{pub.port}/?camera=overlay")
+            await page.wait_for("window.lensbusLive && window.lensbusLive.stats.joined >= 3", 30)
+            seen = []
+            for _ in range(3):
+                got = await page.wait_for(
+                    f"(() => {{ const o = {OVERLAY_JS}; return o && o.edge && o; }})()", 10
+                )
+                seen.append(got)
+                await page.eval("new Promise((ok) => setTimeout(ok, 300))")
+            assert not page.errors, page.errors
+            assert not page.csp_violations(), page.csp_violations()
+        # The server drew nothing: nobody asked for the project stream.
+        assert pub.metric("lensbus_publisher_viewers", 'camera="overlay",stream="project"') == 0
+    finally:
+        feed.cancel()
+        await nc.close()
+    for got in seen:
+        assert (got["w"], got["h"]) == (640, 480), got
+        assert got["rseq"] == got["seq"], got  # its own result, not the newest
+        assert got["left"] == box_for(got["seq"]).left, got
+        assert got["edge"] == GREEN, got
+        assert all(abs(v - GREY) <= 3 for v in got["inside"]), got
+        assert all(abs(v - GREY) <= 3 for v in got["before"]), got
+    assert len({got["seq"] for got in seen}) >= 2, seen  # it kept drawing new frames
+    assert pub.stop() == 0

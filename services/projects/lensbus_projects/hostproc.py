@@ -122,6 +122,8 @@ class HostProcess:
                     self._bad_line(f"bad beat: {exc}")
                     continue
                 self.beat_at = time.monotonic()
+            elif message["t"] == "ready":  # it beats from now on: its silence counts from here,
+                self.beat_at = time.monotonic()  # not from the spawn (a start may be long)
             await self.messages.put(message)
         await self.messages.put(None)
 

@@ -43,7 +43,7 @@ CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
-ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}  # served under /static/
+ASSETS = {"app.js": "text/javascript", "live.js": "text/javascript", "app.css": "text/css"}
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-store, must-revalidate",
     "Pragma": "no-cache",

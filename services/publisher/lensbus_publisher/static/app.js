@@ -14,6 +14,8 @@
   let cameras = [];
   let selected = params.get("camera") || null;
   let source = null;
+  const live = new window.LensbusLive.Live($("live"));
+  window.lensbusLive = live; // for a look from the console (and the browser tests)
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -65,11 +67,21 @@
     $("camera").hidden = false;
     $("camera-id").textContent = id;
     $("results").replaceChildren();
-    // Changing src closes the old stream's connection.
-    $("device").src = withToken(`/cameras/${encodeURIComponent(id)}/device.mjpeg`);
-    $("project").src = withToken(`/cameras/${encodeURIComponent(id)}/project.mjpeg`);
+    // The live view reads the device stream and draws the results itself; the server draws
+    // the project stream only for whoever shows it. Changing src closes the old stream.
+    live.open(withToken(`/cameras/${encodeURIComponent(id)}/device.mjpeg`));
+    showProject(localStorage.getItem("lensbus.project") === "1");
     renderCameras();
     updateInfo();
+  }
+
+  function showProject(on) {
+    const img = $("project");
+    img.hidden = !on;
+    $("project-toggle").textContent = on ? "Hide the project stream"
+      : "Show the project stream (drawn by the server: projects' overlays)";
+    if (on && selected) img.src = withToken(`/cameras/${encodeURIComponent(selected)}/project.mjpeg`);
+    if (!on) img.removeAttribute("src");
   }
 
   function updateInfo() {
@@ -159,6 +171,7 @@
 
   function onResult(r) {
     if (r.camera !== selected) return;
+    live.result(r);
     const li = el("li", "result");
     li.dataset.seq = r.seq;
     li.append(el("span", "time dim", new Date(r.capture_ns / 1e6).toLocaleTimeString()));
@@ -223,6 +236,11 @@
     source.onopen = () => { $("conn").textContent = "connected"; };
   }
 
+  $("project-toggle").addEventListener("click", () => {
+    const on = $("project").hidden;
+    localStorage.setItem("lensbus.project", on ? "1" : "0");
+    showProject(on);
+  });
   openResults();
   pollCameras();
   pollStatus();
