@@ -37,6 +37,9 @@ The same frames, model and backend, side by side in one run on one machine:
   capture, inference and nats-server after a 10 s settle ("start") and at the end, drops by
   reason from each service's /metrics, frames lost between capture and inference, and
   nats-server's slow-consumer count.
+* **camera rate**: frames offered on a fixed schedule at ``--camera-fps`` (30), as a real
+  camera does, to the bare loop and the pipeline alike: results/s and the frame's age when
+  the model starts on it (``pipeline_camera``).
 * **workers**: 1 vs 2 inference instances in the queue group (and, not with ``--quick``, 2
   with one model thread each), capture offering 2.5x the bare fps of one instance, at 640x480
   (1080p with ``--quick``).
@@ -76,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from early_threads import ROOT  # first of the bench's modules: it sets MXNet's threads
+from pipeline_camera import camera_rate, camera_table
 from pipeline_lab import (
     JPEG_QUALITY,
     SIZES,
@@ -146,6 +150,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for backend in args.backends:
                 await bench.compare(backend)
                 checkpoint(args, out)
+                if "camera" not in args.skip:
+                    try:
+                        await camera_rate(bench, backend, args.camera_fps)
+                    except Exception as exc:  # one failed measure must not lose the others
+                        log(f"{backend} camera rate failed: {type(exc).__name__}: {exc}")
+                        out.setdefault("errors", []).append(f"{backend} camera: {exc}")
+                    checkpoint(args, out)
                 phases: list[tuple[str, Callable[[str, str], Awaitable[None]], str]] = [
                     ("swap", bench.swap, args.swap_size),
                 ]
@@ -182,7 +193,8 @@ def main() -> int:
     )
     parser.add_argument("--device", default="cpu", help="model device: cpu, gpu or gpu:N")
     parser.add_argument("--sizes", help="comma list of 640x480,1920x1080 (quick: 1920x1080)")
-    parser.add_argument("--skip", default="", help="comma list of swap,overload,workers")
+    parser.add_argument("--skip", default="", help="comma list of camera,swap,overload,workers")
+    parser.add_argument("--camera-fps", type=float, default=30.0, help="the camera-rate run's fps")
     parser.add_argument("--swap-size", default="1920x1080")
     parser.add_argument("--overload-size", default="1920x1080")
     parser.add_argument("--workers-size", default=None, help="default: 640x480 (quick: 1080p)")
@@ -228,7 +240,7 @@ def main() -> int:
             needed.add(size)
 
     out = public(asyncio.run(run(args)))
-    text = report(out)
+    text = report(out) + camera_table(out)
     print(text)
     path = result_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
