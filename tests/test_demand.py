@@ -100,6 +100,7 @@ async def test_capture_encodes_the_device_stream_while_someone_wants_it(
     assert 1 <= len(idle) <= span_s + 2, (len(idle), span_s)
     assert cap.metric(SKIPPED, label) >= 30
     assert cap.metric(WANTED, label) == 0
+    assert cap.metric("lensbus_capture_model_frames_published_total", label) >= 45
 
     # Wanted for 5 s (a FramesWanted): every frame, then idle again once it runs out.
     await nc.publish(S.frames_wanted(cam), encode(FramesWanted(by="test", for_s=5)))

@@ -102,6 +102,7 @@ class Capture:
         self._m_encode = metrics.ENCODE_SECONDS.labels(cam)
         self._m_up = metrics.SOURCE_UP.labels(cam)
         self._m_reopens = metrics.SOURCE_REOPENS.labels(cam)
+        self._m_model_published = metrics.MODEL_FRAMES_PUBLISHED.labels(cam)
         self._m_skipped = metrics.DEVICE_FRAMES_SKIPPED.labels(cam)
         self._m_wanted = metrics.DEVICE_STREAM_WANTED.labels(cam)
 
@@ -263,7 +264,7 @@ class Capture:
             size = model_size(out_w, out_h, c.model_height)
             small = encode_for_model(base, size, c.jpeg_quality)
             msg = envelope(c.id, seq, capture_ns, small, (out_w, out_h))
-            asyncio.run_coroutine_threadsafe(self._publish(self.model_subject, msg), loop)
+            asyncio.run_coroutine_threadsafe(self._publish_model(msg), loop)
         if not self.device_frame_due():
             return seq, capture_ns, None
         self._last_device = time.monotonic()
@@ -284,6 +285,10 @@ class Capture:
             reason,
             detail,
         )
+
+    async def _publish_model(self, msg: FrameEnvelope) -> None:
+        if await self._publish(self.model_subject, msg):
+            self._m_model_published.inc()
 
     async def _publish(self, subject: str, msg: FrameEnvelope) -> bool:
         """Publish one frame message now, or drop it (never queued); True if sent."""

@@ -11,7 +11,15 @@ FRAMES_CAPTURED = Counter(
     ["camera"],
 )
 FRAMES_PUBLISHED = Counter(
-    "lensbus_capture_frames_published_total", "Frames published on NATS", ["camera"]
+    "lensbus_capture_frames_published_total",
+    "Frames published on the device stream (with a model stream and device_stream on_demand: "
+    "while someone wants them, else idle_fps)",
+    ["camera"],
+)
+MODEL_FRAMES_PUBLISHED = Counter(
+    "lensbus_capture_model_frames_published_total",
+    "Frames published on the model stream (model_height set)",
+    ["camera"],
 )
 FRAMES_DROPPED = Counter(
     "lensbus_capture_frames_dropped_total",
