@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import nats
 from nats.aio.client import Client as NATS
 
 from lensbus import metrics
@@ -101,9 +100,26 @@ async def connect(
     user = _user(opts)
     if user and "inbox_prefix" not in opts:
         opts["inbox_prefix"] = inbox_prefix(user)
-    if timeout_s is None:
-        return await nats.connect(**opts)
-    return await asyncio.wait_for(nats.connect(**opts), timeout_s)
+    nc = NATS()
+    try:
+        if timeout_s is None:
+            await nc.connect(**opts)
+        else:
+            await asyncio.wait_for(nc.connect(**opts), timeout_s)
+    except BaseException:
+        await _give_up(nc)
+        raise
+    return nc
+
+
+async def _give_up(nc: NATS) -> None:
+    """Close a connection nats-py gave up on: it raises a failed or timed-out first
+    connection without closing its socket (nor the TLS one over it), which would then be
+    found open by the garbage collector, at any later moment."""
+    try:
+        await asyncio.wait_for(nc.close(), 2)
+    except Exception as exc:  # noqa: BLE001 - the connect's own error is the one to raise
+        log.debug("closing a connection given up on: %s", exc)
 
 
 def read_nkey_file(path: str | Path) -> str:
