@@ -239,6 +239,30 @@ def test_mailbox_keeps_the_newest_frames_per_camera() -> None:
     assert order == [("b", 2), ("a", 3), ("a", 4)]
 
 
+def test_a_held_mailbox_keeps_frames_until_the_worker_caught_up() -> None:
+    """While a swap prepares (``Worker.holding``) frames wait instead of replacing each
+    other, and still after it, until every frame that waited was taken."""
+    from lensbus_inference.mailbox import HOLD_SPARE, Mailbox, Pending
+
+    box = Mailbox(1)
+    box.hold()
+    for n in range(1 + HOLD_SPARE):
+        assert box.put("a", Pending(bytes([n]), float(n))) is None
+    dropped = box.put("a", Pending(b"x", 9.0))  # one more than the spare: the oldest goes
+    assert dropped is not None and dropped.data == b"\x00"
+    box.release()
+    taken = box.take()
+    assert taken is not None and taken[1].data == b"\x01"
+    # Released, but frames still wait: one arriving now is kept too.
+    assert box.put("a", Pending(b"y", 10.0)) is None
+    while box.take() is not None:
+        pass
+    # Caught up: back to queue_depth 1.
+    assert box.put("a", Pending(b"1", 11.0)) is None
+    dropped = box.put("a", Pending(b"2", 12.0))
+    assert dropped is not None and dropped.data == b"1"
+
+
 async def test_model_stream_gives_the_same_detections_in_full_frame_pixels(
     nats: NatsServer, start_service, demo_models: dict[str, Path], tmp_path: Path, recorder
 ) -> None:

@@ -40,13 +40,13 @@ def load(settings: InferenceSettings) -> LoadedModel | None:
 
 
 def _follower(settings: InferenceSettings, rt: Runtime, worker: Worker) -> Follower:
-    busy = worker.busy
     return Follower(
         settings,
         rt,
         lambda: worker.model,
         worker.swap,
-        lambda: busy,  # warm-up runs take a frame's turn
+        worker.turn,  # builds and warm-up runs take a frame's turn
+        worker.holding,  # frames wait, not replace each other, while a swap prepares
     )
 
 

@@ -11,16 +11,18 @@ watches to roll a failed deployment back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import nats.errors
 from nats.js.errors import NotFoundError
 
+from lensbus.backends import BACKENDS
 from lensbus.codec import decode, encode
 from lensbus.errors import DecodeError, LensbusError, ModelLoadError, PackageError
 from lensbus.keyfollow import KeyFollower
@@ -34,9 +36,9 @@ from lensbus_inference.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-# Blank runs after the check run: the first run allocates, the one after it runs as fast as
-# a frame will.  Each takes a frame's turn, so they are kept few.
-WARMUP_RUNS = 1
+# Blank runs after the check run (LoadedModel.warmup_steps): the first run allocates, the
+# check runs twice more, as fast as a frame will.  Each takes a frame's turn: kept few.
+WARMUP_RUNS = 0
 
 Timings = tuple[float, float, float]  # fetch, load (unpack + verify + build), warm-up seconds
 
@@ -65,6 +67,7 @@ class Follower:
         current: Callable[[], LoadedModel | None],
         swap: Callable[[LoadedModel], Awaitable[None]],
         turn: Callable[[], AbstractAsyncContextManager[Any]],
+        hold: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         assert settings.group is not None
         self.s = settings
@@ -73,6 +76,7 @@ class Follower:
         self._current = current
         self._swap = swap
         self._turn = turn  # held while a frame is in the model
+        self._hold = hold  # held while a model is prepared
         self.cache = settings.model_cache
         # A desired model that failed is not retried until the desired model changes.
         self.failed: tuple[str, str] | None = None
@@ -155,15 +159,25 @@ class Follower:
         except ModelLoadError as exc:
             raise SwapFailed("load", str(exc)) from None
 
+    async def _load_beside(self, package: Package) -> LoadedModel:
+        """Load beside the model in service, or in a frame's turn for a backend whose
+        loading runs on the threads serving frames (MXNet)."""
+        backend = BACKENDS.get(package.manifest.framework)
+        if backend is not None and backend.loads_on_serving_threads:
+            async with self._turn():
+                return await asyncio.to_thread(self._load, package)
+        return await asyncio.to_thread(self._load, package)
+
     async def _warmup(self, model: LoadedModel) -> float:
-        """Warm ``model`` up one run at a time, each in a frame's turn: a warm-up run beside a
-        served frame would halve the cores both get (measured: frames then waited long
-        enough to be replaced by newer ones, i.e. lost across the swap)."""
+        """Build and warm ``model`` up one step at a time, each in a frame's turn: a warm-up
+        run (or MXNet's build) beside a served frame would halve the cores both get
+        (measured: frames then waited long enough to be replaced by newer ones, i.e. lost
+        across the swap)."""
         t0 = time.perf_counter()
         try:
-            for step in range(WARMUP_RUNS + 1):
+            for step in model.warmup_steps(WARMUP_RUNS):
                 async with self._turn():
-                    await asyncio.to_thread(model.warmup_step, step == 0)
+                    await asyncio.to_thread(step)
         except Exception as exc:
             await asyncio.to_thread(model.close)
             raise SwapFailed("warmup", str(exc)) from None
@@ -173,6 +187,10 @@ class Follower:
         """Fetch, verify, load and warm up ``desired`` while the models in service serve:
         the one path every model of the group takes (the primary and each classify stage).
         Raises :class:`SwapFailed`; a failed package leaves no folder behind."""
+        with self._hold():
+            return await self._prepare(desired)
+
+    async def _prepare(self, desired: ModelVersionRef) -> tuple[LoadedModel, Path, Timings]:
         t0 = time.perf_counter()
         work: Path | None = None
         try:
@@ -181,7 +199,7 @@ class Follower:
             t1 = time.perf_counter()
             work = unpacking = await asyncio.to_thread(cache.unpack_dir, archive)
             package = await self._unpack(archive, unpacking)
-            model = await asyncio.to_thread(self._load, package)
+            model = await self._load_beside(package)
             load_s = time.perf_counter() - t1
             warm_s = await self._warmup(model)
         except SwapFailed:

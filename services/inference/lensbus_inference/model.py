@@ -16,10 +16,12 @@ validated against those registries (its ``decoder_options`` included) when it wa
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +63,7 @@ class LoadedModel:
         self._decoder = decoder
         self._lock = threading.Lock()
         self._main_file = where(package, type(backend).main_role)
+        self._blank_outputs: list[npt.NDArray[Any]] = []  # the warm-up's, for its check
 
     @property
     def ref(self) -> ModelRef:
@@ -92,31 +95,52 @@ class LoadedModel:
             postprocess_s=t3 - t2,
         )
 
-    def warmup(self, runs: int = 2) -> None:
-        """Run a blank frame ``runs`` + 1 times: allocates, tunes, and checks the outputs fit
-        the decoder and are not degenerate (see :func:`degenerate`)."""
-        for i in range(runs + 1):
-            self.warmup_step(check=i == 0)
+    def warmup(self, runs: int = 1) -> None:
+        """Build, run a blank frame, check the outputs fit the decoder and are not degenerate
+        (see :func:`degenerate`), then run ``runs`` more: allocates and tunes."""
+        for step in self.warmup_steps(runs):
+            step()
 
-    def warmup_step(self, check: bool) -> None:
-        """One warm-up run of a blank frame; ``check``: also check the outputs fit the decoder
-        and run a noise frame to check they are not degenerate (do that first).  A swap runs
-        the steps one at a time between served frames."""
+    def warmup_steps(self, runs: int = 1) -> list[Callable[[], None]]:
+        """:meth:`warmup` one step at a time, each about one run of the model or less
+        (MXNet's first run: two to four), so a swap can take each between two served
+        frames: the build (MXNet's graph pass), the first run on a blank frame (the
+        slowest: allocations, kernels chosen), the check (a noise frame, see
+        :func:`degenerate`), ``runs`` more."""
+        step = functools.partial
+        return [
+            self.build,
+            step(self.warmup_step, "first"),
+            step(self.warmup_step, "check"),
+            *[step(self.warmup_step, "run")] * runs,
+        ]
+
+    def build(self) -> None:
+        with self._lock:
+            self._backend.build()
+
+    def warmup_step(self, kind: Literal["first", "check", "run"]) -> None:
+        """One warm-up run.  ``first``: a blank frame, its outputs kept for the check;
+        ``check``: the blank frame's outputs fit the decoder and differ from a noise
+        frame's (not degenerate); ``run``: a blank frame as a frame is run."""
         w, h = self.input_size
         blank = np.zeros((h, w, 3), dtype=np.uint8)
         file = self._main_file
         try:
-            if check:
+            if kind == "first":
                 with self._lock:
                     # a copy: a backend may hand out its own buffers, reused by the next run
-                    outputs = [
-                        np.array(o) for o in self._backend.forward(self._preprocess(blank).tensor)
-                    ]
-                    self._decoder.check(outputs)
+                    outs = self._backend.forward(self._preprocess(blank).tensor)
+                    self._blank_outputs = [np.array(o) for o in outs]
+            elif kind == "check":
+                outputs = self._blank_outputs
+                self._decoder.check(outputs)
+                with self._lock:
                     other = self._backend.forward(self._preprocess(_noise(w, h)).tensor)
                 problem = degenerate(outputs, list(other))
                 if problem:
                     raise ModelLoadError(f"{file}: degenerate outputs at warm-up: {problem}")
+                self._blank_outputs = []
             else:
                 self.run(blank, w, h)
         except OutputsError as exc:

@@ -4,8 +4,10 @@ the results, and puts a new model in service between two frames."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 
 from nats.aio.msg import Msg
 
@@ -24,6 +26,8 @@ from lensbus_inference.mailbox import Mailbox, Pending
 from lensbus_inference.model import LoadedModel
 
 log = logging.getLogger(__name__)
+
+TURN_TRIES = 5  # frames a swap's step lets go first, waiting for a gap between frames
 
 
 class NoModelInService(LensbusError):
@@ -193,6 +197,39 @@ class Worker:
         metrics.RESULTS_PUBLISHED.inc()
 
     # ---- swapping ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold the model for one step of a swap (a build, a warm-up run), between frames.
+
+        Taken when no frame waits, where frames leave a gap (a few tries: a saturated
+        camera never leaves one).
+        """
+        for _ in range(TURN_TRIES):
+            await self.busy.acquire()
+            if not len(self.mailbox) and self._handoff is None:
+                break
+            self.busy.release()
+            await asyncio.sleep(0)  # the worker takes the waiting frame, then the lock
+        else:
+            await self.busy.acquire()
+        try:
+            yield
+        finally:
+            self.busy.release()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """While a swap prepares its model: frames that arrive wait (``HOLD_SPARE`` more
+        per camera than ``queue_depth``) instead of replacing each other, until the worker
+        has caught up.  A download, an unpack and a load beside the model slow frames,
+        and each warm-up step holds the model (MXNet's first run: two to four runs'
+        compute, longer than a frame's interval): frames come late then, none is lost."""
+        self.mailbox.hold()
+        try:
+            yield
+        finally:
+            self.mailbox.release()
 
     async def swap(self, new: LoadedModel) -> None:
         """Put ``new`` in service between two frames, then free the old model."""

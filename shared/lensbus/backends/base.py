@@ -54,6 +54,10 @@ class Backend(ABC):
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
     """The manifest ``precision`` values the backend runs (``fp16``: half precision on GPU)."""
 
+    loads_on_serving_threads: ClassVar[bool] = False
+    """Loading computes on the threads that run frames (MXNet's engine copies the weights
+    in): a live swap then loads in a frame's turn, not beside one."""
+
     device: str
     """The device as the framework reports it, e.g. ``"cpu"``, ``"gpu(0)"``, ``"cuda:0"``."""
 
@@ -61,6 +65,12 @@ class Backend(ABC):
     def __init__(self, package: Package, device: str, threads: int | None) -> None:
         """Load ``package`` on ``device``; ``threads`` caps intra-op threads (None: the
         framework's default).  Raises :class:`~lensbus.errors.ModelLoadError`."""
+
+    def build(self) -> None:  # noqa: B027 - optional: most frameworks build while loading
+        """Compile what the framework compiles before the first run (a graph pass, kernels).
+        Separate from loading because it computes: a live swap runs it between two served
+        frames (in a frame's turn), not beside one.  ``forward`` builds first if not built.
+        Raises :class:`~lensbus.errors.ModelLoadError`."""
 
     @abstractmethod
     def forward(self, tensor: Array) -> list[Array]:
