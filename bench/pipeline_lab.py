@@ -236,9 +236,11 @@ class Lab:
         size: tuple[int, int],
         fps: float,
         model_height: int | None = None,
+        **settings: object,
     ) -> ServiceProcess:
         svc = self.start(
             "capture",
+            **settings,
             model_height=model_height,
             camera=camera,
             source=video,

@@ -18,7 +18,7 @@ from photos import photos
 from test_swap import YOLO, Watch, version_of
 
 from lensbus import Subjects, decode, encode
-from lensbus.cli.up import default_source
+from lensbus.cli.up_setup import default_source
 from lensbus.deployclient import DeployClient
 from lensbus.images import decode_jpeg
 from lensbus.modelpkg import verify

@@ -187,6 +187,8 @@ def test_an_inference_image_per_framework_set() -> None:
         assert svc["build"]["args"]["INFERENCE_EXTRAS"] == extra
         assert svc["profiles"] == [extra]
         assert svc["environment"]["LENSBUS_INFERENCE_GROUP"] == "${LENSBUS_GROUP:-default}"
+        # empty: every core (an empty value is "unset" to InferenceSettings)
+        assert svc["environment"]["LENSBUS_INFERENCE_THREADS"] == "${LENSBUS_INFERENCE_THREADS:-}"
     text = image_text("inference")
     assert 'ARG INFERENCE_EXTRAS=""' in text
     assert '"./services/inference${INFERENCE_EXTRAS:+[$INFERENCE_EXTRAS]}"' in text

@@ -24,7 +24,9 @@ import pytest
 from lensbus import Subjects, decode
 from lensbus.bus import auth_options
 from lensbus.bus import connect as bus_connect
+from lensbus.cli.up_setup import inference_layout
 from lensbus.natsserver import free_port
+from lensbus.placement import parse_cpus
 from lensbus.schemas import Result
 from lensbus_inference.packaging.demo_packages import read_labels, yolo_assets
 
@@ -93,7 +95,10 @@ class UpProcess:
             if int(fields[1]) != self.proc.pid:
                 continue
             name = next((a.decode() for a in cmdline if a.startswith(b"lensbus_")), "")
-            found[name or Path(cmdline[0].decode()).name] = int(stat.parent.name)
+            key = name or Path(cmdline[0].decode()).name
+            if key in found:  # a second instance (inference): lensbus_inference#2
+                key = f"{key}#{sum(k.split('#')[0] == key for k in found) + 1}"
+            found[key] = int(stat.parent.name)
         return found
 
     def kill_all(self) -> None:
@@ -195,6 +200,13 @@ async def test_up_runs_everything_and_stops_cleanly(up: UpProcess) -> None:
         "lensbus_publisher",
         "nats-server",
     } <= set(kids), kids
+    # Two inference instances on CPU, each on its own half of the cores (README "Cores").
+    infs = [pid for name, pid in kids.items() if name.startswith("lensbus_inference")]
+    layout = inference_layout(None, "cpu")
+    assert len(infs) == len(layout) == 2, kids
+    if all("cpus" in own for own in layout):
+        wanted = sorted(sorted(parse_cpus(own["cpus"])) for own in layout)
+        assert sorted(sorted(os.sched_getaffinity(pid)) for pid in infs) == wanted
     up.proc.send_signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     for name, pid in kids.items():

@@ -30,6 +30,7 @@ from lensbus.codec import encode
 from lensbus.health import Health, HealthServer
 from lensbus.logs import setup_logging
 from lensbus.memory import limit_malloc_arenas
+from lensbus.placement import place
 from lensbus.schemas import ModelRef, State, Status
 from lensbus.settings import ServiceSettings, SettingsError, load_settings
 from lensbus.subjects import Subjects
@@ -163,6 +164,7 @@ def service_main(
         return 2
     setup_logging(settings.log_level, settings_cls.service)
     limit_malloc_arenas()  # before any thread starts: flat RSS under load (lensbus.memory)
+    place(settings.nice, settings.cpu_set)  # before threads start: they inherit it
     try:
         return asyncio.run(run(settings))
     except KeyboardInterrupt:

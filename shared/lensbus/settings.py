@@ -84,6 +84,34 @@ class ServiceSettings(BaseSettings):
     heartbeat_s: float = Field(default=2.0, gt=0, le=300, description="heartbeat interval")
     drain_timeout_s: float = Field(default=5.0, gt=0, le=120, description="drain limit at stop")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="the service's nice value (0-19; higher yields the CPU to the others: "
+        "capture's default is 10, see lensbus.placement)",
+    )
+    cpus: str | None = Field(
+        default=None,
+        description="CPUs the service runs on, like 0-2,5 (unset: every CPU; see "
+        "lensbus.placement)",
+    )
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from lensbus.placement import parse_cpus
+
+        parse_cpus(v)
+        return v
+
+    @property
+    def cpu_set(self) -> frozenset[int] | None:
+        from lensbus.placement import parse_cpus
+
+        return parse_cpus(self.cpus) if self.cpus else None
 
     @field_validator("jetstream_replicas", mode="before")
     @classmethod

@@ -23,6 +23,15 @@ def _camera_field(name: str, default: Any = None) -> Any:
 class CaptureSettings(ServiceSettings):
     service: ClassVar[str] = "capture"
 
+    # Capture yields the CPU to the model when both want it: with the model behind the
+    # camera on 2 cores, 1.46x the results/s at a lower latency (bench/cores.py, ONNX 1080p,
+    # docs/architecture.md "Cores"); at a camera's rate nothing waits, so nothing changes.
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="capture's nice value (0-19): 10 yields the CPU to the model when both want it",
+    )
     camera: CameraId = Field(default="cam1", description="camera id used in subjects")
     # The camera's fields and their rules are CameraConfig's (the bucket's cameras), once.
     source: str = _camera_field("source", "test")

@@ -98,6 +98,12 @@ class InferenceSettings(ServiceSettings):
     def _group(cls, v: str) -> str:
         return validate_token(v, "queue group")
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: object) -> object:
+        # compose passes ${LENSBUS_INFERENCE_THREADS:-}: empty is "unset", not an error.
+        return None if isinstance(v, str) and not v.strip() else v
+
     @property
     def camera_list(self) -> list[str] | None:
         """The cameras to serve, or ``None`` for all."""

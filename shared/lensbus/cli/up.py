@@ -34,7 +34,7 @@ from lensbus.cli.inference_python import (
     InferencePythonError,
     choose_python,
 )
-from lensbus.cli.up_setup import UpKeys, default_source, projects_settings
+from lensbus.cli.up_setup import GROUP, UpKeys, inference_layout, service_settings
 from lensbus.codec import DecodeError, decode
 from lensbus.deployclient import UNREACHABLE, DeployClient, DeployError
 from lensbus.errors import LensbusError
@@ -48,7 +48,6 @@ from lensbus.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
 
-GROUP = "default"
 BACKENDS = ("onnx", "opencv", "mxnet", "torch")
 # Start order; they stop in the reverse order (frames stop first, the model store last).
 SERVICES = ("deployer", "inference", "analytics", "projects", "capture", "publisher")
@@ -148,46 +147,28 @@ class Up:
     # ---- services ---------------------------------------------------------------------------
 
     def settings(self, name: str) -> dict[str, str]:
-        a = self.args
         common = {
             "nats_url": self.url,
             "metrics_port": str(free_port()),
             "instance": f"up-{name}",
             **(self.keys.settings(name) if self.keys else {}),
         }
-        if name == "deployer":
-            return {**common, "work_dir": str(self.data / "deployer")}
-        if name == "inference":
-            return {
-                **common,
-                "group": GROUP,
-                "device": a.device,
-                "model_cache": str(self.data / "model-cache"),
-            }
-        if name == "analytics":
-            return {**common, "group": GROUP, "mqtt": str(bool(a.mqtt_port)).lower()}
-        if name == "projects":
-            secrets = self.keys.secrets if self.keys else {}
-            return {**common, **projects_settings(self.data, secrets)}
-        if name == "capture":
-            source, loop = (a.source, True) if a.source else default_source()
-            extra = {"width": str(a.width)} if a.width else {}
-            return {
-                **common,
-                "camera": a.camera_id,
-                "source": source,
-                "fps": str(a.fps),
-                "loop": str(loop).lower(),
-                # Its own camera plus those `lensbus cameras add` puts in the bucket.
-                "cameras_from": "both",
-                **extra,
-            }
-        # The publisher serves /metrics and /healthz on its own web port.
-        return {**common, "host": "127.0.0.1", "port": str(a.port), "metrics_port": str(a.port)}
+        secrets = self.keys.secrets if self.keys else {}
+        return service_settings(name, self.args, self.data, common, secrets)
 
     def start_service(self, name: str) -> Child:
-        python = self.inference_python if name == "inference" else None
-        return self.sup.add(Child(name, self.settings(name), self.logs / f"{name}.log", python))
+        return self.sup.add(Child(name, self.settings(name), self.logs / f"{name}.log"))
+
+    def start_inference(self) -> list[Child]:
+        """The inference instances (``--inference-instances``), in one queue group."""
+        children = []
+        layout = inference_layout(self.args.inference_instances, self.args.device)
+        for i, own in enumerate(layout):
+            tag = "inference" if i == 0 else f"inference-{i + 1}"
+            settings = {**self.settings("inference"), "instance": f"up-{tag}", **own}
+            child = Child("inference", settings, self.logs / f"{tag}.log", self.inference_python)
+            children.append(self.sup.add(child))
+        return children
 
     def wait_healthy(self, child: Child, timeout: float) -> None:
         try:
@@ -288,7 +269,11 @@ class Up:
             self.wait_healthy(self.start_service("deployer"), 60)
             asyncio.run(self.ensure_model())
             for name in SERVICES[1:]:
-                self.wait_healthy(self.start_service(name), 120)
+                started = (
+                    self.start_inference() if name == "inference" else [self.start_service(name)]
+                )
+                for child in started:
+                    self.wait_healthy(child, 120)
             result = asyncio.run(self.first_result(120))
             self.end_start_watch()
         except UpError as exc:
@@ -352,6 +337,12 @@ def _camera(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
 def _up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     up = Up(args)
@@ -377,6 +368,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with lensbus-inference[mxnet] for --backend mxnet on a newer Python",
     )
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    p.add_argument(
+        "--inference-instances",
+        type=_positive,
+        help="inference processes sharing the frames (default on CPU: 2, each on half the "
+        "cores with as many threads; on GPU: 1)",
+    )
     p.add_argument("--fps", type=float, default=15.0, help="capture rate cap (default 15)")
     p.add_argument("--width", type=int, help="capture output width (keeps aspect ratio)")
     p.add_argument("--nats-url", help="use this NATS server instead of starting one")

@@ -26,6 +26,7 @@ from lensbus.natstls import TlsFiles, default_names, ensure_tls
 
 NKEYS_DIR = "nkeys"
 TLS_DIR = "tls"
+GROUP = "default"  # the camera group lensbus up deploys to and its services follow
 
 
 def default_source() -> tuple[str, bool]:
@@ -158,3 +159,63 @@ def projects_settings(data: Path, secrets: dict[str, Any]) -> dict[str, str]:
     if seed:
         settings["callout_seed"] = seed
     return settings
+
+
+def inference_layout(instances: int | None, device: str) -> list[dict[str, str]]:
+    """Each inference instance's own settings: ``threads`` and ``cpus``.
+
+    On CPU, by default two instances, each on its own half of the usable cores with as many
+    intra-op threads: on 2 cores, with capture at nice 10, 1.53x (ONNX) and 1.78x (MXNet)
+    the results a second of one instance on both cores when the camera outruns the model,
+    for a few ms more latency (``bench/cores.py``, README "Cores").  A GPU model runs in one.
+    """
+    if instances is None:
+        instances = 1 if device != "cpu" else 2
+    if device != "cpu" or instances == 1:
+        return [{} for _ in range(instances)]
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // instances
+    if share == 0:  # more instances than cores: leave placement to the scheduler
+        return [{"threads": "1"} for _ in range(instances)]
+    return [
+        {
+            "threads": str(share),
+            "cpus": ",".join(str(c) for c in cores[i * share : (i + 1) * share]),
+        }
+        for i in range(instances)
+    ]
+
+
+def service_settings(
+    name: str, args: Any, data: Path, common: dict[str, str], secrets: dict[str, Any]
+) -> dict[str, str]:
+    """A service's settings under ``lensbus up`` (``args``: its command line), on top of
+    ``common`` (NATS, credentials, metrics port, instance)."""
+    if name == "deployer":
+        return {**common, "work_dir": str(data / "deployer")}
+    if name == "inference":
+        return {
+            **common,
+            "group": GROUP,
+            "device": args.device,
+            "model_cache": str(data / "model-cache"),
+        }
+    if name == "analytics":
+        return {**common, "group": GROUP, "mqtt": str(bool(args.mqtt_port)).lower()}
+    if name == "projects":
+        return {**common, **projects_settings(data, secrets)}
+    if name == "capture":
+        source, loop = (args.source, True) if args.source else default_source()
+        extra = {"width": str(args.width)} if args.width else {}
+        return {
+            **common,
+            "camera": args.camera_id,
+            "source": source,
+            "fps": str(args.fps),
+            "loop": str(loop).lower(),
+            # Its own camera plus those `lensbus cameras add` puts in the bucket.
+            "cameras_from": "both",
+            **extra,
+        }
+    # The publisher serves /metrics and /healthz on its own web port.
+    return {**common, "host": "127.0.0.1", "port": str(args.port), "metrics_port": str(args.port)}
