@@ -389,3 +389,30 @@ def test_an_archive_without_members_is_a_package_error(tmp_path: Path) -> None:
         pass
     with pytest.raises(PackageError, match="no model.json"):
         extract_archive(empty, tmp_path / "unpack")
+
+
+async def test_a_package_is_unpacked_aside_even_with_every_core_busy(tmp_path: Path) -> None:
+    """The child unpacking a swap's package runs at a low priority, never one that waits
+    for idle time: with every core busy (two inference instances behind a fast camera) a
+    SCHED_IDLE child never ran and the swap never finished (seen in CI, and here before the
+    fix: this test timed out)."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from lensbus.modelpkg import open_package_aside
+
+    root = tmp_path / "pkg"
+    make_package(root)
+    archive = pack(root, tmp_path / "pkg.tar.gz")
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    try:
+        pkg = await asyncio.wait_for(open_package_aside(archive, tmp_path / "out"), 60)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert pkg.manifest.name == MANIFEST_FIELDS["name"]

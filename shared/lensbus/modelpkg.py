@@ -206,10 +206,11 @@ def pack(root: Path, archive: Path) -> Path:
 async def open_package_aside(
     archive: Path, workdir: Path, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> Package:
-    """``open_package`` for an archive, done by a child process at the lowest CPU priority.
+    """``open_package`` for an archive, done by a child process at a low CPU priority.
 
     For a service that keeps serving meanwhile: unpacking and hashing a 33 MB package is
-    ~0.4 s of CPU, which a child at the lowest priority takes from idle time only.  A thread
+    ~0.4 s of CPU, which a child at nice 10 takes mostly from idle time, and still gets when
+    the cores are saturated.  A thread
     at a low priority would not do: it holds the GIL between its chunks, and while the
     scheduler keeps it off the CPU, the service's event loop waits for the GIL (measured:
     frames lost in a swap).
@@ -234,17 +235,16 @@ async def open_package_aside(
 
 
 # The child lowers its priority before it imports anything (pydantic and lensbus take ~0.3 s
-# of CPU to import): Linux SCHED_IDLE runs it only when nothing else wants the CPU; nice 19
-# where that is not available.
+# of CPU to import): nice 10, about a tenth of a core while the services want every core.
+# Not SCHED_IDLE, which never runs while anything else is runnable, nor nice 19 (~1 %): with
+# the cores saturated (two inference instances behind a fast camera) a swap then took minutes
+# or never got its package unpacked.  Frames slowed meanwhile wait (Worker.holding).
 _CHILD = """
 import os, sys
 try:
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-except (AttributeError, OSError):
-    try:
-        os.nice(19)
-    except OSError:
-        pass
+    os.nice(10 - os.nice(0))
+except OSError:
+    pass
 from lensbus.modelpkg import _main
 sys.exit(_main(sys.argv[1:]))
 """
